@@ -1,0 +1,350 @@
+"""The one typed config tree: YAML file + ``key=value`` overrides → validated ``Config``.
+
+Every field is a typed dataclass field with a docstring. Unknown keys and values of the
+wrong type fail before anything starts, with a message naming the key. The learner's
+sections are defined in ``learner/config.py`` (the learner reads them without ``cluster``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.demo import DemoSettings
+from learner.config import AlgorithmConfig, LearnerConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Identity of the run and where its outputs go."""
+
+    name: str = "rlrelay"
+    """Run name: the W&B run name and the default run directory ``runs/<name>``."""
+    dir: str | None = None
+    """Run directory (metrics.jsonl, summary.json, plots); default ``runs/<name>``."""
+    seed: int = 0
+    """Run seed: data order and every sample's sampling seed derive from it."""
+    wandb_project: str = "rlrelay"
+    """W&B project."""
+    wandb_mode: str = "auto"
+    """``auto`` (online with WANDB_API_KEY set, offline otherwise), ``online``, ``offline``, ``disabled``."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """Extra W&B tags."""
+    cache_dir: str = ".cache/rlrelay"
+    """Where built assets (the demo's warm-started model and data) are cached between runs."""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir) if self.dir else Path("runs") / self.name
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The policy model."""
+
+    path: str | None = None
+    """Local Hugging Face model directory; None builds the demo's own warm-started model."""
+    max_model_len: int = 256
+    """Longest prompt + response, for the rollout engines."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Prompt datasets: JSONL, one object per line with ``prompt`` (text, or a list of chat
+    messages ``{"role", "content"}``) and optional ``answer``."""
+
+    train_path: str | None = None
+    """Training prompts; None uses the demo's generated arithmetic problems."""
+    eval_path: str | None = None
+    """Held-out prompts for ``eval/accuracy``; None uses the demo's, or no eval if train_path is set."""
+    eval_limit: int = 0
+    """Evaluate on at most this many eval prompts (0 = all)."""
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """The rollout pool: vLLM engines as Ray actors."""
+
+    num_workers: int = 1
+    """Rollout workers (one vLLM engine each)."""
+    prompts_per_step: int = 64
+    """Prompts per training step."""
+    samples_per_prompt: int = 8
+    """Samples per prompt (the group size of grpo/rloo)."""
+    max_new_tokens: int = 64
+    """Longest response."""
+    temperature: float = 1.0
+    """Sampling temperature (the learner's log-probs use the same)."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings besides end-of-sequence."""
+    num_cpus: float = 0.5
+    """Ray CPUs reserved per worker."""
+    num_gpus: float = 0.0
+    """Ray GPUs per worker; > 0 runs the CUDA build of vLLM."""
+    num_threads: int = 2
+    """torch threads per CPU engine (fixed before the engine starts)."""
+    kv_cache_gib: float = 0.5
+    """KV-cache size per CPU engine."""
+    gpu_memory_utilization: float = 0.5
+    """GPU memory share per CUDA engine."""
+    timeout_s: float = 300.0
+    """Longest the driver waits for one worker's share of a step."""
+
+
+@dataclass(kw_only=True)
+class RewardFunctionConfig:
+    """One rule/verifier reward function."""
+
+    name: str
+    """Built-in name (``exact_match``, ``keyword_contains``, ...) or ``module:function``."""
+    weight: float = 1.0
+    """Weight in the total reward."""
+
+
+@dataclass(kw_only=True)
+class RewardModelConfig:
+    """A reward model (Hugging Face sequence classification, one logit)."""
+
+    path: str
+    """Local model directory; ``demo`` uses the demo's own trained reward model."""
+    weight: float = 1.0
+    """Weight in the total reward."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    """The reward pool: the total reward is the weighted sum of every function and the model."""
+
+    functions: list[RewardFunctionConfig] = field(
+        default_factory=lambda: [RewardFunctionConfig(name="exact_match")])
+    """Rule/verifier functions with weights."""
+    model: RewardModelConfig | None = None
+    """Optional reward model."""
+    num_workers: int = 1
+    """Reward workers (Ray actors)."""
+    num_cpus: float = 0.25
+    """Ray CPUs per reward worker."""
+    num_gpus: float = 0.0
+    """Ray GPUs per reward worker (for a reward model on GPU)."""
+    num_threads: int = 1
+    """torch threads per reward worker."""
+    timeout_s: float = 30.0
+    """Per-sample timeout of a reward function, and (x number of samples) the driver's wait."""
+    on_failure: str = "error"
+    """A sample whose reward failed: ``error`` stops the run naming it; ``zero`` counts it and scores 0."""
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """The loop."""
+
+    steps: int = 20
+    """Training steps (one batch of prompts each)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = only before and after training)."""
+    sample_table_every: int = 5
+    """Log a table of sample generations every N steps (0 = never)."""
+
+
+@dataclass(kw_only=True)
+class RayConfig:
+    """Where the job runs."""
+
+    address: str | None = None
+    """None or ``local``: start a fresh local Ray instance; ``auto`` or ``HOST:PORT``: join a cluster
+    (``RAY_ADDRESS`` is used when set and this is None)."""
+    num_cpus: int | None = None
+    """Logical CPUs of the local instance (default: the machine's cores)."""
+    namespace: str = "rlrelay"
+    """Ray namespace of the job's named actors."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole job."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    demo: DemoSettings = field(default_factory=DemoSettings)
+
+    def validate(self) -> None:
+        """Range checks across sections (types were checked while loading)."""
+        self.learner.validate()
+        self.algorithm.validate()
+        r = self.rollout
+        for key, value in (("rollout.num_workers", r.num_workers), ("rollout.prompts_per_step", r.prompts_per_step),
+                           ("rollout.samples_per_prompt", r.samples_per_prompt),
+                           ("rollout.max_new_tokens", r.max_new_tokens), ("trainer.steps", self.trainer.steps),
+                           ("reward.num_workers", self.reward.num_workers)):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1 (got {value})")
+        if r.temperature <= 0:
+            raise ConfigError(f"rollout.temperature must be > 0 for training (got {r.temperature})")
+        if r.max_new_tokens >= self.model.max_model_len:
+            raise ConfigError(f"rollout.max_new_tokens ({r.max_new_tokens}) must be below model.max_model_len "
+                              f"({self.model.max_model_len})")
+        batch = r.prompts_per_step * r.samples_per_prompt
+        per_minibatch = batch // self.algorithm.minibatches
+        if per_minibatch < self.learner.world_size:
+            raise ConfigError(f"each minibatch has {per_minibatch} samples, fewer than learner.world_size "
+                              f"({self.learner.world_size}): lower algorithm.minibatches or the world size")
+        if self.algorithm.advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline") \
+                and r.samples_per_prompt < 2:
+            raise ConfigError(f"algorithm.advantage_estimator={self.algorithm.advantage_estimator} compares "
+                              f"samples of a prompt: rollout.samples_per_prompt must be >= 2")
+        if self.reward.on_failure not in ("error", "zero"):
+            raise ConfigError(f"reward.on_failure: {self.reward.on_failure!r} is not one of error, zero")
+        if self.run.wandb_mode not in ("auto", "online", "offline", "disabled"):
+            raise ConfigError(f"run.wandb_mode: {self.run.wandb_mode!r} is not one of auto, online, offline, disabled")
+        if not self.reward.functions and self.reward.model is None:
+            raise ConfigError("reward: configure at least one of reward.functions and reward.model")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply ``key=value`` overrides (values parsed as YAML), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key = key.strip()
+        _check_key(key)
+        _set_path(raw, key.split("."), yaml.safe_load(value) if value.strip() else None, key)
+    cfg = _build(Config, raw, "")
+    try:
+        cfg.validate()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of the config (for W&B and the run directory)."""
+    return dataclasses.asdict(cfg)
+
+
+def _check_key(key: str) -> None:
+    """Fail on an override whose dotted key names no field, naming the whole key."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not (dataclasses.is_dataclass(cls) and part in {f.name for f in dataclasses.fields(cls)}):
+            known = sorted(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(f"unknown config key {key!r}: {where} has no {part!r}"
+                              + (f" (known: {', '.join(known)})" if known else ""))
+        tp = typing.get_type_hints(cls)[part]
+        dataclass_args = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        cls = tp if dataclasses.is_dataclass(tp) else (dataclass_args[0] if dataclass_args else None)
+
+
+def _set_path(raw: dict, parts: list[str], value: Any, key: str) -> None:
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"unknown config key {key!r} (known keys here: {', '.join(sorted(names))})")
+    kwargs = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: may not be null")
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        items = [_convert_item(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `3e-4` (no dot) as a string; accept what Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _convert_item(tp: Any, value: Any, key: str) -> Any:
+    # A reward function may be written as just its name: `functions: [exact_match]`.
+    if dataclasses.is_dataclass(tp) and isinstance(value, str) and tp is RewardFunctionConfig:
+        return RewardFunctionConfig(name=value)
+    return _convert(tp, value, key)

@@ -1,0 +1,102 @@
+"""Prompt datasets: JSONL loading with line-numbered errors, and the seeded batch order."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from actors.types import ChatMessage, Prompt
+
+
+class DataError(ValueError):
+    """A dataset file is missing or malformed; the message names the file and line."""
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Read ``{"prompt": str | [{"role", "content"}...], "answer": str?}`` lines into Prompts.
+
+    ``Prompt.index`` is the 0-based position among the file's prompts (blank lines skipped).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset file {str(path)!r} does not exist")
+    prompts: list[Prompt] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            prompts.append(_parse(obj, len(prompts), where))
+    if not prompts:
+        raise DataError(f"dataset file {str(path)!r} holds no prompts")
+    return prompts
+
+
+def _parse(obj: object, index: int, where: str) -> Prompt:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "prompt" not in obj:
+        raise DataError(f"{where}: missing the 'prompt' field")
+    raw, answer = obj["prompt"], obj.get("answer")
+    if answer is not None and not isinstance(answer, str | int | float):
+        raise DataError(f"{where}: 'answer' must be a string or a number")
+    answer = None if answer is None else str(answer)
+    if isinstance(raw, str):
+        if not raw.strip():
+            raise DataError(f"{where}: the prompt is empty")
+        return Prompt(index=index, text=raw, answer=answer)
+    if isinstance(raw, list) and raw:
+        messages = []
+        for m in raw:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: each chat message needs string 'role' and 'content'")
+            messages.append(ChatMessage(role=m["role"], content=m["content"]))
+        return Prompt(index=index, messages=tuple(messages), answer=answer)
+    raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of chat messages")
+
+
+@dataclass(kw_only=True)
+class SamplerState:
+    """Where the sampler is; saved in checkpoints so a resumed run sees the same order."""
+
+    epoch: int = 0
+    """Completed passes over the dataset."""
+    position: int = 0
+    """Prompts taken from the current pass."""
+
+
+class PromptSampler:
+    """Hands out fixed-size batches of prompts in a seeded order, reshuffled every pass.
+
+    The order is a pure function of (seed, epoch), so a resumed run continues exactly where
+    the checkpoint left off.
+    """
+
+    def __init__(self, prompts: list[Prompt], seed: int, shuffle: bool = True) -> None:
+        self.prompts = prompts
+        self.seed = seed
+        self.shuffle = shuffle
+        self.state = SamplerState()
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, size: int) -> list[Prompt]:
+        batch: list[Prompt] = []
+        while len(batch) < size:
+            order = self._order(self.state.epoch)
+            take = order[self.state.position:self.state.position + size - len(batch)]
+            batch.extend(self.prompts[i] for i in take)
+            self.state.position += len(take)
+            if self.state.position >= len(order):
+                self.state = SamplerState(epoch=self.state.epoch + 1, position=0)
+        return batch

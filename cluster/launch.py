@@ -1,0 +1,106 @@
+"""Launching a training job: resolve assets, start or join Ray, build the pools, run the loop.
+
+Everything the controller uses is built here and passed in; nothing is global.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from cluster.config import Config, ConfigError, to_dict
+from cluster.controller import Controller, RunSummary
+from cluster.data import PromptSampler, load_prompts
+
+log = logging.getLogger("rlrelay")
+
+# Quiet, single-threaded tokenizers and vLLM at warning level in every worker: the actors'
+# logs stream to the driver's console.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING",
+              "VLLM_CONFIGURE_LOGGING": "1"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResolvedPaths:
+    """Where the model and data of a run come from, after filling in the demo's defaults."""
+
+    model_path: str
+    train_path: str
+    eval_path: str | None
+
+
+def resolve_paths(cfg: Config) -> ResolvedPaths:
+    """Use the configured paths; build (or reuse) the demo's assets for whatever is unset."""
+    model, train, evals = cfg.model.path, cfg.data.train_path, cfg.data.eval_path
+    if model is None or train is None:
+        from cluster.demo import prepare_demo_assets
+
+        assets = prepare_demo_assets(cfg.demo, Path(cfg.run.cache_dir), log=log.info)
+        model = model or str(assets.model_dir)
+        if train is None:
+            train = str(assets.train_path)
+            evals = evals or str(assets.eval_path)
+    return ResolvedPaths(model_path=model, train_path=train, eval_path=evals)
+
+
+def init_ray(cfg: Config) -> None:
+    """Start a fresh local Ray instance, or join the configured cluster."""
+    import ray
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    runtime_env = {"env_vars": WORKER_ENV}
+    if address == "local":
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), namespace=cfg.ray.namespace,
+                 include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=runtime_env)
+
+
+def train(cfg: Config) -> RunSummary:
+    """Run one training job to completion and write its summary."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from cluster.pools import LearnerGroup, RewardPool, RolloutPool
+    from cluster.tracking import Tracker
+
+    paths = resolve_paths(cfg)
+    train_prompts = load_prompts(paths.train_path)
+    eval_prompts = load_prompts(paths.eval_path) if paths.eval_path else []
+    if cfg.data.eval_limit:
+        eval_prompts = eval_prompts[:cfg.data.eval_limit]
+    if any(p.answer is None for p in eval_prompts):
+        raise ConfigError(f"data.eval_path {paths.eval_path}: every eval prompt needs an 'answer' "
+                          f"(accuracy is exact match against it)")
+    tokenizer = AutoTokenizer.from_pretrained(paths.model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ConfigError(f"the tokenizer of {paths.model_path} has neither a pad nor an eos token")
+
+    run_dir = cfg.run.path
+    resolved = replace(cfg, model=replace(cfg.model, path=paths.model_path),
+                       data=replace(cfg.data, train_path=paths.train_path, eval_path=paths.eval_path))
+    tracker = Tracker(run_dir, project=cfg.run.wandb_project, name=cfg.run.name, mode=cfg.run.wandb_mode,
+                      config=to_dict(resolved), tags=cfg.run.wandb_tags, total_steps=cfg.trainer.steps)
+    init_ray(cfg)
+    pools = []
+    try:
+        updates_per_step = cfg.algorithm.ppo_epochs * cfg.algorithm.minibatches
+        learner = LearnerGroup(cfg, paths.model_path, total_updates=cfg.trainer.steps * updates_per_step)
+        pools.append(learner)
+        rollout = RolloutPool(cfg, paths.model_path)
+        pools.append(rollout)
+        reward = RewardPool(cfg, cfg.reward.model.path if cfg.reward.model else None)
+        pools.append(reward)
+        controller = Controller(cfg, sampler=PromptSampler(train_prompts, seed=cfg.run.seed),
+                                eval_prompts=eval_prompts, rollout=rollout, reward=reward, learner=learner,
+                                tracker=tracker, pad_token_id=pad_id)
+        summary = controller.run()
+        tracker.finish(asdict(summary))
+        return summary
+    finally:
+        for pool in reversed(pools):
+            pool.shutdown()
+        ray.shutdown()

@@ -1,0 +1,203 @@
+"""Actor pools: the plain worker classes wrapped with ``ray.remote`` (only here), and the
+fan-out/fan-in of each step's work with a timeout on every wait.
+
+- ``RolloutPool``: N vLLM rollout workers; a step's prompts are split across them.
+- ``RewardPool``: M reward workers; a step's responses are split across them.
+- ``LearnerGroup``: W learner ranks forming one FSDP2 process group, driven in lock-step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.rollout_worker import EngineSettings, RolloutWorker, WeightLoadReport, WorkerStatus
+from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
+from cluster.config import Config
+from learner.batch import RolloutBatch, TrainBatch
+from learner.worker import ForwardResult, LearnerRank, Minibatch, UpdateResult
+from reward.types import ScoreRequest, ScoreResult
+from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
+
+
+class WorkerFailure(RuntimeError):
+    """A remote worker died or stopped answering; the message names it."""
+
+
+def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
+    """``ray.get`` with a timeout, turning Ray's errors into one that names the worker."""
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        slow = [what[refs.index(r)] for r in pending]
+        raise WorkerFailure(f"no answer within {timeout_s:.0f} s from {', '.join(slow)}")
+    results = []
+    for ref, name in zip(refs, what):
+        try:
+            results.append(ray.get(ref, timeout=timeout_s))
+        except RayActorError as e:
+            raise WorkerFailure(f"{name} died: {e}") from e
+        except GetTimeoutError as e:  # cannot happen after ray.wait, kept for clarity of intent
+            raise WorkerFailure(f"no answer from {name}") from e
+    return results
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``(lo, hi)`` ranges covering ``range(n)``, sizes differing by at most 1."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+class RolloutPool:
+    """N rollout workers, each a Ray actor holding one vLLM engine."""
+
+    def __init__(self, cfg: Config, model_path: str) -> None:
+        r = cfg.rollout
+        self.timeout_s = r.timeout_s
+        device = "cuda" if r.num_gpus > 0 else "cpu"
+        self.settings = EngineSettings(
+            model_path=model_path, device=device, dtype="float32" if device == "cpu" else "bfloat16",
+            max_model_len=cfg.model.max_model_len, seed=cfg.run.seed, num_threads=r.num_threads,
+            kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization)
+        self._actor_cls = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
+        self.workers = [self._actor_cls.remote(i, self.settings) for i in range(r.num_workers)]
+        # Engine start-up (model load, KV-cache allocation) happens in the constructor; a
+        # worker that cannot start must fail the job here, not on the first step.
+        wait([w.ping.remote() for w in self.workers], 600, self._names())
+
+    def _names(self) -> list[str]:
+        return [f"rollout worker {i}" for i in range(len(self.workers))]
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingSettings, step: int, seed: int) -> list[Rollout]:
+        """Every prompt sampled ``samples_per_prompt`` times, in prompt order."""
+        slices = [s for s in split_evenly(len(prompts), len(self.workers)) if s[1] > s[0]]
+        refs = [self.workers[i].generate.remote(GenerateRequest(
+                    prompts=tuple(prompts[lo:hi]), sampling=sampling, step=step, seed=seed))
+                for i, (lo, hi) in enumerate(slices)]
+        parts = wait(refs, self.timeout_s, self._names()[:len(refs)])
+        return [r for part in parts for r in part]
+
+    def load_weights(self, update_ref: ray.ObjectRef) -> list[WeightLoadReport]:
+        """Every worker pulls the update from the object store, verifies it and loads it."""
+        return wait([w.load_weights.remote(update_ref) for w in self.workers], self.timeout_s, self._names())
+
+    def statuses(self) -> list[WorkerStatus]:
+        return wait([w.status.remote() for w in self.workers], 30, self._names())
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+class RewardPool:
+    """M reward workers, each scoring with the configured functions and reward model."""
+
+    def __init__(self, cfg: Config, reward_model_path: str | None) -> None:
+        rc = cfg.reward
+        self.timeout_s = rc.timeout_s
+        functions = [RewardFunctionSpec(name=f.name, weight=f.weight) for f in rc.functions]
+        model = None
+        if rc.model is not None:
+            model = RewardModelSpec(path=reward_model_path or rc.model.path, weight=rc.model.weight,
+                                    batch_size=rc.model.batch_size)
+        actor = ray.remote(RewardWorker).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)
+        device = "cuda" if rc.num_gpus > 0 else "cpu"
+        self.workers = [actor.remote(functions, model, timeout_s=rc.timeout_s, num_threads=rc.num_threads,
+                                     device=device) for _ in range(rc.num_workers)]
+        wait([w.ping.remote() for w in self.workers], 300, self._names())
+
+    def _names(self) -> list[str]:
+        return [f"reward worker {i}" for i in range(len(self.workers))]
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        slices = [s for s in split_evenly(len(requests), len(self.workers)) if s[1] > s[0]]
+        refs = [self.workers[i].score.remote(list(requests[lo:hi])) for i, (lo, hi) in enumerate(slices)]
+        # Each sample may use its whole per-call timeout; the worker itself never waits longer.
+        longest = max(hi - lo for lo, hi in slices) * self.timeout_s + 60
+        parts = wait(refs, longest, self._names()[:len(refs)])
+        return [s for part in parts for s in part]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+class LearnerGroup:
+    """W learner ranks in one torch.distributed group; every verb runs on all ranks."""
+
+    def __init__(self, cfg: Config, model_path: str, total_updates: int) -> None:
+        lc = cfg.learner
+        self.cfg = cfg
+        self.timeout_s = lc.timeout_s
+        actor = ray.remote(LearnerRank).options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus)
+        self.ranks = [actor.remote(rank, lc.world_size, model_path, lc, cfg.algorithm,
+                                   cfg.rollout.temperature, total_updates) for rank in range(lc.world_size)]
+        names = self._names()
+        address = wait([self.ranks[0].__ray_call__.remote(lambda _: ray.util.get_node_ip_address())],
+                       120, names[:1])[0]
+        port = wait([self.ranks[0].free_port.remote()], 120, names[:1])[0]
+        wait([r.setup.remote(address, port) for r in self.ranks], self.timeout_s, names)
+
+    def _names(self) -> list[str]:
+        return [f"learner rank {i}" for i in range(len(self.ranks))]
+
+    def _shards(self, n: int) -> list[tuple[int, int]]:
+        return split_evenly(n, len(self.ranks))
+
+    def _num_micro(self, shards: list[tuple[int, int]]) -> int:
+        return max(1, math.ceil(max(hi - lo for lo, hi in shards) / self.cfg.learner.micro_batch_size))
+
+    def forward(self, batch: RolloutBatch) -> ForwardResult:
+        shards = self._shards(batch.size)
+        num_micro = self._num_micro(shards)
+        parts = wait([rank.forward.remote(batch.select(torch.arange(lo, hi)), num_micro)
+                      for rank, (lo, hi) in zip(self.ranks, shards)], self.timeout_s, self._names())
+        width = batch.response_mask.shape[1]
+
+        def merge(name: str) -> torch.Tensor | None:
+            tensors = [getattr(p, name) for p in parts]
+            if tensors[0] is None:
+                return None
+            out = torch.zeros(batch.size, width)
+            for (lo, hi), t in zip(shards, tensors):
+                out[lo:hi, :t.shape[1]] = t
+            return out
+
+        return ForwardResult(old_logprobs=merge("old_logprobs"), ref_logprobs=merge("ref_logprobs"),
+                             values=merge("values"))
+
+    def update(self, batch: TrainBatch, minibatch_rows: list[torch.Tensor], train_policy: bool) -> dict[str, float]:
+        """One optimizer step per minibatch (rows given by the driver); merged metrics."""
+        per_rank: list[list[Minibatch]] = [[] for _ in self.ranks]
+        for rows in minibatch_rows:
+            mb = batch.select(rows)
+            shards = self._shards(len(rows))
+            num_micro = self._num_micro(shards)
+            tokens = float(mb.rollouts.response_mask.sum())
+            for r, (lo, hi) in enumerate(shards):
+                per_rank[r].append(Minibatch(batch=mb.select(torch.arange(lo, hi)), num_micro=num_micro,
+                                             num_tokens=tokens, num_seqs=len(rows)))
+        results: list[UpdateResult] = wait(
+            [rank.update.remote(mbs, train_policy) for rank, mbs in zip(self.ranks, per_rank)],
+            self.timeout_s, self._names())
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for res in results:
+            for k, v in res.metric_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+                weights[k] = weights.get(k, 0.0) + res.metric_weights[k]
+        return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+
+    def export_weights(self, version: int) -> ray.ObjectRef:
+        """Start the (collective) gather on every rank; returns rank 0's packed update, unfetched."""
+        refs = [rank.export_weights.remote(version) for rank in self.ranks]
+        # The other ranks only take part in the gather; wait for them so a failure surfaces here.
+        wait(refs[1:], self.timeout_s, self._names()[1:])
+        return refs[0]
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r)

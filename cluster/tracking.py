@@ -1,0 +1,98 @@
+"""Where a run's numbers go: Weights & Biases, the run directory, and the console.
+
+The run directory holds ``metrics.jsonl`` (one line per step), ``summary.json`` and
+``curves.png`` (reward, KL and eval accuracy over steps), so a run can be read without W&B.
+W&B runs offline when no ``WANDB_API_KEY`` is set; ``wandb sync`` uploads it later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import wandb
+
+from actors.types import Rollout
+
+PROGRESS_KEYS = (("reward/mean", "reward"), ("eval/accuracy", "eval"), ("kl/value", "kl"),
+                 ("policy/clipfrac", "clip"), ("timing/step", "s/step"))
+
+
+def wandb_mode(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class Tracker:
+    """Logs one run to W&B, the run directory, and a progress line on stderr."""
+
+    def __init__(self, run_dir: Path, *, project: str, name: str, mode: str, config: dict[str, Any],
+                 tags: Sequence[str] = (), run_id: str | None = None, total_steps: int = 0) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.total_steps = total_steps
+        self._metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self._history: list[dict[str, float]] = []
+        self._started = time.time()
+        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
+                              mode=wandb_mode(mode), config=config, tags=list(tags), reinit="create_new")
+        self.run_id = self.run.id if self.run is not None else None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        # An explicit step: a resumed offline run restarts W&B's own counter at 0 (DESIGN).
+        self.run.log(metrics, step=step)
+        row = {"step": step, **metrics}
+        self._history.append(row)
+        self._metrics_file.write(json.dumps(row) + "\n")
+        self._metrics_file.flush()
+        self._progress(step, metrics)
+
+    def log_samples(self, step: int, rollouts: Sequence[Rollout], rewards: Sequence[float], limit: int = 16) -> None:
+        """A fresh W&B table of generations (prompt, response, answer, reward, version)."""
+        table = wandb.Table(columns=["step", "prompt", "response", "answer", "reward", "policy_version"])
+        for r, reward in list(zip(rollouts, rewards))[:limit]:
+            table.add_data(step, r.prompt_text, r.response_text, r.answer, reward, r.policy_version)
+        self.run.log({"samples": table}, step=step)
+
+    def _progress(self, step: int, metrics: dict[str, float]) -> None:
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [f"{label} {metrics[key]:.3g}" for key, label in PROGRESS_KEYS if key in metrics]
+        width = 24
+        done = int(width * step / max(1, self.total_steps))
+        bar = "#" * done + "." * (width - done)
+        print(f"[{bar}] " + "  ".join(parts), file=sys.stderr, flush=True)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        summary = {**summary, "wandb_run_id": self.run_id, "wall_seconds": round(time.time() - self._started, 1)}
+        for key, value in summary.items():
+            self.run.summary[key] = value
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self._plot()
+        self._metrics_file.close()
+        self.run.finish()
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [("reward/mean", "reward"), ("kl/value", "KL to reference"), ("eval/accuracy", "eval accuracy")]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+        for ax, (key, title) in zip(axes, panels):
+            points = [(row["step"], row[key]) for row in self._history if key in row]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3)
+            else:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "curves.png", dpi=100)
+        plt.close(fig)

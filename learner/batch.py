@@ -1,0 +1,125 @@
+"""Collation of rollouts into padded tensors, and the batch records the learner works on.
+
+Two frames are used:
+- the *sequence* frame ``[B, L]``: prompt + response token ids, right-padded, what the model
+  reads;
+- the *response* frame ``[B, T]``: one column per response token, left-aligned and
+  right-padded, where all RL math happens (log-probs, values, advantages, losses).
+``response_positions`` maps the second into the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from actors.types import Rollout
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RolloutBatch:
+    """Rollouts as tensors, ready for the learner's forward passes.
+
+    Example: ``collate(rollouts, pad_token_id=0)`` builds one; ``batch.select(idx)`` slices rows.
+    """
+
+    input_ids: torch.Tensor
+    """Prompt then response token ids, right-padded with the pad id.  # [B, L] int64"""
+    attention_mask: torch.Tensor
+    """1 on real tokens.  # [B, L] int64"""
+    prompt_lengths: torch.Tensor
+    """Number of prompt tokens per row.  # [B] int64"""
+    response_mask: torch.Tensor
+    """1.0 on real response tokens.  # [B, T] float32"""
+    rollout_logprobs: torch.Tensor
+    """The rollout engine's log-prob of each response token (0 on padding).  # [B, T] float32"""
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> "RolloutBatch":
+        """The given rows, with both frames trimmed to the longest remaining row."""
+        return _select(self, rows)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainBatch:
+    """A rollout batch with everything the PPO update needs, in the response frame.
+
+    Example: ``TrainBatch(rollouts=b, old_logprobs=..., advantages=..., returns=None, old_values=None, ref_logprobs=None)``
+    """
+
+    rollouts: RolloutBatch
+    """The sequences."""
+    old_logprobs: torch.Tensor
+    """Learner log-probs under the policy that sampled (before this update).  # [B, T]"""
+    advantages: torch.Tensor
+    """Per-token advantages (0 on padding).  # [B, T]"""
+    returns: torch.Tensor | None
+    """Value targets when a critic is trained, else None.  # [B, T]"""
+    old_values: torch.Tensor | None
+    """Critic values before the update (for value clipping), else None.  # [B, T]"""
+    ref_logprobs: torch.Tensor | None
+    """Reference-model log-probs when KL is a loss term, else None.  # [B, T]"""
+    importance_weights: torch.Tensor | None
+    """Truncated importance weights for the train/inference mismatch, else None.  # [B, T]"""
+
+    @property
+    def size(self) -> int:
+        return self.rollouts.size
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> "TrainBatch":
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        rollouts = self.rollouts.select(rows)
+        t = rollouts.response_mask.shape[1]
+        cut = {f.name: getattr(self, f.name)[rows, :t] for f in fields(self)
+               if f.name != "rollouts" and getattr(self, f.name) is not None}
+        return replace(self, rollouts=rollouts, **cut)
+
+
+def collate(rollouts: Sequence[Rollout], pad_token_id: int) -> RolloutBatch:
+    """Pad a list of rollouts into a ``RolloutBatch`` (row order = list order)."""
+    if not rollouts:
+        raise ValueError("cannot collate an empty list of rollouts")
+    seq_len = max(len(r.prompt_token_ids) + len(r.response_token_ids) for r in rollouts)
+    resp_len = max(1, max(len(r.response_token_ids) for r in rollouts))
+    b = len(rollouts)
+    input_ids = torch.full((b, seq_len), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, seq_len), dtype=torch.long)
+    response_mask = torch.zeros((b, resp_len), dtype=torch.float32)
+    rollout_logprobs = torch.zeros((b, resp_len), dtype=torch.float32)
+    prompt_lengths = torch.empty(b, dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        p, n = len(r.prompt_token_ids), len(r.response_token_ids)
+        input_ids[i, :p + n] = torch.tensor(r.prompt_token_ids + r.response_token_ids)
+        attention_mask[i, :p + n] = 1
+        prompt_lengths[i] = p
+        response_mask[i, :n] = 1.0
+        rollout_logprobs[i, :n] = torch.tensor(r.response_logprobs, dtype=torch.float32)
+    return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths,
+                        response_mask=response_mask, rollout_logprobs=rollout_logprobs)
+
+
+def response_positions(batch: RolloutBatch) -> torch.Tensor:
+    """Index of the logit that predicts each response token: ``prompt_len - 1 + t``.  # [B, T]
+
+    Padding columns point at a valid position (clamped) and are masked out downstream.
+    """
+    t = torch.arange(batch.response_mask.shape[1])
+    pos = batch.prompt_lengths[:, None] - 1 + t[None, :]
+    return pos.clamp(max=batch.input_ids.shape[1] - 2)
+
+
+def _select(batch: RolloutBatch, rows) -> RolloutBatch:
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    attention = batch.attention_mask[rows]
+    response = batch.response_mask[rows]
+    seq_len = int(attention.sum(1).max())
+    resp_len = max(1, int(response.sum(1).max()))
+    return RolloutBatch(
+        input_ids=batch.input_ids[rows, :seq_len], attention_mask=attention[:, :seq_len],
+        prompt_lengths=batch.prompt_lengths[rows], response_mask=response[:, :resp_len],
+        rollout_logprobs=batch.rollout_logprobs[rows, :resp_len])

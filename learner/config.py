@@ -1,0 +1,137 @@
+"""The learner's sections of the config tree: optimisation (``learner.*``) and the RL
+algorithm (``algorithm.*``). ``cluster/config.py`` composes them into the full tree; they live
+here so the learner takes its own settings without importing ``cluster``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PLACES = ("reward", "loss")
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig:
+    """The RL algorithm: advantage estimator, PPO clipping, KL control."""
+
+    advantage_estimator: str = "grpo"
+    """How advantages are estimated: gae | grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline.
+    Only ``gae`` builds and trains a critic."""
+    gamma: float = 1.0
+    """Discount factor over response tokens (GAE and REINFORCE++)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    ppo_epochs: int = 1
+    """Passes over each step's batch."""
+    minibatches: int = 1
+    """Optimizer steps per epoch: the batch is split into this many shuffled minibatches."""
+    clip_low: float = 0.2
+    """Lower PPO clip: ratios below 1 - clip_low stop pushing down."""
+    clip_high: float = 0.2
+    """Upper PPO clip: ratios above 1 + clip_high stop pushing up (DAPO's clip-higher when > clip_low)."""
+    dual_clip: float | None = None
+    """Dual-clip bound (> 1) on the loss of negative-advantage tokens; None turns it off."""
+    loss_agg: str = "token_mean"
+    """How token losses become one number: token_mean | seq_mean_token_sum | seq_mean_token_mean."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus in the policy loss."""
+    value_clip: float | None = 0.2
+    """Clip range of the value loss around the old values; None for an unclipped loss."""
+    critic_warmup_steps: int = 0
+    """Steps at the start in which only the critic trains (gae only)."""
+    kl_coef: float = 0.0
+    """KL-to-reference coefficient (the start value when adaptive); 0 builds no reference model."""
+    kl_place: str = "reward"
+    """Where the KL acts: ``reward`` (per-token penalty, k1) or ``loss`` (a loss term)."""
+    kl_estimator: str = "k1"
+    """KL estimator for the loss term: k1 | k2 | k3 (the reward penalty always uses k1)."""
+    kl_target: float | None = None
+    """Target KL of the adaptive controller; None keeps the coefficient fixed."""
+    kl_horizon: int = 10000
+    """Horizon (samples) of the adaptive KL controller."""
+    whiten_advantages: bool = False
+    """Whiten advantages over the batch (mean 0, std 1) after estimation (gae/grpo/rloo)."""
+    tis_cap: float | None = None
+    """Cap of the truncated importance weight exp(old - rollout log-prob); None turns TIS off."""
+
+    def validate(self) -> None:
+        _choice("algorithm.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        _choice("algorithm.loss_agg", self.loss_agg, LOSS_AGG_MODES)
+        _choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("algorithm.kl_place", self.kl_place, KL_PLACES)
+        _positive("algorithm.ppo_epochs", self.ppo_epochs)
+        _positive("algorithm.minibatches", self.minibatches)
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError("algorithm.gamma and algorithm.lam must lie in [0, 1]")
+        if self.clip_low <= 0 or self.clip_high <= 0:
+            raise ValueError("algorithm.clip_low and algorithm.clip_high must be > 0")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"algorithm.dual_clip must be > 1 (got {self.dual_clip})")
+        if self.kl_coef < 0:
+            raise ValueError(f"algorithm.kl_coef must be >= 0 (got {self.kl_coef})")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"algorithm.tis_cap must be > 0 (got {self.tis_cap})")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_coef > 0
+
+
+@dataclass(kw_only=True)
+class LearnerConfig:
+    """The learner group: size, placement, optimiser."""
+
+    world_size: int = 1
+    """Number of learner ranks (one Ray actor each) in the FSDP2 group."""
+    num_cpus: float = 1.0
+    """Ray CPUs reserved per rank."""
+    num_gpus: float = 0.0
+    """Ray GPUs per rank; > 0 trains on CUDA over NCCL in bf16, 0 on CPU over gloo in fp32."""
+    num_threads: int = 2
+    """torch CPU threads per rank (set explicitly: Ray sets OMP_NUM_THREADS from num_cpus)."""
+    lr: float = 1e-5
+    """Peak policy learning rate."""
+    critic_lr: float = 1e-5
+    """Peak critic learning rate."""
+    lr_schedule: str = "cosine"
+    """``constant`` or ``cosine`` (decay to min_lr_ratio * lr over the run)."""
+    warmup_steps: int = 0
+    """Linear warm-up, in optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """End of the cosine decay as a fraction of the peak."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 turns it off."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward on one rank; gradients accumulate over micro-batches."""
+    seed: int = 0
+    """Seed of model init pieces (value head) on the learner."""
+    timeout_s: float = 600.0
+    """Longest the driver waits on one learner call before declaring the rank failed."""
+
+    def validate(self) -> None:
+        _positive("learner.world_size", self.world_size)
+        _positive("learner.micro_batch_size", self.micro_batch_size)
+        _positive("learner.num_threads", self.num_threads)
+        _choice("learner.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        if self.lr <= 0 or self.critic_lr <= 0:
+            raise ValueError("learner.lr and learner.critic_lr must be > 0")
+        if self.timeout_s <= 0:
+            raise ValueError("learner.timeout_s must be > 0")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{key} must be >= 1 (got {value})")

@@ -1,0 +1,74 @@
+"""Building the learner's models and running them over a ``RolloutBatch``.
+
+The policy is a Hugging Face causal LM, so its state dict already has the checkpoint names
+vLLM loads. The critic is the same transformer trunk with a scalar value head.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from learner.batch import RolloutBatch, response_positions
+from learner.losses import entropy_from_logits, logprobs_from_logits
+
+
+class Critic(nn.Module):
+    """Transformer trunk + linear value head: one value per token."""
+
+    def __init__(self, trunk: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.value_head = nn.Linear(hidden_size, 1)
+        # A zero head starts every value at 0, so early value errors are the returns
+        # themselves rather than noise from a random projection.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.value_head(hidden).squeeze(-1)  # [B, L]
+
+
+def check_model_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist or is not a directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model path {path!r} has no config.json: not a Hugging Face model directory")
+
+
+def load_policy(path: str, dtype: torch.dtype) -> nn.Module:
+    check_model_dir(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_critic(path: str, dtype: torch.dtype) -> Critic:
+    check_model_dir(path)
+    config = AutoConfig.from_pretrained(path)
+    trunk = AutoModel.from_pretrained(path, dtype=dtype)
+    return Critic(trunk, config.hidden_size).to(dtype)
+
+
+def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens under ``model`` (and per-token entropy).  # [B, T]
+
+    Uses ``log_softmax(logits / temperature)``, the distribution vLLM sampled from
+    (``logprobs_mode="processed_logprobs"``), so ratios against rollout log-probs are exact.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, L, V]
+    pos = response_positions(batch)  # [B, T]
+    picked = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))  # [B, T, V]
+    labels = batch.input_ids.gather(1, (pos + 1).clamp(max=batch.input_ids.shape[1] - 1))  # [B, T]
+    logprobs = logprobs_from_logits(picked.float(), labels, temperature)
+    entropy = entropy_from_logits(picked.float() / temperature) if with_entropy else None
+    return logprobs * batch.response_mask, entropy
+
+
+def sequence_values(critic: nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """Critic value at each response token's position (the state before emitting it).  # [B, T]"""
+    values = critic(batch.input_ids, batch.attention_mask)  # [B, L]
+    return values.gather(1, response_positions(batch)).float() * batch.response_mask

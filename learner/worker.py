@@ -1,0 +1,309 @@
+"""One learner rank: FSDP2-sharded policy, critic and reference, and the PPO update.
+
+A plain class; ``cluster/`` runs ``world_size`` of them as Ray actors and drives them in
+lock-step. Every collective (FSDP2's all-gathers and reduce-scatters, the state-dict gather)
+needs all ranks to make the same calls in the same order, so each verb is called on every
+rank with that rank's shard, and micro-batch counts are fixed by the driver, not by the
+shard size.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from dataclasses import dataclass, fields, replace
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
+
+from learner.batch import RolloutBatch, TrainBatch
+from learner.config import AlgorithmConfig, LearnerConfig
+from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
+from learner.models import load_critic, load_policy, sequence_logprobs, sequence_values
+from learner.weight_bucket import WeightUpdate, pack_state_dict
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardResult:
+    """What the learner computes before the update, for one rank's shard (response frame).
+
+    Example: ``ForwardResult(old_logprobs=lp, ref_logprobs=None, values=None, entropy=ent)``
+    """
+
+    old_logprobs: torch.Tensor
+    """Policy log-probs of the sampled tokens.  # [B, T]"""
+    ref_logprobs: torch.Tensor | None
+    """Reference-model log-probs, when a reference exists.  # [B, T]"""
+    values: torch.Tensor | None
+    """Critic values, when a critic exists.  # [B, T]"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Minibatch:
+    """One rank's share of one optimizer step.
+
+    Example: ``Minibatch(batch=shard, num_micro=2, num_tokens=180.0, num_seqs=64)``
+    """
+
+    batch: TrainBatch
+    """This rank's rows of the minibatch (may be empty of rows only if num_micro covers it)."""
+    num_micro: int
+    """Micro-batches every rank runs for this minibatch (the same on all ranks)."""
+    num_tokens: float
+    """Real response tokens in the WHOLE minibatch over all ranks (loss denominator)."""
+    num_seqs: int
+    """Sequences in the WHOLE minibatch over all ranks (loss denominator)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateResult:
+    """Sums for the step's training metrics from one rank; the driver merges ranks.
+
+    Example: ``UpdateResult(metric_sums={"policy/clipfrac": 3.2}, metric_weights={"policy/clipfrac": 64.0}, optimizer_steps=1)``
+    """
+
+    metric_sums: dict[str, float]
+    """Token-weighted sums of per-micro-batch metrics."""
+    metric_weights: dict[str, float]
+    """The weights (token counts) behind each sum."""
+    optimizer_steps: int
+    """Optimizer steps taken by this call."""
+
+
+class LearnerRank:
+    """One rank of the learner group."""
+
+    def __init__(self, rank: int, world_size: int, model_path: str, learner: LearnerConfig,
+                 algorithm: AlgorithmConfig, temperature: float, total_updates: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.model_path = model_path
+        self.cfg = learner
+        self.algo = algorithm
+        self.temperature = temperature
+        self.total_updates = max(1, total_updates)
+        self.device = torch.device("cuda" if learner.num_gpus > 0 else "cpu")
+        torch.set_num_threads(learner.num_threads)
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def free_port(self) -> int:
+        """A free TCP port on this rank's host, for the process-group rendezvous (rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the process group, load and shard the models, build the optimisers."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=self.rank, world_size=self.world_size,
+                                timeout=timedelta(seconds=self.cfg.timeout_s))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes exactly the rank's own GPU
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        torch.manual_seed(self.cfg.seed)
+        gpu = self.device.type == "cuda"
+        # fp32 master weights everywhere; on GPU compute runs in bf16 and gradients reduce in fp32.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu else None
+
+        self.policy = _shard(load_policy(self.model_path, torch.float32).to(self.device), mesh, mp)
+        self.policy_opt, self.policy_sched = self._optimizer(self.policy, self.cfg.lr)
+        self.critic = self.critic_opt = self.critic_sched = None
+        if self.algo.uses_critic:
+            self.critic = _shard(load_critic(self.model_path, torch.float32).to(self.device), mesh, mp)
+            self.critic_opt, self.critic_sched = self._optimizer(self.critic, self.cfg.critic_lr)
+        self.reference = None
+        if self.algo.uses_reference:
+            self.reference = _shard(load_policy(self.model_path, torch.float32).to(self.device), mesh, mp)
+            self.reference.requires_grad_(False).eval()
+
+    def _optimizer(self, model: nn.Module, lr: float):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay,
+                                betas=(0.9, 0.999), eps=1e-8)
+        warmup, total, floor = self.cfg.warmup_steps, self.total_updates, self.cfg.min_lr_ratio
+        cosine = self.cfg.lr_schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if not cosine:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    # -- verbs -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, batch: RolloutBatch, num_micro: int) -> ForwardResult:
+        """Old log-probs, reference log-probs and values for this rank's shard."""
+        self.policy.eval()
+        old, ref, val = [], [], []
+        for micro, real in _micro_batches(batch, num_micro):
+            micro = _to(micro, self.device)
+            old.append(sequence_logprobs(self.policy, micro, self.temperature)[0][:real])
+            if self.reference is not None:
+                ref.append(sequence_logprobs(self.reference, micro, self.temperature)[0][:real])
+            if self.critic is not None:
+                val.append(sequence_values(self.critic, micro)[:real])
+        t = batch.response_mask.shape[1]
+        return ForwardResult(old_logprobs=_cat(old, t), ref_logprobs=_cat(ref, t) if ref else None,
+                             values=_cat(val, t) if val else None)
+
+    def update(self, minibatches: list[Minibatch], train_policy: bool = True) -> UpdateResult:
+        """One optimizer step per minibatch for the policy (and the critic, if any)."""
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+
+        def record(metrics: dict[str, float], weight: float) -> None:
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * weight
+                weights[k] = weights.get(k, 0.0) + weight
+
+        self.policy.train()
+        for mb in minibatches:
+            if train_policy:
+                self.policy_opt.zero_grad(set_to_none=True)
+            if self.critic is not None:
+                self.critic.train()
+                self.critic_opt.zero_grad(set_to_none=True)
+            for micro, real in _micro_batches(mb.batch, mb.num_micro):
+                micro = _to(micro, self.device)
+                # A padding micro-batch (this rank ran out of rows) still runs forward and
+                # backward so the collectives line up, but contributes nothing.
+                scale = float(self.world_size) if real else 0.0
+                tokens = float(micro.rollouts.response_mask[:real].sum())
+                if train_policy:
+                    loss, metrics = self._policy_loss(micro, mb)
+                    (loss * scale).backward()
+                    if real:
+                        record(metrics, tokens)
+                if self.critic is not None:
+                    loss, metrics = self._value_loss(micro, mb)
+                    (loss * scale).backward()
+                    if real:
+                        record(metrics, tokens)
+            if train_policy:
+                lr = self.policy_sched.get_last_lr()[0]  # the rate this step uses
+                record({"policy/grad_norm": self._step(self.policy, self.policy_opt, self.policy_sched),
+                        "policy/lr": lr}, 1.0)
+            if self.critic is not None:
+                record({"value/grad_norm": self._step(self.critic, self.critic_opt, self.critic_sched)}, 1.0)
+        return UpdateResult(metric_sums=sums, metric_weights=weights,
+                            optimizer_steps=len(minibatches) if train_policy else 0)
+
+    def export_weights(self, version: int) -> WeightUpdate | None:
+        """Gather the full policy weights (collective); rank 0 returns them packed as ``version``."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.policy, options=options)
+        if self.rank != 0:
+            return None
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return pack_state_dict({k: v.to(dtype) for k, v in state.items()}, version=version)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _policy_loss(self, micro: TrainBatch, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
+        algo = self.algo
+        mask = micro.rollouts.response_mask
+        logprobs, entropy = sequence_logprobs(self.policy, micro.rollouts, self.temperature, with_entropy=True)
+        denominators = dict(num_tokens=mb.num_tokens, num_seqs=mb.num_seqs)
+        loss, metrics = policy_loss(
+            logprobs, micro.old_logprobs, micro.advantages, mask,
+            clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
+            loss_agg=algo.loss_agg, importance_weights=micro.importance_weights, **denominators)
+        metrics = {f"policy/{k}": v for k, v in metrics.items()}
+        entropy_term = aggregate(entropy, mask, algo.loss_agg, **denominators)
+        metrics["policy/entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+        if algo.entropy_coef:
+            loss = loss - algo.entropy_coef * entropy_term
+        if micro.ref_logprobs is not None and algo.kl_place == "loss":
+            kl = kl_penalty(logprobs, micro.ref_logprobs, algo.kl_estimator)
+            loss = loss + algo.kl_coef * aggregate(kl, mask, algo.loss_agg, **denominators)
+            metrics["kl/loss_term"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
+        return loss, metrics
+
+    def _value_loss(self, micro: TrainBatch, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
+        values = sequence_values(self.critic, micro.rollouts)
+        loss, metrics = value_loss(values, micro.old_values, micro.returns, micro.rollouts.response_mask,
+                                   clip_range=self.algo.value_clip, loss_agg=self.algo.loss_agg,
+                                   num_tokens=mb.num_tokens, num_seqs=mb.num_seqs)
+        return loss, {f"value/{k}": v for k, v in metrics.items()}
+
+    def _step(self, model: nn.Module, opt, sched) -> float:
+        norm = float("nan")
+        if self.cfg.max_grad_norm > 0:
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+            norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
+        opt.step()
+        sched.step()
+        return norm
+
+
+def _shard(model: nn.Module, mesh, mp: MixedPrecisionPolicy | None) -> nn.Module:
+    """FSDP2: shard every transformer block, then the root (embeddings, head, norms)."""
+    kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})
+    block_names = set(_find_block_names(model))
+    for module in model.modules():
+        if type(module).__name__ in block_names:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _find_block_names(model: nn.Module) -> list[str]:
+    # Hugging Face models name their repeated block classes in `_no_split_modules`; the critic
+    # wraps a trunk that does.
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module._no_split_modules:
+            return list(module._no_split_modules)
+    return []
+
+
+def _micro_batches(batch, num_micro: int):
+    """Split rows into exactly ``num_micro`` chunks; yields ``(chunk, real_rows)``.
+
+    A rank with fewer rows than chunks pads with a copy of its first row, weighted zero by
+    the caller, because every rank must run the same number of forward/backward passes.
+    """
+    n = batch.size
+    bounds = [round(i * n / num_micro) for i in range(num_micro + 1)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        if hi > lo:
+            yield batch.select(torch.arange(lo, hi)), hi - lo
+        else:
+            yield batch.select(torch.tensor([0])), 0
+
+
+def _to(batch, device: torch.device):
+    if device.type == "cpu":
+        return batch
+    moved = {f.name: getattr(batch, f.name).to(device) for f in fields(batch)
+             if isinstance(getattr(batch, f.name), torch.Tensor)}
+    if isinstance(batch, TrainBatch):
+        moved["rollouts"] = _to(batch.rollouts, device)
+    return replace(batch, **moved)
+
+
+def _cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Concatenate micro-batch outputs of different widths back into one [B, width] tensor."""
+    rows = sum(p.shape[0] for p in parts)
+    out = torch.zeros(rows, width, dtype=torch.float32)
+    r = 0
+    for p in parts:
+        out[r:r + p.shape[0], :p.shape[1]] = p.float().cpu()
+        r += p.shape[0]
+    return out

@@ -1,0 +1,112 @@
+"""Scoring with a Hugging Face sequence-classification reward model loaded from a local path.
+
+The reward of a response is the model's single logit at the last token of
+``prompt + response``. HF's seq-cls models pick that token as the last one that is not
+``config.pad_token_id``, so the tokenizer's pad id and the config's must agree; the helpers
+here make sure they do, for scoring and for training (``reward/train.py``) alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def ensure_pad_token(tokenizer, model) -> None:
+    """Give the tokenizer a pad token (eos if it has none) and set the same id on the model config.
+
+    Many decoder tokenizers (Llama, GPT-2) ship without a pad token; without one a batch cannot
+    be padded and HF's seq-cls head refuses batches larger than one. Padding with eos is safe
+    here because the attention mask hides the pads and the pooled token is the last non-pad
+    one; the price is that a text that itself ends in eos is pooled one token earlier.
+    """
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                "the reward model's tokenizer has neither a pad token nor an eos token; "
+                "set one of them (tokenizer.pad_token = ...) before scoring"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    # The head finds the scored token through the config's pad id, so it must be the id the
+    # tokenizer pads with, even if the checkpoint's config says otherwise.
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+
+
+def encode(tokenizer, texts: Sequence[str], max_length: int | None) -> BatchEncoding:
+    """Tokenize a batch for a reward model: right padding, pytorch tensors.
+
+    Right padding, whatever the tokenizer's default: HF's head finds the last real token on
+    either side, but models with absolute position embeddings (GPT-2, OPT) number positions
+    from the first column, so a left-padded text would be scored at shifted positions and its
+    reward would depend on the other texts in its batch (rotary models like Llama are immune).
+    """
+    return tokenizer(
+        list(texts),
+        padding=True,
+        padding_side="right",
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+
+
+class RewardModelScorer:
+    """A reward model (``AutoModelForSequenceClassification`` with one label) from a local path.
+
+    Example::
+
+        scorer = RewardModelScorer("/ckpt/rm", batch_size=16)
+        scorer.score(["12+30="], ["42"])  # -> [2.31]
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 32,
+        max_length: int | None = None,
+    ) -> None:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"reward model path {path!r} is not a directory")
+        if dtype not in _DTYPES:
+            raise ValueError(f"reward model dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        if batch_size < 1:
+            raise ValueError(f"reward model batch_size must be >= 1, got {batch_size}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"reward model max_length must be >= 1 or None, got {max_length}")
+        self.path = path
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = torch.device(device)
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # Truncating from the left keeps the end of the response, which is the token scored.
+        self.tokenizer.truncation_side = "left"
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_DTYPES[dtype])
+        if self.model.config.num_labels != 1:
+            raise ValueError(
+                f"reward model at {path!r} has num_labels={self.model.config.num_labels}; "
+                "a reward model needs exactly one (a scalar score)"
+            )
+        ensure_pad_token(self.tokenizer, self.model)
+        self.model.to(self.device).eval()
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """The reward model's logit for each ``prompt + response``, in batches of ``batch_size``."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        texts = [prompt + response for prompt, response in zip(prompts, responses)]
+        scores: list[float] = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = encode(self.tokenizer, texts[start : start + self.batch_size], self.max_length)
+                logits = self.model(**batch.to(self.device)).logits  # [B, 1]
+                scores.extend(logits[:, 0].float().tolist())
+        return scores

@@ -1,0 +1,40 @@
+"""Records that cross into and out of reward workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoreRequest:
+    """One response to score.
+
+    Example: ``ScoreRequest(prompt="12+30=", response="42", answer="42")``
+    """
+
+    prompt: str
+    """The prompt as the policy saw it (chat template applied)."""
+    response: str
+    """The policy's response text."""
+    answer: str | None
+    """Reference answer or keyword from the dataset; ``None`` when the dataset has none."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoreResult:
+    """The reward of one response and what it was made of.
+
+    Example: ``ScoreResult(reward=1.0, components=(1.0,), error=None)``
+    """
+
+    reward: float
+    """Weighted sum of the components; NaN when ``error`` is set."""
+    components: tuple[float, ...]
+    """Each configured scorer's raw value, in configuration order (NaN for one that failed)."""
+    error: str | None = None
+    """Why the sample could not be scored (a scorer raised, timed out, or returned a
+    non-finite value); ``None`` on success. The controller decides what a failure costs."""
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None

@@ -1,0 +1,225 @@
+"""The reward worker: scores responses with rule functions and an optional reward model.
+
+A plain class; ``cluster/`` wraps it with ``ray.remote``. Each sample's reward is
+``sum(weight_i * component_i)`` over the configured scorers, in order: the rule functions in
+configuration order, then the reward model. A sample whose scorer raised, timed out or gave a
+non-finite value comes back with ``error`` set and ``reward = nan``; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import numbers
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from reward.model_scorer import RewardModelScorer
+from reward.rules import resolve_reward_function
+from reward.types import ScoreRequest, ScoreResult
+
+
+def _check_weight(owner: str, weight: float) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+        raise ValueError(f"{owner}: weight must be a finite number, got {weight!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RewardFunctionSpec:
+    """One rule/verifier reward function and its weight.
+
+    Example: ``RewardFunctionSpec(name="my_rewards:score", weight=0.5)``
+    """
+
+    name: str
+    """A built-in name (``exact_match``, ``keyword_contains``, ``numeric_match``) or an import
+    path ``module:function`` importable in the reward worker's process."""
+    weight: float = 1.0
+    """Multiplies the function's value in the sample's reward."""
+
+    def __post_init__(self) -> None:
+        _check_weight(f"reward function {self.name!r}", self.weight)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RewardModelSpec:
+    """A sequence-classification reward model (one label) on local disk.
+
+    Example: ``RewardModelSpec(path="/ckpt/rm", weight=1.0, batch_size=16)``
+    """
+
+    path: str
+    """Directory holding the model and its tokenizer (``save_pretrained`` layout)."""
+    weight: float = 1.0
+    """Multiplies the model's logit in the sample's reward."""
+    batch_size: int = 32
+    """Texts per forward pass."""
+    max_length: int | None = None
+    """Tokens kept per text (from the end, where the scored token is); ``None`` keeps all."""
+
+    def __post_init__(self) -> None:
+        _check_weight(f"reward model {self.path!r}", self.weight)
+        if self.batch_size < 1:
+            raise ValueError(f"reward model {self.path!r}: batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"reward model {self.path!r}: max_length must be >= 1 or None, got {self.max_length}")
+
+
+class _CallThread:
+    """One daemon thread that runs the calls submitted to it, in order.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a user function
+    hung forever would keep the worker process from ever exiting. A daemon thread does not.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="reward-function", daemon=True).start()
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # the caller reports whatever user code raised
+                future.set_exception(err)
+
+    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def retire(self) -> None:
+        """Let the thread exit once its current call returns, if it ever does."""
+        self._calls.put(None)
+
+
+class RewardWorker:
+    """Scores batches of responses; what a reward actor runs.
+
+    Example::
+
+        worker = RewardWorker([RewardFunctionSpec(name="exact_match")], timeout_s=2.0)
+        worker.score([ScoreRequest(prompt="12+30=", response="42", answer="42")])
+        # -> [ScoreResult(reward=1.0, components=(1.0,), error=None)]
+    """
+
+    def __init__(
+        self,
+        functions: Sequence[RewardFunctionSpec],
+        model: RewardModelSpec | None = None,
+        *,
+        timeout_s: float = 30.0,
+        num_threads: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        for spec in functions:
+            if not isinstance(spec, RewardFunctionSpec):
+                raise TypeError(f"reward functions must be RewardFunctionSpec, got {spec!r}")
+        if model is not None and not isinstance(model, RewardModelSpec):
+            raise TypeError(f"reward model must be a RewardModelSpec or None, got {model!r}")
+        if not functions and model is None:
+            raise ValueError("a reward worker needs at least one reward function or a reward model")
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"reward timeout_s must be a positive number of seconds, got {timeout_s}")
+        if num_threads is not None:
+            if num_threads < 1:
+                raise ValueError(f"reward worker num_threads must be >= 1, got {num_threads}")
+            # Ray sets OMP_NUM_THREADS from the actor's CPU share (often 1); say it explicitly.
+            torch.set_num_threads(num_threads)
+
+        # Resolve now so a misspelled function fails at launch, not on the first batch.
+        self._functions = [(spec, resolve_reward_function(spec.name)) for spec in functions]
+        self._model_spec = model
+        self._model = (
+            RewardModelScorer(model.path, device=device, batch_size=model.batch_size, max_length=model.max_length)
+            if model is not None
+            else None
+        )
+        self._timeout_s = timeout_s
+        self._caller = _CallThread()
+        self._scored = 0
+        self._failures = 0
+        self._timeouts = 0
+
+    def ping(self) -> bool:
+        """Health probe: answers as soon as the worker is not busy."""
+        return True
+
+    def stats(self) -> dict[str, int]:
+        """Counts since start: ``scored`` samples with a reward, ``failures`` samples with an
+        error (``scored + failures`` = samples seen), ``timeouts`` function calls timed out."""
+        return {"scored": self._scored, "failures": self._failures, "timeouts": self._timeouts}
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        """One result per request, in order."""
+        requests = list(requests)
+        for request in requests:
+            if not isinstance(request, ScoreRequest):
+                raise TypeError(f"RewardWorker.score takes ScoreRequest records, got {request!r}")
+        model_values, model_error = self._score_with_model(requests)
+
+        results = []
+        for i, request in enumerate(requests):
+            components: list[float] = []
+            error: str | None = None
+            for spec, fn in self._functions:
+                if error is not None:  # the sample has failed; spare the remaining calls
+                    components.append(math.nan)
+                    continue
+                value, error = self._call(spec.name, fn, request)
+                components.append(value)
+            if self._model is not None:
+                value = model_values[i]
+                components.append(value)
+                if error is None:
+                    error = model_error or (None if math.isfinite(value) else f"reward model returned {value}")
+
+            if error is None:
+                weights = [spec.weight for spec, _ in self._functions]
+                if self._model_spec is not None:
+                    weights.append(self._model_spec.weight)
+                reward = sum(w * c for w, c in zip(weights, components))
+                self._scored += 1
+            else:
+                reward = math.nan
+                self._failures += 1
+            results.append(ScoreResult(reward=reward, components=tuple(components), error=error))
+        return results
+
+    def _score_with_model(self, requests: Sequence[ScoreRequest]) -> tuple[list[float], str | None]:
+        """The reward model's value per request (NaN if it failed) and its error, if any."""
+        if self._model is None or not requests:
+            return [], None
+        try:
+            return self._model.score([r.prompt for r in requests], [r.response for r in requests]), None
+        except Exception as err:  # noqa: BLE001 - one bad batch must not take the actor down
+            error = f"reward model {self._model.path!r} failed: {type(err).__name__}: {err}"
+            return [math.nan] * len(requests), error
+
+    def _call(self, name: str, fn: Callable, request: ScoreRequest) -> tuple[float, str | None]:
+        """Run one rule function with the timeout; return (value, None) or (nan, why not)."""
+        future = self._caller.submit(fn, request.prompt, request.response, request.answer)
+        try:
+            raised = future.exception(timeout=self._timeout_s)
+        except concurrent.futures.TimeoutError:
+            self._timeouts += 1
+            # Python cannot kill a thread stuck in user code. Abandon it (it exits if the call
+            # ever returns) and start a fresh one, so later calls are not queued behind it.
+            # Each such hang costs one idle thread; the `timeouts` count shows how many.
+            self._caller.retire()
+            self._caller = _CallThread()
+            return math.nan, f"reward function {name!r} timed out after {self._timeout_s:g} s"
+        if raised is not None:
+            return math.nan, f"reward function {name!r} raised {type(raised).__name__}: {raised}"
+        value = future.result()
+        if not isinstance(value, numbers.Real):
+            return math.nan, f"reward function {name!r} returned {type(value).__name__}, not a number"
+        value = float(value)
+        if not math.isfinite(value):
+            return math.nan, f"reward function {name!r} returned {value}"
+        return value, None

@@ -1,0 +1,77 @@
+"""The config tree: YAML + overrides, and failing fast with the key named."""
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import Config, ConfigError, load_config
+
+DEMO = Path(__file__).resolve().parents[2] / "deploy" / "jobs" / "demo.yaml"
+
+
+def test_demo_config_loads_and_overrides_apply():
+    cfg = load_config(DEMO, ["trainer.steps=2", "rollout.num_workers=2", "learner.lr=3e-4",
+                             "algorithm.dual_clip=3", "run.wandb_tags=[a, b]"])
+    assert cfg.trainer.steps == 2
+    assert cfg.rollout.num_workers == 2
+    assert cfg.learner.lr == pytest.approx(3e-4)
+    assert cfg.algorithm.dual_clip == 3.0 and isinstance(cfg.algorithm.dual_clip, float)
+    assert cfg.run.wandb_tags == ["a", "b"]
+    assert cfg.run.path == Path("runs/demo")
+
+
+@pytest.mark.parametrize("override, named", [
+    ("no.such.key=1", "no.such.key"),
+    ("trainer.stepz=3", "trainer.stepz"),
+    ("trainer.steps.deeper=3", "trainer.steps.deeper"),
+])
+def test_unknown_key_is_named(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(DEMO, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.steps=abc", "trainer.steps: expected an integer"),
+    ("trainer.steps=2.5", "trainer.steps: expected an integer"),
+    ("rollout.temperature=hot", "rollout.temperature: expected a number"),
+    ("learner.lr=true", "learner.lr: expected a number"),
+    ("model.path=5", "model.path: expected a string"),
+    ("trainer.steps=0", "trainer.steps must be >= 1"),
+    ("algorithm.advantage_estimator=ppo2", "algorithm.advantage_estimator: 'ppo2' is not one of"),
+    ("algorithm.dual_clip=0.5", "algorithm.dual_clip must be > 1"),
+    ("rollout.max_new_tokens=64", "must be below model.max_model_len"),
+    ("reward.on_failure=ignore", "reward.on_failure"),
+    ("trainer.steps", "not of the form key=value"),
+])
+def test_bad_values_fail_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, [override])
+
+
+def test_yaml_unknown_key_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  num_wokers: 2\n")
+    with pytest.raises(ConfigError, match="rollout.num_wokers"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_group_estimators_need_several_samples():
+    with pytest.raises(ConfigError, match="samples_per_prompt must be >= 2"):
+        load_config(DEMO, ["rollout.samples_per_prompt=1"])
+    cfg = load_config(DEMO, ["rollout.samples_per_prompt=1", "algorithm.advantage_estimator=reinforce_pp"])
+    assert cfg.rollout.samples_per_prompt == 1
+
+
+def test_reward_functions_by_name_or_mapping():
+    cfg = load_config(None, ["reward.functions=[exact_match, {name: 'my_rewards:score', weight: 0.5}]"])
+    assert [(f.name, f.weight) for f in cfg.reward.functions] == [("exact_match", 1.0), ("my_rewards:score", 0.5)]
+    cfg = load_config(None, ["reward.model={path: /models/rm, weight: 0.3}"])
+    assert cfg.reward.model.path == "/models/rm" and cfg.reward.model.weight == 0.3
+    with pytest.raises(ConfigError, match=r"reward.functions\[0\].wieght"):
+        load_config(None, ["reward.functions=[{name: exact_match, wieght: 1}]"])
+
+
+def test_defaults_validate():
+    Config().validate()

@@ -1,0 +1,66 @@
+"""Dataset loading (errors carry the line number) and the seeded batch order."""
+
+import json
+
+import pytest
+
+from cluster.data import DataError, PromptSampler, load_prompts
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_loads_text_and_chat_prompts(tmp_path):
+    path = write(tmp_path / "d.jsonl", [
+        json.dumps({"prompt": "1+1=", "answer": "2"}),
+        "",
+        json.dumps({"prompt": [{"role": "user", "content": "hi"}], "answer": 7}),
+        json.dumps({"prompt": "no answer"}),
+    ])
+    prompts = load_prompts(path)
+    assert [p.index for p in prompts] == [0, 1, 2]
+    assert prompts[0].text == "1+1=" and prompts[0].answer == "2"
+    assert prompts[1].messages[0].content == "hi" and prompts[1].answer == "7"
+    assert prompts[2].answer is None
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "d.jsonl:2: not valid JSON"),
+    ("[1, 2]", "d.jsonl:2: expected a JSON object"),
+    ('{"answer": "1"}', "d.jsonl:2: missing the 'prompt' field"),
+    ('{"prompt": "   "}', "d.jsonl:2: the prompt is empty"),
+    ('{"prompt": [{"role": "user"}]}', "d.jsonl:2: each chat message"),
+    ('{"prompt": "x", "answer": [1]}', "d.jsonl:2: 'answer' must be"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, message):
+    path = write(tmp_path / "d.jsonl", [json.dumps({"prompt": "ok"}), line])
+    with pytest.raises(DataError, match=message):
+        load_prompts(path)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_prompts(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="holds no prompts"):
+        load_prompts(write(tmp_path / "e.jsonl", [""]))
+
+
+def test_sampler_covers_each_epoch_once_and_is_reproducible(tmp_path):
+    path = write(tmp_path / "d.jsonl", [json.dumps({"prompt": f"p{i}"}) for i in range(10)])
+    prompts = load_prompts(path)
+    a = PromptSampler(prompts, seed=3)
+    batches = [a.next_batch(4) for _ in range(5)]  # 20 prompts = two full epochs
+    first_epoch = [p.index for b in batches for p in b][:10]
+    second_epoch = [p.index for b in batches for p in b][10:]
+    assert sorted(first_epoch) == list(range(10)) and sorted(second_epoch) == list(range(10))
+    assert first_epoch != second_epoch  # reshuffled per epoch
+    b = PromptSampler(prompts, seed=3)
+    assert [[p.index for p in b.next_batch(4)] for _ in range(5)] == [[p.index for p in x] for x in batches]
+    # Resuming from a saved state continues the same order.
+    c = PromptSampler(prompts, seed=3)
+    c.next_batch(4), c.next_batch(4)
+    d = PromptSampler(prompts, seed=3)
+    d.state = c.state
+    assert [p.index for p in d.next_batch(4)] == [p.index for p in batches[2]]

@@ -1,0 +1,471 @@
+"""Losses and log-prob helpers against loop references, hand values and invariances."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner.losses import (
+    LOSS_AGG_MODES,
+    aggregate,
+    entropy_from_logits,
+    explained_variance,
+    kl_penalty,
+    logprobs_from_logits,
+    policy_loss,
+    truncated_importance_weights,
+    value_loss,
+)
+
+LENGTHS = [5, 1, 3, 7, 2, 4]
+
+
+def ragged_mask(lengths: list[int], dtype=torch.float32) -> torch.Tensor:
+    t = max(lengths)
+    return torch.tensor([[1] * n + [0] * (t - n) for n in lengths], dtype=dtype)
+
+
+def ref_aggregate(rows: list[list[float]], mode: str, num_tokens=None, num_seqs=None) -> float:
+    """rows: the real-token losses of each row."""
+    if mode == "token_mean":
+        denom = num_tokens if num_tokens is not None else sum(len(r) for r in rows)
+        return sum(sum(r) for r in rows) / denom
+    denom = num_seqs if num_seqs is not None else len(rows)
+    if mode == "seq_mean_token_sum":
+        return sum(sum(r) for r in rows) / denom
+    return sum(sum(r) / len(r) for r in rows) / denom
+
+
+def ref_pg_token(lp, old, adv, clip_low, clip_high, dual_clip=None, weight=1.0):
+    """-> (loss, clipped branch active, dual cap active)"""
+    ratio = math.exp(lp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * min(max(ratio, 1 - clip_low), 1 + clip_high)
+    loss = max(unclipped, clipped)
+    capped = False
+    if dual_clip is not None and adv < 0 and -adv * dual_clip < loss:
+        loss, capped = -adv * dual_clip, True
+    return loss * weight, clipped > unclipped, capped
+
+
+def random_batch(seed: int, dtype=torch.float64):
+    torch.manual_seed(seed)
+    mask = ragged_mask(LENGTHS)
+    old = -torch.rand(mask.shape, dtype=dtype) * 3
+    logprobs = old + 0.4 * torch.randn(mask.shape, dtype=dtype)  # ratios well outside [0.8, 1.2]
+    # Garbage on padding: the loss must not see it (exp(1e4) would be inf).
+    logprobs = torch.where(mask.bool(), logprobs, torch.full_like(logprobs, 1e4))
+    adv = torch.randn(mask.shape, dtype=dtype) * mask
+    return logprobs, old, adv, mask
+
+
+# ---------- aggregate ----------
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_aggregate_matches_loop(mode):
+    torch.manual_seed(0)
+    mask = ragged_mask(LENGTHS)
+    loss = torch.where(mask.bool(), torch.randn(mask.shape, dtype=torch.float64), float("nan"))
+    rows = [loss[i, :n].tolist() for i, n in enumerate(LENGTHS)]
+    assert aggregate(loss, mask, mode).item() == pytest.approx(ref_aggregate(rows, mode))
+    got = aggregate(loss, mask, mode, num_tokens=50.0, num_seqs=13.0).item()
+    assert got == pytest.approx(ref_aggregate(rows, mode, num_tokens=50.0, num_seqs=13.0))
+
+
+def test_aggregate_unknown_mode_names_mode_and_choices():
+    allowed = "token_mean, seq_mean_token_sum, seq_mean_token_mean"
+    with pytest.raises(ValueError, match=f"'seq_sum'.*{allowed}"):
+        aggregate(torch.zeros(1, 1), torch.ones(1, 1), "seq_sum")
+
+
+# ---------- policy loss ----------
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("clip_low,clip_high,dual_clip", [(0.2, 0.2, None), (0.2, 0.28, 3.0)])
+def test_policy_loss_matches_loop_reference(mode, clip_low, clip_high, dual_clip):
+    logprobs, old, adv, mask = random_batch(1)
+    weights = torch.rand(mask.shape, dtype=torch.float64) + 0.5
+    loss, metrics = policy_loss(
+        logprobs, old, adv, mask.bool(), clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, loss_agg=mode, importance_weights=weights,
+    )
+    rows, clipped, capped, kls, ratios = [], [], [], [], []
+    for i, n in enumerate(LENGTHS):
+        row = []
+        for t in range(n):
+            args = (logprobs[i, t].item(), old[i, t].item(), adv[i, t].item(), clip_low, clip_high)
+            loss_t, clip_t, cap_t = ref_pg_token(*args, dual_clip, weights[i, t].item())
+            row.append(loss_t)
+            clipped.append(clip_t)
+            capped.append(cap_t)
+            r = math.exp(args[0] - args[1])
+            ratios.append(r)
+            kls.append(r - 1 - math.log(r))
+        rows.append(row)
+    assert loss.item() == pytest.approx(ref_aggregate(rows, mode))
+    assert metrics["pg_loss"] == pytest.approx(loss.item())
+    assert metrics["clipfrac"] == pytest.approx(sum(clipped) / len(clipped))
+    assert 0 < metrics["clipfrac"] < 1  # the batch exercises both branches
+    assert metrics["approx_kl"] == pytest.approx(sum(kls) / len(kls))
+    assert metrics["ratio_mean"] == pytest.approx(sum(ratios) / len(ratios))
+    assert metrics["ratio_max"] == pytest.approx(max(ratios))
+    assert metrics["ratio_min"] == pytest.approx(min(ratios))
+    if dual_clip is None:
+        assert "dual_clipfrac" not in metrics
+    else:
+        assert metrics["dual_clipfrac"] == pytest.approx(sum(capped) / len(capped))
+
+
+def test_policy_loss_at_ratio_one_is_minus_mean_advantage():
+    torch.manual_seed(2)
+    mask = ragged_mask(LENGTHS).bool()
+    old = -torch.rand(mask.shape, dtype=torch.float64)
+    logprobs = old.clone().requires_grad_(True)
+    adv = torch.randn(mask.shape, dtype=torch.float64)
+    loss, metrics = policy_loss(logprobs, old, adv, mask)
+    n = mask.sum().item()
+    assert loss.item() == pytest.approx(-adv[mask].sum().item() / n)
+    assert metrics["clipfrac"] == 0.0
+    assert metrics["approx_kl"] == 0.0
+    assert metrics["ratio_mean"] == metrics["ratio_max"] == metrics["ratio_min"] == 1.0
+    loss.backward()
+    # Vanilla policy gradient at the behaviour policy: d loss / d logprob = -A / N.
+    torch.testing.assert_close(logprobs.grad, torch.where(mask, -adv / n, 0))
+
+
+def _pg_grad(ratios, advs, **kwargs):
+    logprobs = torch.log(torch.tensor([ratios], dtype=torch.float64)).requires_grad_(True)
+    old = torch.zeros_like(logprobs)
+    adv = torch.tensor([advs], dtype=torch.float64)
+    loss, metrics = policy_loss(logprobs, old, adv, torch.ones_like(adv), **kwargs)
+    loss.backward()
+    return loss.item(), logprobs.grad[0].tolist(), metrics
+
+
+def test_policy_loss_clipped_tokens_get_exactly_zero_gradient():
+    # token: A>0 r>1+eps (clipped) | A<0 r<1-eps (clipped) | A>0 r<1-eps | A<0 r>1+eps | inside
+    ratios = [1.5, 0.5, 0.5, 1.5, 1.1]
+    advs = [1.0, -1.0, 1.0, -1.0, 2.0]
+    loss, grad, metrics = _pg_grad(ratios, advs)
+    assert grad[0] == 0.0 and grad[1] == 0.0
+    # Unclipped tokens (PPO is pessimistic: clipping never helps the objective) keep
+    # the gradient -A * ratio / N.
+    assert grad[2:] == pytest.approx([-0.5 / 5, 1.5 / 5, -2.2 / 5])
+    assert metrics["clipfrac"] == pytest.approx(2 / 5)
+    assert loss == pytest.approx((-1.2 + 0.8 - 0.5 + 1.5 - 2.2) / 5)
+
+
+def test_policy_loss_clip_higher_is_asymmetric():
+    ratios, advs = [1.25, 0.75], [1.0, -1.0]
+    # Symmetric 0.2: both tokens are clipped.
+    _, grad, metrics = _pg_grad(ratios, advs, clip_low=0.2, clip_high=0.2)
+    assert grad == [0.0, 0.0] and metrics["clipfrac"] == 1.0
+    # clip_high 0.28 lets the positive-advantage token at 1.25 keep learning; the low
+    # bound still clips the negative one at 0.75.
+    _, grad, metrics = _pg_grad(ratios, advs, clip_low=0.2, clip_high=0.28)
+    assert grad == pytest.approx([-1.25 / 2, 0.0]) and metrics["clipfrac"] == 0.5
+    # clip_low 0.3 frees the negative one instead.
+    _, grad, _ = _pg_grad(ratios, advs, clip_low=0.3, clip_high=0.2)
+    assert grad == pytest.approx([0.0, 0.75 / 2])
+    # The clipped value sits at the higher bound: -A * (1 + clip_high).
+    loss, _, _ = _pg_grad([1.4], [1.0], clip_low=0.2, clip_high=0.28)
+    assert loss == pytest.approx(-1.28)
+
+
+def test_policy_loss_dual_clip_caps_negative_advantage_loss():
+    ratios, advs = [10.0, 2.0, 10.0], [-1.0, -1.0, 1.0]
+    loss_plain, grad_plain, _ = _pg_grad(ratios, advs)
+    assert loss_plain == pytest.approx((10.0 + 2.0 - 1.2) / 3)
+    loss, grad, metrics = _pg_grad(ratios, advs, dual_clip=3.0)
+    # Token 0: loss 10 capped at |A| * 3 = 3, gradient gone; token 1 (2 < 3) untouched;
+    # positive advantages are never dual-clipped.
+    assert loss == pytest.approx((3.0 + 2.0 - 1.2) / 3)
+    assert grad[0] == 0.0 and grad_plain[0] == pytest.approx(10.0 / 3)
+    assert grad[1] == pytest.approx(2.0 / 3)
+    assert metrics["dual_clipfrac"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.5])
+def test_policy_loss_rejects_dual_clip_not_above_one(bad):
+    with pytest.raises(ValueError, match="dual_clip"):
+        _pg_grad([1.0], [1.0], dual_clip=bad)
+
+
+def test_policy_loss_importance_weights_scale_loss_and_are_not_differentiated():
+    logprobs = torch.log(torch.tensor([[1.1, 0.9]], dtype=torch.float64)).requires_grad_(True)
+    adv = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    weights = torch.tensor([[0.5, 2.0]], dtype=torch.float64, requires_grad=True)
+    old = torch.zeros_like(adv)
+    loss, _ = policy_loss(logprobs, old, adv, torch.ones(1, 2), importance_weights=weights)
+    assert loss.item() == pytest.approx((0.5 * -1.1 + 2.0 * 1.8) / 2)
+    loss.backward()
+    assert weights.grad is None
+    assert logprobs.grad[0].tolist() == pytest.approx([0.5 * -1.1 / 2, 2.0 * 1.8 / 2])
+
+
+def test_policy_loss_padding_garbage_gives_finite_loss_and_gradients():
+    logprobs, old, adv, mask = random_batch(3)
+    logprobs.requires_grad_(True)
+    loss, metrics = policy_loss(logprobs, old, adv, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
+    assert (logprobs.grad[mask == 0] == 0).all()
+    assert math.isfinite(metrics["ratio_max"])
+
+
+# ---------- micro-batch / data-parallel invariance ----------
+
+SPLITS = [(0, 1), (1, 4), (4, 6)]  # uneven micro-batches, one of a single row
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_policy_loss_is_invariant_to_micro_batch_split(mode):
+    logprobs, old, adv, mask = random_batch(4)
+    weights = torch.rand(mask.shape, dtype=torch.float64) + 0.5
+    kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, loss_agg=mode)
+
+    full_lp = logprobs.clone().requires_grad_(True)
+    full, _ = policy_loss(full_lp, old, adv, mask, importance_weights=weights, **kwargs)
+    full.backward()
+
+    num_tokens, num_seqs = mask.sum().item(), float(mask.shape[0])
+    split_lp = logprobs.clone().requires_grad_(True)
+    total = 0.0
+    for a, b in SPLITS:
+        part, _ = policy_loss(
+            split_lp[a:b], old[a:b], adv[a:b], mask[a:b], importance_weights=weights[a:b],
+            num_tokens=num_tokens, num_seqs=num_seqs, **kwargs,
+        )
+        part.backward()  # gradient accumulation, as the learner does it
+        total += part.item()
+    assert total == pytest.approx(full.item(), rel=1e-12)
+    torch.testing.assert_close(split_lp.grad, full_lp.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_value_loss_is_invariant_to_micro_batch_split(mode):
+    torch.manual_seed(5)
+    mask = ragged_mask(LENGTHS)
+    old = torch.randn(mask.shape, dtype=torch.float64)
+    values0 = old + 0.5 * torch.randn(mask.shape, dtype=torch.float64)
+    returns = torch.randn(mask.shape, dtype=torch.float64)
+
+    full_v = values0.clone().requires_grad_(True)
+    full, _ = value_loss(full_v, old, returns, mask, loss_agg=mode)
+    full.backward()
+
+    split_v = values0.clone().requires_grad_(True)
+    total = 0.0
+    for a, b in SPLITS:
+        part, _ = value_loss(
+            split_v[a:b], old[a:b], returns[a:b], mask[a:b], loss_agg=mode,
+            num_tokens=mask.sum(), num_seqs=mask.shape[0],
+        )
+        part.backward()
+        total += part.item()
+    assert total == pytest.approx(full.item(), rel=1e-12)
+    torch.testing.assert_close(split_v.grad, full_v.grad, rtol=1e-12, atol=1e-15)
+
+
+# ---------- value loss ----------
+
+
+def test_value_loss_hand_computed():
+    # c = 0.2. Token 0: v 1.5, old 1.0, R 2.0: unclipped 0.25, clipped v 1.2 -> 0.64; loss 0.32.
+    # Token 1: v 0.5, old 1.0, R 0.0: unclipped 0.25, clipped v 0.8 -> 0.64; loss 0.32.
+    # Token 2: v 1.1, old 1.0, R 2.0: inside the range, both 0.81; loss 0.405.
+    values = torch.tensor([[1.5, 0.5, 1.1]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+    returns = torch.tensor([[2.0, 0.0, 2.0]], dtype=torch.float64)
+    loss, metrics = value_loss(values, old, returns, torch.ones(1, 3))
+    assert loss.item() == pytest.approx((0.32 + 0.32 + 0.405) / 3)
+    assert metrics == pytest.approx({"vf_loss": loss.item(), "vf_clipfrac": 2 / 3})
+    loss.backward()
+    assert values.grad[0].tolist() == pytest.approx([0.0, 0.0, (1.1 - 2.0) / 3])
+
+    plain, metrics = value_loss(values, old, returns, torch.ones(1, 3), clip_range=None)
+    assert plain.item() == pytest.approx(0.5 * (0.25 + 0.25 + 0.81) / 3)
+    assert metrics["vf_clipfrac"] == 0.0
+
+
+@pytest.mark.parametrize("clip_range", [0.2, None])
+def test_value_loss_matches_loop(clip_range):
+    torch.manual_seed(6)
+    mask = ragged_mask(LENGTHS)
+    old = torch.randn(mask.shape, dtype=torch.float64)
+    values = old + 0.5 * torch.randn(mask.shape, dtype=torch.float64)
+    returns = torch.randn(mask.shape, dtype=torch.float64)
+    rows = []
+    for i, n in enumerate(LENGTHS):
+        row = []
+        for t in range(n):
+            v, o, r = values[i, t].item(), old[i, t].item(), returns[i, t].item()
+            sq = (v - r) ** 2
+            if clip_range is not None:
+                sq = max(sq, (min(max(v, o - clip_range), o + clip_range) - r) ** 2)
+            row.append(0.5 * sq)
+        rows.append(row)
+    loss, _ = value_loss(values, old, returns, mask, clip_range=clip_range)
+    assert loss.item() == pytest.approx(ref_aggregate(rows, "token_mean"))
+
+
+# ---------- entropy / log-probs ----------
+
+
+def ref_log_softmax(row: list[float]) -> list[float]:
+    top = max(row)
+    lse = top + math.log(sum(math.exp(x - top) for x in row))
+    return [x - lse for x in row]
+
+
+def test_entropy_matches_loop_and_hand_values():
+    torch.manual_seed(7)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64) * 3
+    out = entropy_from_logits(logits)
+    assert out.shape == (2, 3)
+    for b in range(2):
+        for t in range(3):
+            lp = ref_log_softmax(logits[b, t].tolist())
+            assert out[b, t].item() == pytest.approx(-sum(math.exp(x) * x for x in lp), rel=1e-6)
+    # Uniform over V: log V. One dominant logit (1e4 apart, overflows a naive exp): 0.
+    flat = entropy_from_logits(torch.zeros(1, 1, 8))
+    peaked = entropy_from_logits(torch.tensor([[[1e4, 0.0, 0.0], [5e4, 5e4, -5e4]]]))
+    assert flat.item() == pytest.approx(math.log(8))
+    assert peaked[0].tolist() == pytest.approx([0.0, math.log(2)], abs=1e-6)
+
+
+def test_entropy_across_chunks_and_gradient_match_torch():
+    torch.manual_seed(8)
+    logits = torch.randn(3, 700, 11, requires_grad=True)  # 2100 tokens: several chunks
+    ours = entropy_from_logits(logits)
+    ref = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(ours, ref)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_ref,) = torch.autograd.grad(ref.sum(), logits)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_from_logits_matches_loop(temperature):
+    torch.manual_seed(9)
+    logits = torch.randn(2, 4, 6, dtype=torch.float64) * 2
+    labels = torch.randint(0, 6, (2, 4))
+    out = logprobs_from_logits(logits, labels, temperature)
+    for b in range(2):
+        for t in range(4):
+            lp = ref_log_softmax([x / temperature for x in logits[b, t].tolist()])
+            assert out[b, t].item() == pytest.approx(lp[labels[b, t]], rel=1e-6)
+
+
+def test_logprobs_from_logits_across_chunks_with_bf16_input():
+    torch.manual_seed(10)
+    logits = (torch.randn(2, 900, 32) * 4).to(torch.bfloat16)
+    labels = torch.randint(0, 32, (2, 900))
+    out = logprobs_from_logits(logits, labels, 0.5)
+    ref = torch.log_softmax(logits.float() / 0.5, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+    assert out.dtype == torch.float32  # computed in float32 even for bf16 logits
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_logprobs_from_logits_rejects_non_positive_temperature(bad):
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_from_logits(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long), bad)
+
+
+# ---------- KL estimators ----------
+
+
+def test_kl_penalty_hand_values():
+    # pi(x) = 0.5, ref(x) = 0.25: log ratio lp - ref = log 2.
+    # k1 = log 2 = 0.693147; k2 = 0.5 * log(2)^2 = 0.240227;
+    # k3 = r - 1 - log r with r = ref / pi = 0.5: 0.5 - 1 + log 2 = 0.193147.
+    lp, ref = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]])
+    assert kl_penalty(lp, ref, "k1").item() == pytest.approx(math.log(2), rel=1e-6)
+    assert kl_penalty(lp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2, rel=1e-6)
+    assert kl_penalty(lp, ref, "k3").item() == pytest.approx(math.log(2) - 0.5, rel=1e-6)
+
+
+def test_k3_is_non_negative_and_finite_for_extreme_log_ratios():
+    torch.manual_seed(11)
+    lp, ref = torch.randn(64, 16) * 5, torch.randn(64, 16) * 5
+    assert (kl_penalty(lp, ref, "k3") >= 0).all()
+    extreme = kl_penalty(torch.tensor([[1000.0, -1000.0, 0.0]]), torch.zeros(1, 3), "k3")
+    assert torch.isfinite(extreme).all()
+    assert extreme[0, 2] == 0.0
+
+
+def test_kl_estimators_are_unbiased_for_kl_pi_to_ref():
+    # Sampling tokens from pi, k1 and k3 average to KL(pi || ref), not KL(ref || pi).
+    torch.manual_seed(12)
+    pi = torch.tensor([0.7, 0.2, 0.09, 0.01], dtype=torch.float64)
+    ref = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    forward = (pi * (pi / ref).log()).sum().item()  # 1.2169
+    reverse = (ref * (ref / pi).log()).sum().item()  # 1.6422
+    x = torch.multinomial(pi, 200_000, replacement=True)
+    lp, rp = pi.log()[x][None], ref.log()[x][None]
+    for kind in ("k1", "k3"):
+        est = kl_penalty(lp, rp, kind).mean().item()
+        assert est == pytest.approx(forward, abs=0.03)
+        assert abs(est - reverse) > 0.3
+
+
+def test_kl_penalty_unknown_kind():
+    with pytest.raises(ValueError, match="k4"):
+        kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k4")
+
+
+# ---------- explained variance ----------
+
+
+def test_explained_variance_matches_loop_and_ignores_padding():
+    torch.manual_seed(13)
+    mask = ragged_mask(LENGTHS)
+    returns = torch.where(mask.bool(), torch.randn(mask.shape), torch.tensor(1e6))
+    values = returns + 0.5 * torch.randn(mask.shape)
+    r = [returns[i, t].item() for i, n in enumerate(LENGTHS) for t in range(n)]
+    v = [values[i, t].item() for i, n in enumerate(LENGTHS) for t in range(n)]
+
+    def var(xs):
+        m = sum(xs) / len(xs)
+        return sum((x - m) ** 2 for x in xs) / len(xs)
+
+    expected = 1 - var([a - b for a, b in zip(r, v)]) / var(r)
+    assert explained_variance(values, returns, mask) == pytest.approx(expected, rel=1e-6)
+    assert explained_variance(returns, returns, mask) == 1.0
+    constant = torch.full_like(returns, 3.0)
+    assert explained_variance(constant, returns, mask) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_explained_variance_constant_returns_is_zero_not_nan():
+    returns = torch.full((2, 3), 1.5)
+    assert explained_variance(torch.randn(2, 3), returns, torch.ones(2, 3)) == 0.0
+
+
+# ---------- truncated importance sampling ----------
+
+
+def test_truncated_importance_weights_hand_values():
+    # old - rollout = [log 3, log 0.5, 0 | padding]; cap 2 -> weights [2, 0.5, 1, 0].
+    old = torch.tensor([[math.log(3.0), math.log(0.5), 0.0, 50.0]])
+    rollout = torch.zeros(1, 4, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    w, metrics = truncated_importance_weights(old, rollout, mask, cap=2.0)
+    assert w[0].tolist() == pytest.approx([2.0, 0.5, 1.0, 0.0])
+    assert not w.requires_grad
+    assert metrics == pytest.approx({
+        "tis/weight_mean": 3.5 / 3,
+        "tis/weight_max": 2.0,
+        "tis/clipped_frac": 1 / 3,
+        "rollout/logprob_mismatch": (math.log(3.0) + math.log(2.0)) / 3,
+    })
+
+
+def test_truncated_importance_weights_rejects_non_positive_cap():
+    with pytest.raises(ValueError, match="cap"):
+        zeros = torch.zeros(1, 1)
+        truncated_importance_weights(zeros, zeros, torch.ones(1, 1), cap=0.0)

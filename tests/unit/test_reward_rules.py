@@ -1,0 +1,134 @@
+"""Built-in reward functions and the resolution of reward function specs."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+
+import pytest
+
+from reward.rules import (
+    BUILTINS,
+    exact_match,
+    keyword_contains,
+    numeric_match,
+    resolve_reward_function,
+)
+
+
+def test_exact_match_ignores_surrounding_whitespace_only():
+    assert exact_match("12+30=", " 42\n", "42") == 1.0
+    assert exact_match("12+30=", "42", " 42 ") == 1.0
+    assert exact_match("12+30=", "4 2", "42") == 0.0
+    assert exact_match("12+30=", "42.", "42") == 0.0
+    assert exact_match("12+30=", "", "42") == 0.0
+
+
+def test_keyword_contains_is_case_insensitive_and_signed():
+    assert keyword_contains("", "The capital is PARIS.", "paris") == 1.0
+    assert keyword_contains("", "The capital is Lyon.", "Paris") == -1.0
+
+
+@pytest.mark.parametrize("fn", [exact_match, keyword_contains, numeric_match])
+def test_builtins_refuse_a_missing_answer(fn):
+    with pytest.raises(ValueError, match=fn.__name__):
+        fn("prompt", "response", None)
+
+
+def test_keyword_contains_refuses_an_empty_keyword():
+    with pytest.raises(ValueError, match="empty keyword"):
+        keyword_contains("", "anything", "")
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "expected"),
+    [
+        ("5 + 37 = 42", "42", 1.0),
+        ("So she has 42.", "42", 1.0),  # sentence-final period is not a decimal point
+        ("#### 42.0", "42", 1.0),  # numerically equal
+        ("The total is 1,000 dollars", "1000", 1.0),
+        ("It costs 1000", "1,000", 1.0),
+        ("x = -3", "-3", 1.0),
+        ("5-8 gives 3", "3", 1.0),  # "8 gives 3" ends in 3
+        ("42 apples, not 43", "42", 0.0),  # only the final number counts
+        ("I don't know", "42", 0.0),
+        ("0.5", "0.25", 0.0),
+    ],
+)
+def test_numeric_match_compares_the_final_number(response, answer, expected):
+    assert numeric_match("", response, answer) == expected
+
+
+def test_numeric_match_refuses_a_non_numeric_answer():
+    with pytest.raises(ValueError, match="'forty-two'"):
+        numeric_match("", "42", "forty-two")
+
+
+def test_builtin_names_resolve_to_the_builtins():
+    for name, fn in BUILTINS.items():
+        assert resolve_reward_function(name) is fn
+    assert set(BUILTINS) >= {"exact_match", "keyword_contains", "numeric_match"}
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """A user package on sys.path: ``<name>.rules`` with reward functions and a few non-functions."""
+    name = f"user_rewards_{uuid.uuid4().hex[:8]}"  # unique, so no stale sys.modules entry is reused
+    package = tmp_path / name
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "rules.py").write_text(
+        textwrap.dedent(
+            """
+            LIMIT = 3
+
+            def length_penalty(prompt, response, answer):
+                return -len(response) / 10
+
+            def two_args(prompt, response):
+                return 0.0
+
+            class Graders:
+                @staticmethod
+                def starts_with_answer(prompt, response, answer):
+                    return float(response.startswith(answer))
+            """
+        )
+    )
+    (package / "broken.py").write_text("raise RuntimeError('config server unreachable')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_import_path_resolves_a_user_function(user_package):
+    fn = resolve_reward_function(f"{user_package}.rules:length_penalty")
+    assert fn("p", "abcde", None) == -0.5
+    nested = resolve_reward_function(f"{user_package}.rules:Graders.starts_with_answer")
+    assert nested("p", "42 is it", "42") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("exact_mach", "built-ins are exact_match, keyword_contains, numeric_match"),
+        ("no_such_module_xyz:score", "cannot import module 'no_such_module_xyz'"),
+        ("{pkg}.broken:score", "RuntimeError: config server unreachable"),
+        ("{pkg}.rules:missing", "has no attribute 'missing'"),
+        ("{pkg}.rules:LIMIT", "is not callable"),
+        ("{pkg}.rules:two_args", r"must accept \(prompt, response, answer\)"),
+        ("{pkg}.rules:", "must look like 'module:function'"),
+        (":score", "must look like 'module:function'"),
+    ],
+)
+def test_bad_specs_fail_with_a_message_naming_the_spec(user_package, spec, why):
+    spec = spec.format(pkg=user_package)
+    with pytest.raises(ValueError) as info:
+        resolve_reward_function(spec)
+    assert repr(spec) in str(info.value)
+    assert info.match(why)
+
+
+@pytest.mark.parametrize("spec", ["", "   ", None])
+def test_empty_spec_is_refused(spec):
+    with pytest.raises(ValueError, match="non-empty string"):
+        resolve_reward_function(spec)
