@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from cluster.demo import DemoSettings
-from learner.config import AlgorithmConfig, LearnerConfig
+from learner.config import GROUP_ESTIMATORS, AlgorithmConfig, LearnerConfig
 
 
 class ConfigError(ValueError):
@@ -208,14 +208,17 @@ class Config:
         if per_minibatch < self.learner.world_size:
             raise ConfigError(f"each minibatch has {per_minibatch} samples, fewer than learner.world_size "
                               f"({self.learner.world_size}): lower algorithm.minibatches or the world size")
-        if self.algorithm.advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline") \
+        if (self.algorithm.advantage_estimator in GROUP_ESTIMATORS or self.algorithm.dynamic_sampling) \
                 and r.samples_per_prompt < 2:
-            raise ConfigError(f"algorithm.advantage_estimator={self.algorithm.advantage_estimator} compares "
-                              f"samples of a prompt: rollout.samples_per_prompt must be >= 2")
+            raise ConfigError(f"algorithm.advantage_estimator={self.algorithm.advantage_estimator} (or dynamic "
+                              f"sampling) compares samples of a prompt: rollout.samples_per_prompt must be >= 2")
         if self.reward.on_failure not in ("error", "zero"):
             raise ConfigError(f"reward.on_failure: {self.reward.on_failure!r} is not one of error, zero")
         if self.run.wandb_mode not in ("auto", "online", "offline", "disabled"):
             raise ConfigError(f"run.wandb_mode: {self.run.wandb_mode!r} is not one of auto, online, offline, disabled")
+        if self.algorithm.overlong_buffer > r.max_new_tokens:
+            raise ConfigError(f"algorithm.overlong_buffer ({self.algorithm.overlong_buffer}) exceeds "
+                              f"rollout.max_new_tokens ({r.max_new_tokens})")
         if not self.reward.functions and self.reward.model is None:
             raise ConfigError("reward: configure at least one of reward.functions and reward.model")
 

@@ -28,13 +28,18 @@ from cluster.config import Config
 from cluster.data import PromptSampler
 from cluster.pools import LearnerGroup, RewardPool, RolloutPool
 from cluster.tracking import Tracker
-from learner.advantages import masked_mean
+from learner.advantages import filter_uniform_groups, masked_mean, overlong_penalty
 from learner.batch import TrainBatch, collate
 from learner.estimate import estimate_advantages
-from learner.kl_control import AdaptiveKLController, FixedKLController
+from learner.kl_control import AdaptiveKLController, FixedKLController, RunningMeanStd
 from learner.losses import explained_variance, truncated_importance_weights
 from reward.rules import exact_match
 from reward.types import ScoreRequest
+
+
+def group_ids(rollouts: list[Rollout]) -> torch.Tensor:
+    """Which prompt group each sample belongs to.  # [B]"""
+    return torch.tensor([r.prompt_index for r in rollouts])
 
 
 class RewardFailure(RuntimeError):
@@ -73,6 +78,7 @@ class Controller:
         r = cfg.rollout
         self.sampling = SamplingSettings(temperature=r.temperature, max_new_tokens=r.max_new_tokens,
                                          samples_per_prompt=r.samples_per_prompt, stop=tuple(r.stop))
+        self.reward_norm = RunningMeanStd() if algo.normalize_rewards else None
         self.version = 0  # policy version held by the rollout workers
         self.timings: dict[str, float] = {}
 
@@ -82,46 +88,42 @@ class Controller:
         for step in range(cfg.trainer.steps):
             self.timings = {}
             started = time.perf_counter()
-            # 1. act: sample responses from the current policy
-            with self.phase("generate"):
-                prompts = self.sampler.next_batch(cfg.rollout.prompts_per_step)
-                rollouts = self.rollout.generate(prompts, self.sampling, step=step, seed=cfg.run.seed)
-            # 2. score them
-            with self.phase("score"):
-                scores, reward_metrics = self.score(rollouts)
+            # 1-2. act and score: sample responses from the current policy, reward them
+            rollouts, scores, metrics = self.collect(step)
+            if len(rollouts) < cfg.learner.world_size:  # dynamic sampling kept (almost) nothing
+                self.tracker.log(step + 1, {**metrics, "rollout/skipped_update": 1.0})
+                continue
             # 3. old log-probs, reference log-probs and values under the weights that sampled
             batch = collate(rollouts, self.pad_token_id)
             with self.phase("forward"):
                 fwd = self.learner.forward(batch)
             # 4. advantages, where the whole batch is visible
             mask = batch.response_mask
-            group_index = torch.tensor([r.prompt_index for r in rollouts])
-            adv = estimate_advantages(cfg.algorithm, scores=scores, group_index=group_index, mask=mask,
+            adv = estimate_advantages(cfg.algorithm, scores=scores, group_index=group_ids(rollouts), mask=mask,
                                       old_logprobs=fwd.old_logprobs, ref_logprobs=fwd.ref_logprobs,
                                       values=fwd.values, kl_coef=self.kl_ctl.coef)
-            weights, tis_metrics = None, {}
+            weights = None
             if cfg.algorithm.tis_cap is not None:
                 weights, tis_metrics = truncated_importance_weights(
                     fwd.old_logprobs, batch.rollout_logprobs, mask, cfg.algorithm.tis_cap)
+                metrics.update(tis_metrics)
             train = TrainBatch(rollouts=batch, old_logprobs=fwd.old_logprobs, advantages=adv.advantages,
                                returns=adv.returns, old_values=fwd.values,
                                ref_logprobs=fwd.ref_logprobs if cfg.algorithm.kl_place == "loss" else None,
                                importance_weights=weights)
-            # 5. PPO epochs over shuffled minibatches (critic only during its warm-up)
+            # 5. PPO epochs over shuffled minibatches (only the critic during its warm-up)
             train_policy = not (cfg.algorithm.uses_critic and step < cfg.algorithm.critic_warmup_steps)
             with self.phase("update"):
-                update_metrics = self.learner.update(train, self.minibatch_plan(train.size, step), train_policy)
+                metrics.update(self.learner.update(train, self.minibatch_plan(train.size, step), train_policy))
             # 6. push the new weights to every rollout worker before it samples again
             if train_policy:
                 with self.phase("weight_sync"):
-                    sync_metrics = self.push_weights(version=self.version + 1)
+                    metrics.update(self.push_weights(version=self.version + 1))
             self.kl_ctl.update(adv.metrics.get("kl/value", 0.0), n_steps=train.size)
             self.timings["step"] = time.perf_counter() - started
-            metrics = {**reward_metrics, **adv.metrics, **tis_metrics, **update_metrics,
-                       **(sync_metrics if train_policy else {}), **self.rollout_metrics(rollouts, batch, fwd),
-                       "kl/coef": self.kl_ctl.coef,
-                       **{f"timing/{k}": v for k, v in self.timings.items()},
-                       "throughput/samples_per_s": len(rollouts) / self.timings["step"]}
+            metrics.update({**adv.metrics, **self.rollout_metrics(rollouts, batch, fwd), "kl/coef": self.kl_ctl.coef,
+                            **{f"timing/{k}": v for k, v in self.timings.items()},
+                            "throughput/samples_per_s": len(rollouts) / self.timings["step"]})
             if fwd.values is not None:
                 metrics["value/explained_variance"] = explained_variance(fwd.values, adv.returns, mask)
             every = cfg.trainer.eval_every
@@ -141,7 +143,45 @@ class Controller:
         yield
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
 
-    def score(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, dict[str, float]]:
+    def collect(self, step: int) -> tuple[list[Rollout], torch.Tensor, dict[str, float]]:
+        """Generate and score a step's batch; with dynamic sampling, keep only prompt groups
+        whose rewards differ and refill with new prompts, for a bounded number of rounds."""
+        algo, want = self.cfg.algorithm, self.cfg.rollout.prompts_per_step
+        rollouts: list[Rollout] = []
+        scores: list[torch.Tensor] = []
+        raw: list[torch.Tensor] = []
+        filtered, rounds = 0, 0
+        while True:
+            with self.phase("generate"):
+                prompts = self.sampler.next_batch(want - len(rollouts) // self.sampling.samples_per_prompt)
+                new = self.rollout.generate(prompts, self.sampling, step=step, seed=self.cfg.run.seed)
+            with self.phase("score"):
+                new_scores, failures = self.score(new)
+            raw.append(new_scores)
+            new_scores = self.shape(new_scores, new)
+            if algo.dynamic_sampling:
+                keep = filter_uniform_groups(new_scores, group_ids(new))
+                filtered += int((~keep).sum()) // self.sampling.samples_per_prompt
+                new = [r for r, k in zip(new, keep.tolist()) if k]
+                new_scores = new_scores[keep]
+            rollouts += new
+            scores.append(new_scores)
+            rounds += 1
+            if not algo.dynamic_sampling or len(rollouts) >= want * self.sampling.samples_per_prompt \
+                    or rounds > algo.dynamic_sampling_max_rounds:
+                break
+        all_raw = torch.cat(raw)
+        metrics = {"reward/mean": float(all_raw.mean()), "reward/std": float(all_raw.std(unbiased=False)),
+                   "reward/failures": float(failures), "rollout/filtered_groups": float(filtered),
+                   "rollout/generation_rounds": float(rounds)}
+        scores_t = torch.cat(scores)
+        if self.reward_norm is not None and len(scores_t):
+            self.reward_norm.update(scores_t)
+            scores_t = self.reward_norm.normalize(scores_t)
+        return rollouts, scores_t, metrics
+
+    def score(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, int]:
+        """Rewards of the rollouts and how many failed (failures score 0 or stop the run)."""
         requests = [ScoreRequest(prompt=r.prompt_text, response=r.response_text, answer=r.answer)
                     for r in rollouts]
         results = self.reward.score(requests)
@@ -151,16 +191,27 @@ class Controller:
             raise RewardFailure(f"{len(failed)} sample(s) could not be scored; first: prompt {r.prompt_index} "
                                 f"sample {r.sample_index}: {s.error} (set reward.on_failure=zero to count "
                                 f"and score them 0 instead)")
-        scores = torch.tensor([0.0 if s.failed else s.reward for s in results])
-        return scores, {"reward/mean": float(scores.mean()), "reward/std": float(scores.std(unbiased=False)),
-                        "reward/failures": float(len(failed))}
+        return torch.tensor([0.0 if s.failed else s.reward for s in results]), len(failed)
+
+    def shape(self, scores: torch.Tensor, rollouts: list[Rollout]) -> torch.Tensor:
+        """DAPO's soft overlong penalty, when configured."""
+        algo = self.cfg.algorithm
+        if not algo.overlong_buffer:
+            return scores
+        lengths = torch.tensor([len(r.response_token_ids) for r in rollouts])
+        return scores + overlong_penalty(lengths, self.sampling.max_new_tokens, algo.overlong_buffer,
+                                         algo.overlong_penalty)
 
     def minibatch_plan(self, size: int, step: int) -> list[torch.Tensor]:
-        """Row indices of every optimizer step: epochs × shuffled minibatches, seeded by the step."""
+        """Row indices of every optimizer step: epochs × shuffled minibatches, seeded by the step.
+
+        A batch shrunk by dynamic sampling gets fewer minibatches, so every learner rank
+        still has at least one row of each."""
         g = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
+        parts = max(1, min(self.cfg.algorithm.minibatches, size // self.cfg.learner.world_size))
         plan = []
         for _ in range(self.cfg.algorithm.ppo_epochs):
-            plan.extend(torch.randperm(size, generator=g).tensor_split(self.cfg.algorithm.minibatches))
+            plan.extend(torch.randperm(size, generator=g).tensor_split(parts))
         return plan
 
     def push_weights(self, version: int) -> dict[str, float]:

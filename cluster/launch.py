@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def train(cfg: Config) -> RunSummary:
 
     paths = resolve_paths(cfg)
     train_prompts = load_prompts(paths.train_path)
+    if cfg.rollout.prompts_per_step > len(train_prompts):
+        raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) exceeds the "
+                          f"{len(train_prompts)} prompts of {paths.train_path}")
     eval_prompts = load_prompts(paths.eval_path) if paths.eval_path else []
     if cfg.data.eval_limit:
         eval_prompts = eval_prompts[:cfg.data.eval_limit]
@@ -85,15 +89,23 @@ def train(cfg: Config) -> RunSummary:
     tracker = Tracker(run_dir, project=cfg.run.wandb_project, name=cfg.run.name, mode=cfg.run.wandb_mode,
                       config=to_dict(resolved), tags=cfg.run.wandb_tags, total_steps=cfg.trainer.steps)
     init_ray(cfg)
+    log.info("ray ready")
     pools = []
     try:
         updates_per_step = cfg.algorithm.ppo_epochs * cfg.algorithm.minibatches
+        # All actors start at once (vLLM engines, learner ranks and reward workers load in
+        # parallel); then each pool waits for its own.
         learner = LearnerGroup(cfg, paths.model_path, total_updates=cfg.trainer.steps * updates_per_step)
         pools.append(learner)
         rollout = RolloutPool(cfg, paths.model_path)
         pools.append(rollout)
         reward = RewardPool(cfg, cfg.reward.model.path if cfg.reward.model else None)
         pools.append(reward)
+        started = time.perf_counter()
+        for pool in pools:
+            pool.ready()
+        log.info("actors ready in %.1f s: %d learner rank(s), %d rollout worker(s), %d reward worker(s)",
+                 time.perf_counter() - started, len(learner.ranks), len(rollout.workers), len(reward.workers))
         controller = Controller(cfg, sampler=PromptSampler(train_prompts, seed=cfg.run.seed),
                                 eval_prompts=eval_prompts, rollout=rollout, reward=reward, learner=learner,
                                 tracker=tracker, pad_token_id=pad_id)

@@ -64,8 +64,10 @@ class RolloutPool:
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization)
         self._actor_cls = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
         self.workers = [self._actor_cls.remote(i, self.settings) for i in range(r.num_workers)]
-        # Engine start-up (model load, KV-cache allocation) happens in the constructor; a
-        # worker that cannot start must fail the job here, not on the first step.
+
+    def ready(self) -> None:
+        """Wait for every engine to start (model load, KV cache): a worker that cannot start
+        fails the job here, not on the first step."""
         wait([w.ping.remote() for w in self.workers], 600, self._names())
 
     def _names(self) -> list[str]:
@@ -107,6 +109,8 @@ class RewardPool:
         device = "cuda" if rc.num_gpus > 0 else "cpu"
         self.workers = [actor.remote(functions, model, timeout_s=rc.timeout_s, num_threads=rc.num_threads,
                                      device=device) for _ in range(rc.num_workers)]
+
+    def ready(self) -> None:
         wait([w.ping.remote() for w in self.workers], 300, self._names())
 
     def _names(self) -> list[str]:
@@ -135,6 +139,9 @@ class LearnerGroup:
         actor = ray.remote(LearnerRank).options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus)
         self.ranks = [actor.remote(rank, lc.world_size, model_path, lc, cfg.algorithm,
                                    cfg.rollout.temperature, total_updates) for rank in range(lc.world_size)]
+
+    def ready(self) -> None:
+        """Form the process group (rank 0's node is the rendezvous) and load the models."""
         names = self._names()
         address = wait([self.ranks[0].__ray_call__.remote(lambda _: ray.util.get_node_ip_address())],
                        120, names[:1])[0]

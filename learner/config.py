@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from learner.losses import LOSS_AGG_MODES
+
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-LOSS_AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACES = ("reward", "loss")
 
@@ -55,6 +57,18 @@ class AlgorithmConfig:
     """Whiten advantages over the batch (mean 0, std 1) after estimation (gae/grpo/rloo)."""
     tis_cap: float | None = None
     """Cap of the truncated importance weight exp(old - rollout log-prob); None turns TIS off."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop prompt groups whose rewards are all equal (no signal) and
+    generate more prompts to refill the batch."""
+    dynamic_sampling_max_rounds: int = 3
+    """Extra generation rounds at most per step when refilling; then train on what was kept."""
+    overlong_buffer: int = 0
+    """DAPO overlong shaping: responses within this many tokens of max_new_tokens get a penalty
+    rising linearly to ``overlong_penalty`` (0 turns it off)."""
+    overlong_penalty: float = 1.0
+    """Penalty at max_new_tokens (and beyond) for overlong shaping."""
+    normalize_rewards: bool = False
+    """Normalise scores by the running mean/std of all scores seen so far."""
 
     def validate(self) -> None:
         _choice("algorithm.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
@@ -73,6 +87,8 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.kl_coef must be >= 0 (got {self.kl_coef})")
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"algorithm.tis_cap must be > 0 (got {self.tis_cap})")
+        if self.dynamic_sampling_max_rounds < 0 or self.overlong_buffer < 0:
+            raise ValueError("algorithm.dynamic_sampling_max_rounds and algorithm.overlong_buffer must be >= 0")
 
     @property
     def uses_critic(self) -> bool:

@@ -29,11 +29,10 @@ def encode_pairs(
     """
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer needs a pad token and an eos token")
-    rows: list[tuple[list[int], int]] = []
-    for prompt, answer in pairs:
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        answer_ids = tokenizer.encode(answer, add_special_tokens=False)
-        rows.append((prompt_ids + answer_ids + [tokenizer.eos_token_id], len(prompt_ids)))
+    # One batched call per side: encoding thousands of pairs one by one takes seconds.
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+    rows = [(p + a + [tokenizer.eos_token_id], len(p)) for p, a in zip(prompts, answers)]
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # [N, T]
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [N, T]

@@ -227,13 +227,13 @@ class LearnerRank:
             loss_agg=algo.loss_agg, importance_weights=micro.importance_weights, **denominators)
         metrics = {f"policy/{k}": v for k, v in metrics.items()}
         entropy_term = aggregate(entropy, mask, algo.loss_agg, **denominators)
-        metrics["policy/entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+        metrics["policy/entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
         if algo.entropy_coef:
             loss = loss - algo.entropy_coef * entropy_term
         if micro.ref_logprobs is not None and algo.kl_place == "loss":
             kl = kl_penalty(logprobs, micro.ref_logprobs, algo.kl_estimator)
             loss = loss + algo.kl_coef * aggregate(kl, mask, algo.loss_agg, **denominators)
-            metrics["kl/loss_term"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
+            metrics["kl/loss_term"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
         return loss, metrics
 
     def _value_loss(self, micro: TrainBatch, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -47,6 +47,7 @@ def updated_weights(ray, model_dir, *, world_size: int, micro_batch_size: int, l
     cfg.algorithm.loss_agg = loss_agg
     group = LearnerGroup(cfg, str(model_dir), total_updates=2)
     try:
+        group.ready()
         batch = make_batch()
         # Two optimizer steps over the same 8 rows in two different orders.
         plan = [torch.tensor([3, 0, 5, 6, 1, 7, 2, 4]), torch.arange(8)]
