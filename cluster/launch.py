@@ -51,7 +51,10 @@ def init_ray(cfg: Config) -> None:
     import ray
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-    runtime_env = {"env_vars": WORKER_ENV}
+    # The driver's working directory goes on the workers' import path, so user reward
+    # functions named `my_rewards:score` resolve in the reward actors as they do here.
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    runtime_env = {"env_vars": {**WORKER_ENV, "PYTHONPATH": path}}
     if address == "local":
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), namespace=cfg.ray.namespace,
                  include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)

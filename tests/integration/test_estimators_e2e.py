@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import run_cli, write_addition_data
+from helpers import run_cli, write_addition_data
 
 pytestmark = pytest.mark.integration
 

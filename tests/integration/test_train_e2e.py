@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from conftest import read_wandb_history, run_cli, write_addition_data
+from helpers import read_wandb_history, run_cli, write_addition_data
+from tiny_models import make_tiny_reward_model
 
 pytestmark = pytest.mark.integration
 
@@ -16,10 +17,18 @@ def test_two_ppo_steps_end_to_end(tmp_path, tiny_model_dir):
     train = write_addition_data(tmp_path / "train.jsonl", 64, seed=0)
     evals = write_addition_data(tmp_path / "eval.jsonl", 16, seed=1)
     run_dir = tmp_path / "run"
+    # The reward: a built-in rule, the user's own function by import path, and a reward model
+    # running in the reward actors, combined with weights.
+    (tmp_path / "my_rewards.py").write_text(
+        "def score(prompt, response, answer):\n    return 0.25 if prompt.endswith('=') else -1.0\n")
+    rm_dir = make_tiny_reward_model(tmp_path / "rm")
+    functions = "[{name: exact_match, weight: 1.0}, {name: 'my_rewards:score', weight: 2.0}]"
     result = run_cli("train", "deploy/jobs/demo.yaml", "trainer.steps=2", "rollout.num_workers=2",
                      "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", f"model.path={tiny_model_dir}",
                      f"data.train_path={train}", f"data.eval_path={evals}", f"run.dir={run_dir}",
-                     "trainer.sample_table_every=1", "model.max_model_len=64")
+                     "trainer.sample_table_every=1", "model.max_model_len=64", f"reward.functions={functions}",
+                     f"reward.model={{path: {rm_dir}, weight: 0.001}}", "reward.num_workers=2",
+                     env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-4000:]
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -31,6 +40,9 @@ def test_two_ppo_steps_end_to_end(tmp_path, tiny_model_dir):
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
+        # exact match is ~never hit by a random model; the user function gives 0.25 x 2.0 to
+        # every sample; the reward model adds a small, sample-dependent term.
+        assert r["reward/mean"] == pytest.approx(0.5, abs=0.05) and r["reward/std"] > 0
         # After every sync the engines sample from the learner's weights exactly (fp32).
         assert r["rollout/logprob_mismatch"] <= 1e-3
         assert r["timing/weight_sync"] > 0 and r["sync/megabytes"] > 0
