@@ -1,7 +1,8 @@
 """The ``rlrelay`` command line.
 
-Heavy imports (ray, torch, vllm, wandb) happen inside the subcommands, so ``rlrelay --help``
-answers at once.
+Each group of subcommands lives in its own module with a ``register(subparsers)`` function
+that adds its parsers and sets ``handler``. Heavy imports (ray, torch, vllm, wandb) happen
+inside the handlers, so ``rlrelay --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -9,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rlrelay", description="Distributed RL for language models on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub) -> None:
     p = sub.add_parser("train", help="run a training job",
                        description="Run a training job. Without --address (and without RAY_ADDRESS) it starts "
                                    "a fresh local Ray instance; with one it joins that cluster.")
@@ -23,35 +22,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. trainer.steps=2 rollout.num_workers=2")
     p.add_argument("--address", help="Ray cluster to join (HOST:PORT or 'auto'); sets ray.address")
+    p.set_defaults(handler=train_command)
 
     p = sub.add_parser("config", help="print the resolved config as JSON (validates it)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(handler=config_command)
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    from cluster.config import ConfigError, load_config, to_dict
+def load(args) -> "object":
+    """The validated config of a subcommand's CONFIG and overrides, or exit 2 naming the problem."""
+    from cluster.config import ConfigError, load_config
 
     overrides = list(args.overrides)
     if getattr(args, "address", None):
         overrides.append(f"ray.address={args.address}")
     try:
-        cfg = load_config(args.config, overrides)
+        return load_config(args.config, overrides)
     except ConfigError as e:
         print(f"rlrelay: config error: {e}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
 
-    if args.command == "config":
-        print(json.dumps(to_dict(cfg), indent=2))
-        return 0
 
+def config_command(args) -> int:
+    from cluster.config import to_dict
+
+    print(json.dumps(to_dict(load(args)), indent=2))
+    return 0
+
+
+def train_command(args) -> int:
+    cfg = load(args)
     from cluster.launch import train
 
     summary = train(cfg)
     print(json.dumps({"run_dir": str(cfg.run.path), "steps_completed": summary.steps_completed,
                       "eval_before": summary.eval_before, "eval_after": summary.eval_after}))
     return 0
+
+
+# Modules contributing subcommands, in the order they appear in --help.
+REGISTRARS = [register]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlrelay", description="Distributed RL for language models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in REGISTRARS:
+        add(sub)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `rlrelay config ... | head` ends quietly
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return args.handler(args)
 
 
 if __name__ == "__main__":
