@@ -22,7 +22,15 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. trainer.steps=2 rollout.num_workers=2")
     p.add_argument("--address", help="Ray cluster to join (HOST:PORT or 'auto'); sets ray.address")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="continue from the run's latest checkpoint ('auto'; starts fresh if there is none) "
+                        "or from the checkpoint directory PATH")
     p.set_defaults(handler=train_command)
+
+    p = sub.add_parser("export", help="write a checkpoint's policy as a Hugging Face model directory")
+    p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/demo/checkpoints/step-000030")
+    p.add_argument("out_dir", help="output directory (safetensors weights, config, tokenizer)")
+    p.set_defaults(handler=export_command)
 
     p = sub.add_parser("config", help="print the resolved config as JSON (validates it)")
     p.add_argument("config")
@@ -55,14 +63,23 @@ def train_command(args) -> int:
     cfg = load(args)
     from cluster.launch import train
 
-    summary = train(cfg)
+    summary = train(cfg, resume=args.resume)
     print(json.dumps({"run_dir": str(cfg.run.path), "steps_completed": summary.steps_completed,
                       "eval_before": summary.eval_before, "eval_after": summary.eval_after}))
     return 0
 
 
+def export_command(args) -> int:
+    from cluster.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir)
+    print(json.dumps({"exported": str(out)}))
+    return 0
+
+
 # Modules contributing subcommands, in the order they appear in --help.
-REGISTRARS = [register]
+from cluster.jobs import register as register_jobs  # noqa: E402  (submit, jobs, logs, stop)
+REGISTRARS = [register, register_jobs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,17 @@ class TrainerConfig:
     """Evaluate every N steps (0 = only before and after training)."""
     sample_table_every: int = 5
     """Log a table of sample generations every N steps (0 = never)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end); the end of training always checkpoints."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are removed once a newer one is complete."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints go; default ``<run dir>/checkpoints``. Must be reachable by every learner node."""
+    max_skipped_updates: int = 3
+    """Steps in a row whose update was skipped (NaN/inf loss or gradient) before the run stops,
+    after writing a checkpoint."""
+    export_final: bool = True
+    """Write the final policy as a Hugging Face model directory to ``<run dir>/final_model``."""
 
 
 @dataclass(kw_only=True)
@@ -198,6 +209,9 @@ class Config:
                            ("reward.num_workers", self.reward.num_workers)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1 (got {value})")
+        if self.trainer.keep_last < 1 or self.trainer.save_every < 0 or self.trainer.max_skipped_updates < 1:
+            raise ConfigError("trainer.keep_last and trainer.max_skipped_updates must be >= 1, "
+                              "trainer.save_every >= 0")
         if r.temperature <= 0:
             raise ConfigError(f"rollout.temperature must be > 0 for training (got {r.temperature})")
         if r.max_new_tokens >= self.model.max_model_len:

@@ -16,16 +16,19 @@ Every phase is timed (``timing/*``); every wait on a worker has a timeout (in ``
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from actors.types import Prompt, Rollout, SamplingSettings
+from cluster.checkpoints import CheckpointManager, DriverState, read_checkpoint
 from cluster.config import Config
-from cluster.data import PromptSampler
+from cluster.data import PromptSampler, SamplerState
 from cluster.pools import LearnerGroup, RewardPool, RolloutPool
 from cluster.tracking import Tracker
 from learner.advantages import filter_uniform_groups, masked_mean, overlong_penalty
@@ -36,6 +39,8 @@ from learner.losses import explained_variance, truncated_importance_weights
 from reward.rules import exact_match
 from reward.types import ScoreRequest
 
+log = logging.getLogger("rlrelay")
+
 
 def group_ids(rollouts: list[Rollout]) -> torch.Tensor:
     """Which prompt group each sample belongs to.  # [B]"""
@@ -44,6 +49,10 @@ def group_ids(rollouts: list[Rollout]) -> torch.Tensor:
 
 class RewardFailure(RuntimeError):
     """A sample could not be scored and ``reward.on_failure`` is ``error``."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many updates in a row were skipped for a non-finite loss or gradient."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,8 +72,12 @@ class Controller:
 
     def __init__(self, cfg: Config, *, sampler: PromptSampler, eval_prompts: list[Prompt],
                  rollout: RolloutPool, reward: RewardPool, learner: LearnerGroup, tracker: Tracker,
-                 pad_token_id: int) -> None:
+                 checkpoints: CheckpointManager, model_path: str, pad_token_id: int,
+                 resume_from: Path | None = None) -> None:
         self.cfg = cfg
+        self.checkpoints = checkpoints
+        self.model_path = model_path
+        self.resume_from = resume_from
         self.sampler = sampler
         self.eval_prompts = eval_prompts
         self.rollout = rollout
@@ -81,11 +94,16 @@ class Controller:
         self.reward_norm = RunningMeanStd() if algo.normalize_rewards else None
         self.version = 0  # policy version held by the rollout workers
         self.timings: dict[str, float] = {}
+        self.eval_before: float | None = None
+        self.consecutive_skips = 0
 
     def run(self) -> RunSummary:
         cfg = self.cfg
-        eval_before = self.evaluate(step=0)
-        for step in range(cfg.trainer.steps):
+        if self.resume_from is not None:
+            start = self.restore(self.resume_from)
+        else:
+            start, self.eval_before = 0, self.evaluate(step=0)
+        for step in range(start, cfg.trainer.steps):
             self.timings = {}
             started = time.perf_counter()
             # 1-2. act and score: sample responses from the current policy, reward them
@@ -132,8 +150,59 @@ class Controller:
             self.tracker.log(step + 1, metrics)
             if cfg.trainer.sample_table_every and (step + 1) % cfg.trainer.sample_table_every == 0:
                 self.tracker.log_samples(step + 1, rollouts, scores.tolist())
+            self.guard_against_divergence(step + 1, metrics)
+            if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0 and step + 1 < cfg.trainer.steps:
+                self.save(step + 1)
+        # 7. the end: a last checkpoint, the final policy as a Hugging Face model, evaluation
+        self.save(cfg.trainer.steps)
+        if cfg.trainer.export_final:
+            self.learner.save_pretrained(str(cfg.run.path.resolve() / "final_model"))
         eval_after = self.evaluate(step=cfg.trainer.steps)
-        return RunSummary(steps_completed=cfg.trainer.steps, eval_before=eval_before, eval_after=eval_after)
+        return RunSummary(steps_completed=cfg.trainer.steps, eval_before=self.eval_before, eval_after=eval_after)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save(self, step: int) -> Path:
+        """Checkpoint learner shards and driver state; atomic (written aside, then renamed)."""
+        started = time.perf_counter()
+        tmp = self.checkpoints.begin(step)
+        try:
+            ranks = self.learner.save_checkpoint(str(tmp.resolve() / "learner"))
+            state = DriverState(
+                step=step, version=self.version, sampler_epoch=self.sampler.state.epoch,
+                sampler_position=self.sampler.state.position, kl_controller=self.kl_ctl.state_dict(),
+                reward_normalizer=self.reward_norm.state_dict() if self.reward_norm else None,
+                wandb_run_id=self.tracker.run_id, eval_before=self.eval_before,
+                consecutive_skips=self.consecutive_skips)
+            path = self.checkpoints.commit(tmp, step, state, ranks, self.model_path)
+        except BaseException:
+            self.checkpoints.abort(tmp)
+            raise
+        log.info("checkpoint step %d written to %s in %.1f s", step, path, time.perf_counter() - started)
+        return path
+
+    def restore(self, path: Path) -> int:
+        """Continue from a checkpoint: learner state, then the rollout workers get its weights."""
+        driver, ranks = read_checkpoint(path)
+        self.learner.load_checkpoint(str(path.resolve() / "learner"), ranks)
+        if driver.version > 0:
+            self.push_weights(version=driver.version)
+        self.sampler.state = SamplerState(epoch=driver.sampler_epoch, position=driver.sampler_position)
+        self.kl_ctl.load_state_dict(driver.kl_controller)
+        if self.reward_norm is not None and driver.reward_normalizer is not None:
+            self.reward_norm.load_state_dict(driver.reward_normalizer)
+        self.eval_before = driver.eval_before
+        self.consecutive_skips = driver.consecutive_skips
+        log.info("resumed from %s at step %d (policy version %d)", path, driver.step, driver.version)
+        return driver.step
+
+    def guard_against_divergence(self, step: int, metrics: dict[str, float]) -> None:
+        """Count steps whose update was skipped for a non-finite loss/gradient; stop after N."""
+        self.consecutive_skips = self.consecutive_skips + 1 if metrics.get("policy/skipped_updates") else 0
+        if self.consecutive_skips >= self.cfg.trainer.max_skipped_updates:
+            path = self.save(step)
+            raise TrainingDiverged(f"{self.consecutive_skips} steps in a row produced a non-finite loss or "
+                                   f"gradient (updates skipped); stopped after writing {path}")
 
     # -- the phases ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from cluster.checkpoints import CheckpointManager, read_checkpoint, resolve_resume
 from cluster.config import Config, ConfigError, to_dict
 from cluster.controller import Controller, RunSummary
 from cluster.data import PromptSampler, load_prompts
@@ -62,8 +63,11 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=runtime_env)
 
 
-def train(cfg: Config) -> RunSummary:
-    """Run one training job to completion and write its summary."""
+def train(cfg: Config, resume: str | None = None) -> RunSummary:
+    """Run one training job to completion and write its summary.
+
+    ``resume``: ``auto`` continues from the run's latest complete checkpoint (or starts fresh
+    if there is none), a path continues from that checkpoint, None starts fresh."""
     import ray
     from transformers import AutoTokenizer
 
@@ -87,10 +91,16 @@ def train(cfg: Config) -> RunSummary:
         raise ConfigError(f"the tokenizer of {paths.model_path} has neither a pad nor an eos token")
 
     run_dir = cfg.run.path
+    checkpoints = CheckpointManager(Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints"),
+                                    keep_last=cfg.trainer.keep_last)
+    resume_from = resolve_resume(resume, checkpoints)
+    resumed = read_checkpoint(resume_from)[0] if resume_from else None
     resolved = replace(cfg, model=replace(cfg.model, path=paths.model_path),
                        data=replace(cfg.data, train_path=paths.train_path, eval_path=paths.eval_path))
     tracker = Tracker(run_dir, project=cfg.run.wandb_project, name=cfg.run.name, mode=cfg.run.wandb_mode,
-                      config=to_dict(resolved), tags=cfg.run.wandb_tags, total_steps=cfg.trainer.steps)
+                      config=to_dict(resolved), tags=cfg.run.wandb_tags, total_steps=cfg.trainer.steps,
+                      run_id=resumed.wandb_run_id if resumed else None,
+                      resume_step=resumed.step if resumed else None)
     init_ray(cfg)
     log.info("ray ready")
     pools = []
@@ -111,7 +121,8 @@ def train(cfg: Config) -> RunSummary:
                  time.perf_counter() - started, len(learner.ranks), len(rollout.workers), len(reward.workers))
         controller = Controller(cfg, sampler=PromptSampler(train_prompts, seed=cfg.run.seed),
                                 eval_prompts=eval_prompts, rollout=rollout, reward=reward, learner=learner,
-                                tracker=tracker, pad_token_id=pad_id)
+                                tracker=tracker, checkpoints=checkpoints, model_path=paths.model_path,
+                                pad_token_id=pad_id, resume_from=resume_from)
         summary = controller.run()
         tracker.finish(asdict(summary))
         return summary

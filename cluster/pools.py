@@ -19,7 +19,7 @@ from actors.rollout_worker import EngineSettings, RolloutWorker, WeightLoadRepor
 from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
 from cluster.config import Config
 from learner.batch import RolloutBatch, TrainBatch
-from learner.worker import ForwardResult, LearnerRank, Minibatch, UpdateResult
+from learner.worker import ForwardResult, LearnerRank, Minibatch, RankState, UpdateResult
 from reward.types import ScoreRequest, ScoreResult
 from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
 
@@ -196,7 +196,10 @@ class LearnerGroup:
             for k, v in res.metric_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
                 weights[k] = weights.get(k, 0.0) + res.metric_weights[k]
-        return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+        merged = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+        # Every rank sees the same all-reduced gradient norm, so all skip the same steps.
+        merged["policy/skipped_updates"] = float(results[0].skipped_updates)
+        return merged
 
     def export_weights(self, version: int) -> ray.ObjectRef:
         """Start the (collective) gather on every rank; returns rank 0's packed update, unfetched."""
@@ -204,6 +207,19 @@ class LearnerGroup:
         # The other ranks only take part in the gather; wait for them so a failure surfaces here.
         wait(refs[1:], self.timeout_s, self._names()[1:])
         return refs[0]
+
+    def save_checkpoint(self, path: str) -> list[RankState]:
+        """Every rank writes its shards into the DCP directory ``path``."""
+        return wait([r.save_checkpoint.remote(path) for r in self.ranks], self.timeout_s, self._names())
+
+    def load_checkpoint(self, path: str, states: list[RankState]) -> None:
+        # A checkpoint from a different world size reshards; plain state is rank-agnostic
+        # apart from the RNG, which is reused cyclically.
+        wait([r.load_checkpoint.remote(path, states[i % len(states)]) for i, r in enumerate(self.ranks)],
+             self.timeout_s, self._names())
+
+    def save_pretrained(self, out_dir: str) -> None:
+        wait([r.save_pretrained.remote(out_dir) for r in self.ranks], self.timeout_s, self._names())
 
     def shutdown(self) -> None:
         for r in self.ranks:

@@ -33,12 +33,16 @@ class Tracker:
     """Logs one run to W&B, the run directory, and a progress line on stderr."""
 
     def __init__(self, run_dir: Path, *, project: str, name: str, mode: str, config: dict[str, Any],
-                 tags: Sequence[str] = (), run_id: str | None = None, total_steps: int = 0) -> None:
+                 tags: Sequence[str] = (), run_id: str | None = None, total_steps: int = 0,
+                 resume_step: int | None = None) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
+        self._history = _read_history(run_dir / "metrics.jsonl", upto=resume_step)
+        # A resumed run re-does the steps after its checkpoint: their old rows are dropped.
+        with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self._history)
         self._metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        self._history: list[dict[str, float]] = []
         self._started = time.time()
         self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
                               mode=wandb_mode(mode), config=config, tags=list(tags), reinit="create_new")
@@ -96,3 +100,11 @@ class Tracker:
         fig.tight_layout()
         fig.savefig(self.run_dir / "curves.png", dpi=100)
         plt.close(fig)
+
+
+def _read_history(path: Path, upto: int | None) -> list[dict[str, float]]:
+    """Rows of an earlier attempt of this run up to step ``upto`` (none for a fresh run)."""
+    if upto is None or not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for row in rows if row["step"] <= upto]

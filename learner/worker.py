@@ -9,21 +9,27 @@ shard size.
 
 from __future__ import annotations
 
+import base64
 import math
 import socket
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from learner.batch import RolloutBatch, TrainBatch
+from learner.checkpoint import (JsonMetadataReader, JsonMetadataWriter, join_optimizer_state,
+                                split_optimizer_state)
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import load_critic, load_policy, sequence_logprobs, sequence_values
@@ -63,18 +69,33 @@ class Minibatch:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RankState:
+    """The plain (JSON) part of a learner checkpoint from one rank; tensors go through DCP.
+
+    Example: ``RankState(param_groups={"policy": [...]}, schedulers={"policy": {"last_epoch": 4}}, rng="...")``
+    """
+
+    param_groups: dict[str, list[dict]]
+    """Optimizer param groups (lr, betas, parameter names) per trained model."""
+    schedulers: dict[str, dict]
+    """LR-scheduler state per trained model."""
+    rng: str
+    """This rank's torch RNG state, base64."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UpdateResult:
     """Sums for the step's training metrics from one rank; the driver merges ranks.
 
-    Example: ``UpdateResult(metric_sums={"policy/clipfrac": 3.2}, metric_weights={"policy/clipfrac": 64.0}, optimizer_steps=1)``
+    Example: ``UpdateResult(metric_sums={"policy/clipfrac": 3.2}, metric_weights={"policy/clipfrac": 64.0}, skipped_updates=0)``
     """
 
     metric_sums: dict[str, float]
     """Token-weighted sums of per-micro-batch metrics."""
     metric_weights: dict[str, float]
     """The weights (token counts) behind each sum."""
-    optimizer_steps: int
-    """Optimizer steps taken by this call."""
+    skipped_updates: int
+    """Optimizer steps skipped because the loss or gradient was not finite."""
 
 
 class LearnerRank:
@@ -169,6 +190,7 @@ class LearnerRank:
                 sums[k] = sums.get(k, 0.0) + v * weight
                 weights[k] = weights.get(k, 0.0) + weight
 
+        skipped = 0
         self.policy.train()
         for mb in minibatches:
             if train_policy:
@@ -194,12 +216,16 @@ class LearnerRank:
                         record(metrics, tokens)
             if train_policy:
                 lr = self.policy_sched.get_last_lr()[0]  # the rate this step uses
-                record({"policy/grad_norm": self._step(self.policy, self.policy_opt, self.policy_sched),
-                        "policy/lr": lr}, 1.0)
+                norm = self._step(self.policy, self.policy_opt, self.policy_sched)
+                skipped += not math.isfinite(norm)
+                if math.isfinite(norm):
+                    record({"policy/grad_norm": norm, "policy/lr": lr}, 1.0)
             if self.critic is not None:
-                record({"value/grad_norm": self._step(self.critic, self.critic_opt, self.critic_sched)}, 1.0)
-        return UpdateResult(metric_sums=sums, metric_weights=weights,
-                            optimizer_steps=len(minibatches) if train_policy else 0)
+                norm = self._step(self.critic, self.critic_opt, self.critic_sched)
+                skipped += not math.isfinite(norm)
+                if math.isfinite(norm):
+                    record({"value/grad_norm": norm}, 1.0)
+        return UpdateResult(metric_sums=sums, metric_weights=weights, skipped_updates=skipped)
 
     def export_weights(self, version: int) -> WeightUpdate | None:
         """Gather the full policy weights (collective); rank 0 returns them packed as ``version``."""
@@ -209,6 +235,56 @@ class LearnerRank:
             return None
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         return pack_state_dict({k: v.to(dtype) for k, v in state.items()}, version=version)
+
+    def save_checkpoint(self, path: str) -> RankState:
+        """Write this rank's shards of every model and optimizer into the DCP directory
+        ``path`` (collective); returns the plain state that goes to JSON."""
+        tensors, groups, schedulers = {}, {}, {}
+        for name, model, opt, sched in self._trained():
+            model_sd, optim_sd = get_state_dict(model, opt)
+            opt_tensors, groups[name] = split_optimizer_state(optim_sd)
+            tensors.update({f"{name}/{k}": v for k, v in model_sd.items()})
+            tensors.update({f"{name}_optim/{k}": v for k, v in opt_tensors.items()})
+            schedulers[name] = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+        dcp.save(tensors, storage_writer=JsonMetadataWriter(path))
+        return RankState(param_groups=groups, schedulers=schedulers,
+                         rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
+
+    def load_checkpoint(self, path: str, state: RankState) -> None:
+        """Load what ``save_checkpoint`` wrote (any rank count that FSDP2 can reshard to)."""
+        targets, structure = {}, {}
+        for name, model, opt, sched in self._trained():
+            _init_optimizer_state(model, opt)
+            model_sd, optim_sd = get_state_dict(model, opt)
+            opt_tensors, _ = split_optimizer_state(optim_sd)
+            targets.update({f"{name}/{k}": v for k, v in model_sd.items()})
+            targets.update({f"{name}_optim/{k}": v for k, v in opt_tensors.items()})
+            structure[name] = (model_sd, opt_tensors)
+        dcp.load(targets, storage_reader=JsonMetadataReader(path))
+        for name, model, opt, sched in self._trained():
+            model_sd, opt_tensors = structure[name]
+            model_sd = {k: targets[f"{name}/{k}"] for k in model_sd}
+            opt_tensors = {k: targets[f"{name}_optim/{k}"] for k in opt_tensors}
+            set_state_dict(model, opt, model_state_dict=model_sd,
+                           optim_state_dict=join_optimizer_state(opt_tensors, state.param_groups[name]))
+            sched.load_state_dict({**state.schedulers[name], "lr_lambdas": [None] * len(opt.param_groups)})
+        rng = np.frombuffer(base64.b64decode(state.rng), dtype=np.uint8).copy()
+        torch.set_rng_state(torch.from_numpy(rng))
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Gather the full policy (collective) and write it as a Hugging Face model (rank 0)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.policy, options=options)
+        if self.rank == 0:
+            model = load_policy(self.model_path, torch.float32)
+            model.load_state_dict(state)
+            model.save_pretrained(out_dir)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
+
+    def _trained(self):
+        yield "policy", self.policy, self.policy_opt, self.policy_sched
+        if self.critic is not None:
+            yield "critic", self.critic, self.critic_opt, self.critic_sched
 
     def shutdown(self) -> None:
         if dist.is_initialized():
@@ -244,13 +320,41 @@ class LearnerRank:
         return loss, {f"value/{k}": v for k, v in metrics.items()}
 
     def _step(self, model: nn.Module, opt, sched) -> float:
-        norm = float("nan")
-        if self.cfg.max_grad_norm > 0:
-            total = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
-            norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
-        opt.step()
-        sched.step()
+        """Clip and apply the accumulated gradient; returns its norm before clipping.
+
+        A non-finite norm (NaN/inf loss or gradient) skips the step on every rank alike (the
+        norm is all-reduced), leaving weights, optimizer and schedule untouched; the driver
+        counts skips and stops a run that keeps producing them.
+        """
+        limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+        norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
+        if math.isfinite(norm):
+            opt.step()
+            sched.step()
+        opt.zero_grad(set_to_none=True)
         return norm
+
+
+def _init_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Create AdamW's state (moments, step) so a checkpoint has tensors to load into.
+
+    A zero-learning-rate step on zero gradients creates the state without moving any
+    weight (AdamW's decay is also scaled by the learning rate); the loaded checkpoint then
+    overwrites all of it, step counts included.
+    """
+    if opt.state:
+        return
+    rates = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    for g, lr in zip(opt.param_groups, rates):
+        g["lr"] = lr
 
 
 def _shard(model: nn.Module, mesh, mp: MixedPrecisionPolicy | None) -> nn.Module:

@@ -1,0 +1,128 @@
+"""Sharded learner checkpoints through ``torch.distributed.checkpoint`` that load without pickle.
+
+DCP's stock ``FileSystemReader`` reads the ``.metadata`` file with ``pickle.load`` and any
+non-tensor entry with ``torch.load(weights_only=False)``, so loading a checkpoint directory
+from an untrusted source could run code. Here:
+
+- only tensors go through DCP (optimizer ``param_groups`` and other plain values are the
+  caller's to keep as JSON), and tensor payloads load with ``weights_only=True``;
+- the metadata is written and read as JSON by a ``StorageWriter``/``StorageReader`` pair
+  built on DCP's file-system ones (DCP's public extension point), and the stock pickled
+  ``.metadata`` is never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                   TensorProperties, TensorStorageMetadata)
+
+METADATA_FILE = ".metadata.json"
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, malformed or holds something that is not a tensor."""
+
+
+class JsonMetadataWriter(FileSystemWriter):
+    """DCP file-system writer whose metadata file is JSON instead of a pickle."""
+
+    def finish(self, metadata: Metadata, results) -> None:
+        storage = {wr.index: wr.storage_data for results_of_rank in results for wr in results_of_rank}
+        doc = {"version": metadata.version, "state_dict_metadata": {}, "storage_data": [],
+               "planner_data": _plain(metadata.planner_data)}
+        for fqn, md in metadata.state_dict_metadata.items():
+            if not isinstance(md, TensorStorageMetadata):
+                raise CheckpointError(f"checkpoint entry {fqn!r} is not a tensor; keep plain values in JSON")
+            doc["state_dict_metadata"][fqn] = {
+                "dtype": str(md.properties.dtype), "requires_grad": md.properties.requires_grad,
+                "size": list(md.size),
+                "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes)} for c in md.chunks]}
+        for index, info in storage.items():
+            doc["storage_data"].append({
+                "fqn": index.fqn, "offset": None if index.offset is None else list(index.offset),
+                "index": index.index, "relative_path": info.relative_path, "file_offset": info.offset,
+                "length": info.length, "transforms": list(info.transform_descriptors or ())})
+        path = Path(self.path) / METADATA_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class JsonMetadataReader(FileSystemReader):
+    """DCP file-system reader for checkpoints written by ``JsonMetadataWriter``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / METADATA_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{self.path} has no {METADATA_FILE}: not a complete rlrelay checkpoint")
+        try:
+            doc = json.loads(path.read_text())
+            state = {}
+            for fqn, md in doc["state_dict_metadata"].items():
+                if md["dtype"] not in _DTYPES:
+                    raise CheckpointError(f"{fqn}: unsupported dtype {md['dtype']}")
+                state[fqn] = TensorStorageMetadata(
+                    properties=TensorProperties(dtype=_DTYPES[md["dtype"]], requires_grad=md["requires_grad"]),
+                    size=torch.Size(md["size"]),
+                    chunks=[ChunkStorageMetadata(offsets=torch.Size(c["offsets"]), sizes=torch.Size(c["sizes"]))
+                            for c in md["chunks"]])
+            storage = {}
+            for s in doc["storage_data"]:
+                index = MetadataIndex(fqn=s["fqn"], offset=None if s["offset"] is None else torch.Size(s["offset"]),
+                                      index=s["index"])
+                storage[index] = _StorageInfo(relative_path=s["relative_path"], offset=s["file_offset"],
+                                              length=s["length"], transform_descriptors=tuple(s["transforms"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} is malformed: {e!r}") from None
+        metadata = Metadata(state_dict_metadata=state, planner_data=doc.get("planner_data"), storage_data=storage,
+                            version=doc.get("version"))
+        metadata.storage_meta = StorageMeta(load_id=self.load_id)
+        return metadata
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy of DCP's planner data (dicts of tuples of str/int)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return _plain(dataclasses.asdict(value))
+    return value
+
+
+def split_optimizer_state(optim_state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Split a (flattened-by-name) optimizer state dict into its tensors and its param groups.
+
+    ``get_optimizer_state_dict`` returns ``{"state": {name: {"step", "exp_avg", ...}},
+    "param_groups": [...]}``; tensors go through DCP, groups (floats, names) into JSON.
+    """
+    tensors = {}
+    for name, entry in optim_state["state"].items():
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"optimizer state {name}.{key} is not a tensor")
+            tensors[f"{name}/{key}"] = value
+    return tensors, optim_state["param_groups"]
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> dict:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for flat, value in tensors.items():
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": param_groups}

@@ -1,0 +1,7 @@
+"""Reward functions for integration tests, resolved by import path (`rewards_for_tests:length`)."""
+
+
+def length(prompt: str, response: str, answer: str | None) -> float:
+    """Longer responses score higher: varies from sample to sample even for a random model,
+    so every step has a real learning signal."""
+    return len(response) / 8.0
