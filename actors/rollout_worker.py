@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import math
 import socket
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -23,14 +23,15 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer
 
 from learner.batch import RolloutBatch, TrainBatch
 from learner.checkpoint import (JsonMetadataReader, JsonMetadataWriter, join_optimizer_state,
                                 split_optimizer_state)
 from learner.config import AlgorithmConfig, LearnerConfig
+from learner.fsdp import cat_rows, init_optimizer_state, micro_batches, shard_model, to_device
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import load_critic, load_policy, sequence_logprobs, sequence_values
 from learner.weight_bucket import WeightUpdate, pack_state_dict
@@ -135,15 +136,15 @@ class LearnerRank:
         # fp32 master weights everywhere; on GPU compute runs in bf16 and gradients reduce in fp32.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu else None
 
-        self.policy = _shard(load_policy(self.model_path, torch.float32).to(self.device), mesh, mp)
+        self.policy = shard_model(load_policy(self.model_path, torch.float32).to(self.device), mesh, mp)
         self.policy_opt, self.policy_sched = self._optimizer(self.policy, self.cfg.lr)
         self.critic = self.critic_opt = self.critic_sched = None
         if self.algo.uses_critic:
-            self.critic = _shard(load_critic(self.model_path, torch.float32).to(self.device), mesh, mp)
+            self.critic = shard_model(load_critic(self.model_path, torch.float32).to(self.device), mesh, mp)
             self.critic_opt, self.critic_sched = self._optimizer(self.critic, self.cfg.critic_lr)
         self.reference = None
         if self.algo.uses_reference:
-            self.reference = _shard(load_policy(self.model_path, torch.float32).to(self.device), mesh, mp)
+            self.reference = shard_model(load_policy(self.model_path, torch.float32).to(self.device), mesh, mp)
             self.reference.requires_grad_(False).eval()
 
     def _optimizer(self, model: nn.Module, lr: float):
@@ -169,16 +170,16 @@ class LearnerRank:
         """Old log-probs, reference log-probs and values for this rank's shard."""
         self.policy.eval()
         old, ref, val = [], [], []
-        for micro, real in _micro_batches(batch, num_micro):
-            micro = _to(micro, self.device)
+        for micro, real in micro_batches(batch, num_micro):
+            micro = to_device(micro, self.device)
             old.append(sequence_logprobs(self.policy, micro, self.temperature)[0][:real])
             if self.reference is not None:
                 ref.append(sequence_logprobs(self.reference, micro, self.temperature)[0][:real])
             if self.critic is not None:
                 val.append(sequence_values(self.critic, micro)[:real])
         t = batch.response_mask.shape[1]
-        return ForwardResult(old_logprobs=_cat(old, t), ref_logprobs=_cat(ref, t) if ref else None,
-                             values=_cat(val, t) if val else None)
+        return ForwardResult(old_logprobs=cat_rows(old, t), ref_logprobs=cat_rows(ref, t) if ref else None,
+                             values=cat_rows(val, t) if val else None)
 
     def update(self, minibatches: list[Minibatch], train_policy: bool = True) -> UpdateResult:
         """One optimizer step per minibatch for the policy (and the critic, if any)."""
@@ -198,8 +199,8 @@ class LearnerRank:
             if self.critic is not None:
                 self.critic.train()
                 self.critic_opt.zero_grad(set_to_none=True)
-            for micro, real in _micro_batches(mb.batch, mb.num_micro):
-                micro = _to(micro, self.device)
+            for micro, real in micro_batches(mb.batch, mb.num_micro):
+                micro = to_device(micro, self.device)
                 # A padding micro-batch (this rank ran out of rows) still runs forward and
                 # backward so the collectives line up, but contributes nothing.
                 scale = float(self.world_size) if real else 0.0
@@ -254,7 +255,7 @@ class LearnerRank:
         """Load what ``save_checkpoint`` wrote (any rank count that FSDP2 can reshard to)."""
         targets, structure = {}, {}
         for name, model, opt, sched in self._trained():
-            _init_optimizer_state(model, opt)
+            init_optimizer_state(model, opt)
             model_sd, optim_sd = get_state_dict(model, opt)
             opt_tensors, _ = split_optimizer_state(optim_sd)
             targets.update({f"{name}/{k}": v for k, v in model_sd.items()})
@@ -334,80 +335,3 @@ class LearnerRank:
             sched.step()
         opt.zero_grad(set_to_none=True)
         return norm
-
-
-def _init_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Create AdamW's state (moments, step) so a checkpoint has tensors to load into.
-
-    A zero-learning-rate step on zero gradients creates the state without moving any
-    weight (AdamW's decay is also scaled by the learning rate); the loaded checkpoint then
-    overwrites all of it, step counts included.
-    """
-    if opt.state:
-        return
-    rates = [g["lr"] for g in opt.param_groups]
-    for g in opt.param_groups:
-        g["lr"] = 0.0
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    for g, lr in zip(opt.param_groups, rates):
-        g["lr"] = lr
-
-
-def _shard(model: nn.Module, mesh, mp: MixedPrecisionPolicy | None) -> nn.Module:
-    """FSDP2: shard every transformer block, then the root (embeddings, head, norms)."""
-    kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})
-    block_names = set(_find_block_names(model))
-    for module in model.modules():
-        if type(module).__name__ in block_names:
-            fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
-
-
-def _find_block_names(model: nn.Module) -> list[str]:
-    # Hugging Face models name their repeated block classes in `_no_split_modules`; the critic
-    # wraps a trunk that does.
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel) and module._no_split_modules:
-            return list(module._no_split_modules)
-    return []
-
-
-def _micro_batches(batch, num_micro: int):
-    """Split rows into exactly ``num_micro`` chunks; yields ``(chunk, real_rows)``.
-
-    A rank with fewer rows than chunks pads with a copy of its first row, weighted zero by
-    the caller, because every rank must run the same number of forward/backward passes.
-    """
-    n = batch.size
-    bounds = [round(i * n / num_micro) for i in range(num_micro + 1)]
-    for lo, hi in zip(bounds, bounds[1:]):
-        if hi > lo:
-            yield batch.select(torch.arange(lo, hi)), hi - lo
-        else:
-            yield batch.select(torch.tensor([0])), 0
-
-
-def _to(batch, device: torch.device):
-    if device.type == "cpu":
-        return batch
-    moved = {f.name: getattr(batch, f.name).to(device) for f in fields(batch)
-             if isinstance(getattr(batch, f.name), torch.Tensor)}
-    if isinstance(batch, TrainBatch):
-        moved["rollouts"] = _to(batch.rollouts, device)
-    return replace(batch, **moved)
-
-
-def _cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Concatenate micro-batch outputs of different widths back into one [B, width] tensor."""
-    rows = sum(p.shape[0] for p in parts)
-    out = torch.zeros(rows, width, dtype=torch.float32)
-    r = 0
-    for p in parts:
-        out[r:r + p.shape[0], :p.shape[1]] = p.float().cpu()
-        r += p.shape[0]
-    return out
