@@ -13,6 +13,8 @@ import logging
 import signal
 import sys
 
+from cluster.jobs import register as register_jobs  # submit, jobs, logs, stop (imports nothing heavy)
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="run a training job",
@@ -63,7 +65,13 @@ def train_command(args) -> int:
     cfg = load(args)
     from cluster.launch import train
 
-    summary = train(cfg, resume=args.resume)
+    from cluster.security import InsecureClusterError
+
+    try:
+        summary = train(cfg, resume=args.resume)
+    except InsecureClusterError as e:
+        print(f"rlrelay: refused: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"run_dir": str(cfg.run.path), "steps_completed": summary.steps_completed,
                       "eval_before": summary.eval_before, "eval_after": summary.eval_after}))
     return 0
@@ -78,7 +86,6 @@ def export_command(args) -> int:
 
 
 # Modules contributing subcommands, in the order they appear in --help.
-from cluster.jobs import register as register_jobs  # noqa: E402  (submit, jobs, logs, stop)
 REGISTRARS = [register, register_jobs]
 
 

@@ -99,7 +99,14 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     """GPU memory share per CUDA engine."""
     timeout_s: float = 300.0
-    """Longest the driver waits for one worker's share of a step."""
+    """Longest one worker may take for its share of a step before it is treated as hung,
+    killed, replaced, and its prompts re-dispatched."""
+    max_restarts: int = 8
+    """Replacements of dead or hung rollout workers allowed over the whole job."""
+    health_interval_s: float = 10.0
+    """A worker busy this long gets a health ping (answered concurrently with its work)."""
+    health_timeout_s: float = 30.0
+    """A worker that does not answer a health ping within this is treated as dead."""
 
 
 @dataclass(kw_only=True)
@@ -143,6 +150,8 @@ class RewardConfig:
     """torch threads per reward worker."""
     timeout_s: float = 30.0
     """Per-sample timeout of a reward function, and (x number of samples) the driver's wait."""
+    max_restarts: int = 8
+    """Replacements of dead or hung reward workers allowed over the whole job."""
     on_failure: str = "error"
     """A sample whose reward failed: ``error`` stops the run naming it; ``zero`` counts it and scores 0."""
 
@@ -181,6 +190,9 @@ class RayConfig:
     """Logical CPUs of the local instance (default: the machine's cores)."""
     namespace: str = "rlrelay"
     """Ray namespace of the job's named actors."""
+    allow_insecure: bool = False
+    """Acknowledge running without Ray token authentication, where anyone who can reach the
+    cluster can run code on it (otherwise such a start or join is refused)."""
 
 
 @dataclass(kw_only=True)

@@ -141,6 +141,8 @@ class Controller:
             self.timings["step"] = time.perf_counter() - started
             metrics.update({**adv.metrics, **self.rollout_metrics(rollouts, batch, fwd), "kl/coef": self.kl_ctl.coef,
                             **{f"timing/{k}": v for k, v in self.timings.items()},
+                            "cluster/worker_restarts": float(self.rollout.restarts + self.reward.restarts),
+                            "cluster/rollout_workers": float(len(self.rollout.actors.members)),
                             "throughput/samples_per_s": len(rollouts) / self.timings["step"]})
             if fwd.values is not None:
                 metrics["value/explained_variance"] = explained_variance(fwd.values, adv.returns, mask)

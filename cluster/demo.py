@@ -54,9 +54,19 @@ Problem = tuple[str, str]  # (prompt "12+30=", answer "42")
 class DemoSettings:
     """How the demo's task and warm-started policy are built (the job config's ``demo:``).
 
-    Defaults measured on a shared 2-core machine (torch CPU, fp32, 2 threads), held-out
-    problems, pass@8 at temperature 1:
-    TODO(measured numbers)
+    The warm-start defaults were tuned by measurement (200 held-out problems, greedy
+    exact-match accuracy and pass@8 at temperature 1; a shared 2-core machine, fp32):
+
+    - these defaults (600 steps x 128 = 77k examples, ~10 epochs, lr 1e-3): held-out greedy
+      0.22, pass@8 0.915 (vLLM on the same model: 0.22 / 0.90); seeds 1-5: greedy 0.17-0.29,
+      pass@8 0.925-0.97. Greedy errors are the learned habit (seed 0: 146 of the 156 wrong
+      greedy answers are exactly the +1 error). Time: 0.12 s a step with 2 threads while the
+      machine was quiet (first 120 steps; ~70 s for all 600), ~120 s in all with 1 thread
+      beside another 1-thread run, and 5-10x longer while other jobs oversubscribed the cores
+      (a 2-thread run took 836 s).
+    - 480 steps: pass@8 0.885-0.955 over seeds 0-3 (less margin). Batch 64 at lr 1.5e-3 for
+      800 steps matched on 3 seeds of 4 but stalled on one (pass@8 0.5); peak lr 3e-3
+      stalled at loss ~0.65 (pass@8 0.5-0.6) with batch 128 and 256.
 
     Example::
 
@@ -71,9 +81,9 @@ class DemoSettings:
     """Share of warm-start answers whose last digit is wrong by +1 (mod 10, no carry)."""
     warm_start_steps: int = 600
     """AdamW steps of the supervised warm-start."""
-    warm_start_batch_size: int = 256
+    warm_start_batch_size: int = 128
     """Examples per warm-start step."""
-    warm_start_lr: float = 3e-3
+    warm_start_lr: float = 1e-3
     """Peak warm-start learning rate (linear warmup, then cosine decay to zero)."""
     hidden_size: int = 256
     """Model width; hidden_size / num_heads must be a head size vLLM's CPU attention accepts."""
@@ -112,7 +122,8 @@ class DemoAssets:
     """Where the built demo lives; everything under one cache directory."""
 
     model_dir: Path
-    """HF model directory: config.json, model.safetensors, tokenizer files, generation_config.json."""
+    """HF model directory: config.json, model.safetensors, tokenizer files and
+    generation_config.json (vLLM and transformers load it as is)."""
     train_path: Path
     """JSONL of training problems, one ``{"prompt": "12+30=", "answer": "42"}`` a line, with the
     CORRECT answers (the RL reward checks against them; only the warm-start saw noisy ones)."""
@@ -234,7 +245,8 @@ def answer_accuracy(
     model.eval()
     with torch.no_grad():
         for indices in by_length.values():  # equal-length prompts batch without padding
-            prompts = torch.tensor([encoded[i] for i in indices]).repeat_interleave(samples, 0)  # [B*S, P]
+            prompts = torch.tensor([encoded[i] for i in indices])  # [B, P]
+            prompts = prompts.repeat_interleave(samples, dim=0)  # [B*S, P]
             ids = prompts
             for _ in range(max_new_tokens):
                 logits = model(input_ids=ids).logits[:, -1, :].float()  # [B*S, V]
@@ -286,9 +298,12 @@ def prepare_demo_assets(
     final = cache_root / f"demo-{settings_hash(settings)}"
     if final.is_dir():
         assets = _assets_in(final)
-        missing = [p for p in (assets.model_dir / "model.safetensors", assets.train_path, assets.eval_path) if not p.exists()]
+        needed = (assets.model_dir / "model.safetensors", assets.train_path, assets.eval_path)
+        missing = [p for p in needed if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"demo cache {final} is damaged (missing {missing[0]}); delete it to rebuild")
+            raise FileNotFoundError(
+                f"demo cache {final} is damaged (missing {missing[0]}); delete it to rebuild"
+            )
         log(f"demo assets: cached at {final}")
         return assets
 
@@ -341,8 +356,13 @@ def _build(settings: DemoSettings, assets: DemoAssets, log: Callable[[str], None
         log_fn=log,
     )
     greedy = answer_accuracy(model, tokenizer, eval_set)
-    pass8 = answer_accuracy(model, tokenizer, eval_set, samples=8, temperature=1.0, seed=settings.seed)
-    log(f"demo warm-start: held-out greedy accuracy {greedy:.3f}, pass@8 (T=1) {pass8:.3f}")
+    pass8 = answer_accuracy(
+        model, tokenizer, eval_set, samples=8, temperature=1.0, seed=settings.seed
+    )
+    log(
+        f"demo warm-start: {sft['seconds']:.0f}s, loss {sft['loss']:.3f}; held-out greedy accuracy "
+        f"{greedy:.3f}, pass@8 (T=1) {pass8:.3f}: right answer present, not dominant"
+    )
 
     model.save_pretrained(assets.model_dir)
     # Only the special token ids: sampling defaults belong to the job config, not to vLLM's

@@ -15,6 +15,7 @@ from cluster.checkpoints import CheckpointManager, read_checkpoint, resolve_resu
 from cluster.config import Config, ConfigError, to_dict
 from cluster.controller import Controller, RunSummary
 from cluster.data import PromptSampler, load_prompts
+from cluster.security import check_cluster_auth, require_token_auth
 
 log = logging.getLogger("rlrelay")
 
@@ -56,9 +57,16 @@ def init_ray(cfg: Config) -> None:
     # functions named `my_rewards:score` resolve in the reward actors as they do here.
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     runtime_env = {"env_vars": {**WORKER_ENV, "PYTHONPATH": path}}
+    # Refused before anything starts: a cluster that would run without token authentication
+    # (README, "Security and threat model").
+    check_cluster_auth(address, allow_insecure=cfg.ray.allow_insecure, env=os.environ)
     if address == "local":
+        # Advertise loopback only; Ray's own servers still listen on every interface (DESIGN),
+        # so token authentication, checked right after start-up, is the real protection.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), namespace=cfg.ray.namespace,
-                 include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+                 include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
+                 _node_ip_address="127.0.0.1")
+        require_token_auth(allow_insecure=cfg.ray.allow_insecure)
     else:
         ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=runtime_env)
 
@@ -118,7 +126,8 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         for pool in pools:
             pool.ready()
         log.info("actors ready in %.1f s: %d learner rank(s), %d rollout worker(s), %d reward worker(s)",
-                 time.perf_counter() - started, len(learner.ranks), len(rollout.workers), len(reward.workers))
+                 time.perf_counter() - started, len(learner.ranks), len(rollout.actors.members),
+                 len(reward.actors.members))
         controller = Controller(cfg, sampler=PromptSampler(train_prompts, seed=cfg.run.seed),
                                 eval_prompts=eval_prompts, rollout=rollout, reward=reward, learner=learner,
                                 tracker=tracker, checkpoints=checkpoints, model_path=paths.model_path,

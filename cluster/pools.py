@@ -1,9 +1,12 @@
 """Actor pools: the plain worker classes wrapped with ``ray.remote`` (only here), and the
 fan-out/fan-in of each step's work with a timeout on every wait.
 
-- ``RolloutPool``: N vLLM rollout workers; a step's prompts are split across them.
-- ``RewardPool``: M reward workers; a step's responses are split across them.
-- ``LearnerGroup``: W learner ranks forming one FSDP2 process group, driven in lock-step.
+- ``RolloutPool``: N vLLM rollout workers; a step's prompts are split across them. Dead or
+  hung workers are replaced and their prompts re-dispatched (``cluster/actor_set.py``).
+- ``RewardPool``: M reward workers; a step's responses are split across them, same recovery.
+- ``LearnerGroup``: W learner ranks forming one FSDP2 process group, driven in lock-step. A
+  failed rank stops the run with an error naming it; resuming from the last checkpoint is
+  the recovery (a collective group cannot lose a member mid-step).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from cluster.actor_set import ActorSet, WorkerFailure
+
 from actors.rollout_worker import EngineSettings, RolloutWorker, WeightLoadReport, WorkerStatus
 from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
 from cluster.config import Config
@@ -22,10 +27,6 @@ from learner.batch import RolloutBatch, TrainBatch
 from learner.worker import ForwardResult, LearnerRank, Minibatch, RankState, UpdateResult
 from reward.types import ScoreRequest, ScoreResult
 from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
-
-
-class WorkerFailure(RuntimeError):
-    """A remote worker died or stopped answering; the message names it."""
 
 
 def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
@@ -52,46 +53,61 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class RolloutPool:
-    """N rollout workers, each a Ray actor holding one vLLM engine."""
+    """N rollout workers, each a Ray actor holding one vLLM engine.
+
+    The pool holds a reference to the current weights in the object store: a worker that
+    joins (a replacement, or a scale-up) loads them before it gets any prompt. Keeping just
+    that one live version also keeps the object-store memory it uses warm (DESIGN)."""
 
     def __init__(self, cfg: Config, model_path: str) -> None:
         r = cfg.rollout
-        self.timeout_s = r.timeout_s
         device = "cuda" if r.num_gpus > 0 else "cpu"
         self.settings = EngineSettings(
             model_path=model_path, device=device, dtype="float32" if device == "cpu" else "bfloat16",
             max_model_len=cfg.model.max_model_len, seed=cfg.run.seed, num_threads=r.num_threads,
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization)
-        self._actor_cls = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
-        self.workers = [self._actor_cls.remote(i, self.settings) for i in range(r.num_workers)]
+        # Two concurrent calls: a health ping is answered while generate runs. The pool
+        # itself never sends a worker two pieces of work at once.
+        actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=2)
+        self.update_ref: ray.ObjectRef | None = None
+        self.actors = ActorSet("rollout worker", spawn=lambda i: actor.remote(i, self.settings),
+                               prepare=self._prepare, size=r.num_workers, timeout_s=r.timeout_s,
+                               max_restarts=r.max_restarts, health_interval_s=r.health_interval_s,
+                               health_timeout_s=r.health_timeout_s)
+
+    def _prepare(self, handle) -> ray.ObjectRef:
+        if self.update_ref is None:
+            return handle.ping.remote()
+        return handle.load_weights.remote(self.update_ref)
 
     def ready(self) -> None:
         """Wait for every engine to start (model load, KV cache): a worker that cannot start
         fails the job here, not on the first step."""
-        wait([w.ping.remote() for w in self.workers], 600, self._names())
-
-    def _names(self) -> list[str]:
-        return [f"rollout worker {i}" for i in range(len(self.workers))]
+        self.actors.wait_ready()
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingSettings, step: int, seed: int) -> list[Rollout]:
         """Every prompt sampled ``samples_per_prompt`` times, in prompt order."""
-        slices = [s for s in split_evenly(len(prompts), len(self.workers)) if s[1] > s[0]]
-        refs = [self.workers[i].generate.remote(GenerateRequest(
-                    prompts=tuple(prompts[lo:hi]), sampling=sampling, step=step, seed=seed))
-                for i, (lo, hi) in enumerate(slices)]
-        parts = wait(refs, self.timeout_s, self._names()[:len(refs)])
-        return [r for part in parts for r in part]
+        parts = max(1, sum(m.ready for m in self.actors.members.values()))
+        chunks = [GenerateRequest(prompts=tuple(prompts[lo:hi]), sampling=sampling, step=step, seed=seed)
+                  for lo, hi in split_evenly(len(prompts), parts) if hi > lo]
+        results = self.actors.run(chunks, lambda handle, request: handle.generate.remote(request))
+        return [r for part in results for r in part]
 
     def load_weights(self, update_ref: ray.ObjectRef) -> list[WeightLoadReport]:
         """Every worker pulls the update from the object store, verifies it and loads it."""
-        return wait([w.load_weights.remote(update_ref) for w in self.workers], self.timeout_s, self._names())
+        self.update_ref = update_ref
+        return self.actors.broadcast(lambda handle: handle.load_weights.remote(update_ref))
 
     def statuses(self) -> list[WorkerStatus]:
-        return wait([w.status.remote() for w in self.workers], 30, self._names())
+        return wait([h.status.remote() for h in self.actors.handles()], 30,
+                    [self.actors.label(mid) for mid in self.actors.members])
+
+    @property
+    def restarts(self) -> int:
+        return self.actors.restarts
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w)
+        self.actors.shutdown()
 
 
 class RewardPool:
@@ -105,28 +121,31 @@ class RewardPool:
         if rc.model is not None:
             model = RewardModelSpec(path=reward_model_path or rc.model.path, weight=rc.model.weight,
                                     batch_size=rc.model.batch_size)
-        actor = ray.remote(RewardWorker).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)
+        actor = ray.remote(RewardWorker).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=2)
         device = "cuda" if rc.num_gpus > 0 else "cpu"
-        self.workers = [actor.remote(functions, model, timeout_s=rc.timeout_s, num_threads=rc.num_threads,
-                                     device=device) for _ in range(rc.num_workers)]
+        self.actors = ActorSet(
+            "reward worker", size=rc.num_workers, timeout_s=rc.timeout_s, max_restarts=rc.max_restarts,
+            spawn=lambda _: actor.remote(functions, model, timeout_s=rc.timeout_s, num_threads=rc.num_threads,
+                                         device=device),
+            prepare=lambda handle: handle.ping.remote())
 
     def ready(self) -> None:
-        wait([w.ping.remote() for w in self.workers], 300, self._names())
-
-    def _names(self) -> list[str]:
-        return [f"reward worker {i}" for i in range(len(self.workers))]
+        self.actors.wait_ready()
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        slices = [s for s in split_evenly(len(requests), len(self.workers)) if s[1] > s[0]]
-        refs = [self.workers[i].score.remote(list(requests[lo:hi])) for i, (lo, hi) in enumerate(slices)]
+        parts = max(1, sum(m.ready for m in self.actors.members.values()))
+        chunks = [list(requests[lo:hi]) for lo, hi in split_evenly(len(requests), parts) if hi > lo]
         # Each sample may use its whole per-call timeout; the worker itself never waits longer.
-        longest = max(hi - lo for lo, hi in slices) * self.timeout_s + 60
-        parts = wait(refs, longest, self._names()[:len(refs)])
-        return [s for part in parts for s in part]
+        longest = max(len(c) for c in chunks) * self.timeout_s + 60
+        results = self.actors.run(chunks, lambda handle, chunk: handle.score.remote(chunk), timeout_s=longest)
+        return [s for part in results for s in part]
+
+    @property
+    def restarts(self) -> int:
+        return self.actors.restarts
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w)
+        self.actors.shutdown()
 
 
 class LearnerGroup:

@@ -18,6 +18,8 @@ from typing import Any
 import wandb
 
 from actors.types import Rollout
+from cluster.jobs import current_submission_id, job_tag
+from cluster.security import redact
 
 PROGRESS_KEYS = (("reward/mean", "reward"), ("eval/accuracy", "eval"), ("kl/value", "kl"),
                  ("policy/clipfrac", "clip"), ("timing/step", "s/step"))
@@ -44,8 +46,14 @@ class Tracker:
             f.writelines(json.dumps(row) + "\n" for row in self._history)
         self._metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
         self._started = time.time()
+        # A run submitted as a Ray job (rlrelay submit, ray job submit, a KubeRay RayJob) carries
+        # the job's submission id, so a W&B run leads back to its Ray job.
+        ray_job = current_submission_id(os.environ)
+        tags = list(dict.fromkeys([*tags, *([job_tag(ray_job)] if ray_job else [])]))
+        # Secrets never reach the W&B config, even if a user put one in a config value.
+        config = redact({**config, "ray_job_id": ray_job}, os.environ)
         self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
-                              mode=wandb_mode(mode), config=config, tags=list(tags), reinit="create_new")
+                              mode=wandb_mode(mode), config=config, tags=tags, reinit="create_new")
         self.run_id = self.run.id if self.run is not None else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -109,9 +109,10 @@ def supervised_warm_start(
         if step == 0:
             first_loss = loss
         recent = (recent + [loss])[-20:]
-        if log_fn is not None and log_every > 0 and ((step + 1) % log_every == 0 or step + 1 == steps):
+        done = step + 1
+        if log_fn is not None and log_every > 0 and (done % log_every == 0 or done == steps):
             log_fn(
-                f"sft step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+                f"sft step {done}/{steps} loss {sum(recent) / len(recent):.4f} "
                 f"lr {schedule.get_last_lr()[0]:.2e} {time.perf_counter() - started:.1f}s"
             )
     model.train(was_training)

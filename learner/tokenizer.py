@@ -35,7 +35,9 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
 
 
-def build_char_tokenizer(alphabet: str, out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+def build_char_tokenizer(
+    alphabet: str, out_dir: str | Path | None = None
+) -> PreTrainedTokenizerFast:
     """Build a tokenizer with one token per character of `alphabet` (ids from 4 on).
 
     `alphabet` must not repeat a character. When `out_dir` is given the tokenizer is also

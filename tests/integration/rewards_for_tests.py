@@ -5,3 +5,12 @@ def length(prompt: str, response: str, answer: str | None) -> float:
     """Longer responses score higher: varies from sample to sample even for a random model,
     so every step has a real learning signal."""
     return len(response) / 8.0
+
+
+def slow_length(prompt: str, response: str, answer: str | None) -> float:
+    """Like ``length`` unscaled, but takes 20 ms a sample, so a scoring call lasts long enough
+    to be interrupted."""
+    import time
+
+    time.sleep(0.02)
+    return float(len(response))

@@ -52,8 +52,10 @@ def test_tokenizer_is_one_token_per_char_and_round_trips_exactly():
     assert tok.convert_ids_to_tokens(ids) == list("12+30=")  # no bos added, one id per char
     for text in ["12+30=42", "99+99=198", " 1 + 2 = 3 ", "0"]:
         assert tok.decode(tok.encode(text)) == text  # no spaces inserted between chars
-    assert tok.decode(tok.encode("12+30=42") + [tok.eos_token_id], skip_special_tokens=True) == "12+30=42"
-    assert tok.encode("1x2") == [tok.convert_tokens_to_ids("1"), tok.unk_token_id, tok.convert_tokens_to_ids("2")]
+    with_eos = tok.encode("12+30=42") + [tok.eos_token_id]
+    assert tok.decode(with_eos, skip_special_tokens=True) == "12+30=42"
+    one, two = tok.convert_tokens_to_ids(["1", "2"])
+    assert tok.encode("1x2") == [one, tok.unk_token_id, two]
 
 
 def test_tokenizer_saved_to_disk_reloads_with_autotokenizer(tmp_path):
@@ -61,7 +63,8 @@ def test_tokenizer_saved_to_disk_reloads_with_autotokenizer(tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.encode("57+68=") == built.encode("57+68=")
     assert loaded("57+68=")["input_ids"] == built.encode("57+68=")  # the call vLLM makes
-    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token, loaded.unk_token) == ("<s>", "</s>", "<pad>", "<unk>")
+    specials = (loaded.bos_token, loaded.eos_token, loaded.pad_token, loaded.unk_token)
+    assert specials == ("<s>", "</s>", "<pad>", "<unk>")
     assert loaded.decode(loaded.encode("57+68=125")) == "57+68=125"
     assert len(loaded) == 4 + len(demo.ALPHABET)
 
@@ -144,7 +147,8 @@ def test_supervised_warm_start_lowers_the_loss():
 
 
 def file_state(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
 
 
 def test_prepare_demo_assets_builds_once_then_returns_the_cache(tmp_path):
@@ -158,7 +162,8 @@ def test_prepare_demo_assets_builds_once_then_returns_the_cache(tmp_path):
     assert config["eos_token_id"] == 2 and config["hidden_size"] == 64
     assert (assets.model_dir / "model.safetensors").exists()
     assert (assets.model_dir / "generation_config.json").exists()
-    assert AutoTokenizer.from_pretrained(assets.model_dir).encode("12+30=") == build_char_tokenizer(demo.ALPHABET).encode("12+30=")
+    reloaded = AutoTokenizer.from_pretrained(assets.model_dir)
+    assert reloaded.encode("12+30=") == build_char_tokenizer(demo.ALPHABET).encode("12+30=")
     LlamaForCausalLM.from_pretrained(assets.model_dir)  # loads without missing weights
 
     train, held_out = read_problems(assets.train_path), read_problems(assets.eval_path)
@@ -202,10 +207,11 @@ def test_a_failed_build_leaves_no_cache(tmp_path, monkeypatch):
 def test_every_setting_changes_the_cache_key_and_bad_values_name_the_key():
     base = settings_hash(TINY)
     changed = {"seed": 1, "num_eval": 21, "noise_fraction": 0.5, "warm_start_steps": 5,
-               "warm_start_batch_size": 8, "warm_start_lr": 1e-3, "hidden_size": 128,
+               "warm_start_batch_size": 8, "warm_start_lr": 2e-3, "hidden_size": 128,
                "num_layers": 2, "num_heads": 2, "intermediate_size": 32}
     assert set(changed) == {f.name for f in dataclasses.fields(DemoSettings)}
     for name, value in changed.items():
+        assert value != getattr(TINY, name), name
         assert settings_hash(dataclasses.replace(TINY, **{name: value})) != base, name
     with pytest.raises(ValueError, match="demo.noise_fraction"):
         DemoSettings(noise_fraction=1.5)

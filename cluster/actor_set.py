@@ -1,0 +1,265 @@
+"""A set of interchangeable actors that survives their deaths: fan work out, detect dead or
+hung members, re-dispatch their unfinished work, and start replacements.
+
+Used by the rollout and reward pools. Guarantees, for one ``run``:
+- every chunk's result is taken exactly once (a failed call's partial work is never seen:
+  the call either returned whole or is re-run elsewhere, and rollouts are seeded per
+  sample, so a re-run produces the same samples);
+- a member that dies (Ray reports the actor dead), stops answering (a health ping gets no
+  answer within ``health_timeout_s``) or overruns a chunk (``timeout_s``) is killed, its
+  chunk goes back to the queue, and a replacement starts; a replacement is ``prepare``-d
+  (rollout workers: loaded with the current weights) before it gets any work;
+- nothing waits forever: every wait is bounded, and after ``max_restarts`` replacements
+  in a run of the job the set gives up with an error naming what failed.
+
+An exception raised *inside* a member's method (bad input, a bug) is not a death: it is
+re-raised at once, naming the member, instead of being retried forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+log = logging.getLogger("rlrelay")
+
+
+class WorkerFailure(RuntimeError):
+    """A remote worker failed in a way that cannot be recovered; the message names it."""
+
+
+@dataclass
+class Member:
+    """One live actor of the set."""
+
+    id: int
+    handle: Any
+    ready: bool = False
+    """Prepared (e.g. holds the current weights) and may take work."""
+    draining: bool = False
+    """Leaving: finishes its current chunk, gets no more, then is stopped."""
+    busy_since: float | None = None
+    last_probe: float = field(default_factory=time.monotonic)
+
+
+class ActorSet:
+    """``size`` actors made by ``spawn(id)``; see the module docstring for the guarantees."""
+
+    def __init__(self, name: str, spawn: Callable[[int], Any], prepare: Callable[[Any], ray.ObjectRef],
+                 size: int, *, timeout_s: float, health_timeout_s: float = 30.0, health_interval_s: float = 10.0,
+                 start_timeout_s: float = 600.0, max_restarts: int = 8) -> None:
+        self.name = name
+        self.spawn = spawn
+        self.prepare = prepare
+        self.timeout_s = timeout_s
+        self.health_timeout_s = health_timeout_s
+        self.health_interval_s = health_interval_s
+        self.start_timeout_s = start_timeout_s
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.members: dict[int, Member] = {}
+        self._joining: dict[ray.ObjectRef, tuple[int, float, int]] = {}  # ref -> (member, since, state)
+        self._next_id = 0
+        self.state = 0  # bumped by broadcast: a member prepared with older state prepares again
+        self.target = size
+        for _ in range(size):
+            self._start()
+
+    # -- membership --------------------------------------------------------------------------
+
+    def label(self, member_id: int) -> str:
+        return f"{self.name} {member_id}"
+
+    def _start(self) -> int:
+        mid = self._next_id
+        self._next_id += 1
+        self.members[mid] = Member(id=mid, handle=self.spawn(mid))
+        self._prepare(mid, since=time.monotonic())
+        return mid
+
+    def _prepare(self, mid: int, since: float) -> None:
+        self._joining[self.prepare(self.members[mid].handle)] = (mid, since, self.state)
+
+    def _lost(self, mid: int, why: str) -> None:
+        """A member is dead or hung: stop it for good and start a replacement."""
+        member = self.members.pop(mid, None)
+        if member is None:
+            return
+        try:
+            ray.kill(member.handle, no_restart=True)
+        except Exception:  # already gone
+            pass
+        self._joining = {ref: v for ref, v in self._joining.items() if v[0] != mid}
+        if member.draining:
+            log.info("%s left (%s)", self.label(mid), why)
+            return
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise WorkerFailure(f"{self.label(mid)} {why}; {self.restarts - 1} replacements already started "
+                                f"in this job (limit {self.max_restarts}): giving up")
+        new = self._start()
+        log.warning("%s %s: its work is re-dispatched; replacement %s is starting", self.label(mid), why,
+                    self.label(new))
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until every member is prepared (start-up of the job, or after a resize)."""
+        deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
+        while self._joining:
+            if time.monotonic() > deadline:
+                names = ", ".join(self.label(v[0]) for v in self._joining.values())
+                raise WorkerFailure(f"{names} did not start within {timeout_s or self.start_timeout_s:.0f} s")
+            self._poll_joins(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _poll_joins(self, timeout: float) -> None:
+        if not self._joining:
+            return
+        ready, _ = ray.wait(list(self._joining), num_returns=len(self._joining), timeout=timeout)
+        for ref in ready:
+            mid, since, state = self._joining.pop(ref)
+            try:
+                ray.get(ref)
+            except (RayActorError, ActorUnavailableError) as e:
+                self._lost(mid, f"died while starting ({type(e).__name__})")
+                continue
+            except RayTaskError as e:
+                raise WorkerFailure(f"{self.label(mid)} could not start: {e.cause!r}") from e
+            if mid not in self.members:
+                continue
+            if state != self.state:  # a broadcast happened meanwhile: catch up before serving
+                self._prepare(mid, since)
+            else:
+                self.members[mid].ready = True
+        now = time.monotonic()
+        for ref, (mid, since, _) in list(self._joining.items()):
+            if now - since > self.start_timeout_s:
+                self._joining.pop(ref)
+                self._lost(mid, f"did not start within {self.start_timeout_s:.0f} s")
+
+    def resize(self, size: int) -> None:
+        """Grow now (new members join once prepared); shrink by draining the newest members."""
+        self.target = size
+        active = [m for m in self.members.values() if not m.draining]
+        for _ in range(size - len(active)):
+            self._start()
+        for member in sorted(active, key=lambda m: -m.id)[:max(0, len(active) - size)]:
+            member.draining = True
+            if member.busy_since is None:
+                self._retire(member)
+
+    def _retire(self, member: Member) -> None:
+        self.members.pop(member.id, None)
+        self._joining = {ref: v for ref, v in self._joining.items() if v[0] != member.id}
+        ray.kill(member.handle, no_restart=True)
+        log.info("%s left the pool", self.label(member.id))
+
+    # -- work --------------------------------------------------------------------------------
+
+    def run(self, chunks: Sequence[Any], call: Callable[[Any, Any], ray.ObjectRef],
+            timeout_s: float | None = None) -> list[Any]:
+        """``call(handle, chunk)`` for every chunk on some member; results in chunk order.
+        ``timeout_s`` overrides the set's per-chunk timeout for this run."""
+        timeout_s = timeout_s or self.timeout_s
+        queue = deque(range(len(chunks)))
+        results: dict[int, Any] = {}
+        inflight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (member, chunk)
+        while len(results) < len(chunks):
+            self._poll_joins(timeout=0)
+            for member in self.members.values():
+                if queue and member.ready and not member.draining and member.busy_since is None:
+                    chunk = queue.popleft()
+                    inflight[call(member.handle, chunks[chunk])] = (member.id, chunk)
+                    member.busy_since = time.monotonic()
+            if not inflight and not self._joining:
+                raise WorkerFailure(f"no {self.name} is alive to take the remaining work")
+            waitable = list(inflight) + list(self._joining)
+            ready, _ = ray.wait(waitable, num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in inflight:
+                    mid, chunk = inflight.pop(ref)
+                    if self._collect(ref, mid):
+                        results[chunk] = ray.get(ref)
+                    else:
+                        queue.appendleft(chunk)
+            self._check_health(inflight, requeue=queue.appendleft, timeout_s=timeout_s)
+        self._poll_joins(timeout=0)
+        return [results[i] for i in range(len(chunks))]
+
+    def _collect(self, ref: ray.ObjectRef, mid: int) -> bool:
+        """True if the call succeeded; a dead member is replaced, a raising one fails the run."""
+        member = self.members.get(mid)
+        try:
+            ray.get(ref, timeout=self.health_timeout_s)  # the call has returned: fetching is quick
+        except (RayActorError, ActorUnavailableError) as e:
+            self._lost(mid, f"died ({type(e).__name__})")
+            return False
+        except RayTaskError as e:
+            raise WorkerFailure(f"{self.label(mid)} failed: {e.cause!r}") from e
+        if member is not None:
+            member.busy_since = None
+            member.last_probe = time.monotonic()
+            if member.draining:
+                self._retire(member)
+        return True
+
+    def _check_health(self, inflight: dict, requeue: Callable[[int], None] | None, timeout_s: float) -> None:
+        """Members busy for long get a ping (they serve pings concurrently with work); one
+        that does not answer, or that overruns its chunk, is treated as dead."""
+        now = time.monotonic()
+        for ref, (mid, chunk) in list(inflight.items()):
+            member = self.members.get(mid)
+            if member is None:
+                continue
+            overran = now - member.busy_since > timeout_s
+            hung = False
+            if not overran and now - member.last_probe > self.health_interval_s:
+                member.last_probe = now
+                try:
+                    ray.get(member.handle.ping.remote(), timeout=self.health_timeout_s)
+                except (GetTimeoutError, RayActorError, ActorUnavailableError):
+                    hung = True
+            if overran or hung:
+                inflight.pop(ref)
+                if requeue is not None:
+                    requeue(chunk)
+                self._lost(mid, f"overran its {timeout_s:.0f} s timeout" if overran
+                           else f"did not answer a health ping within {self.health_timeout_s:.0f} s")
+
+    def broadcast(self, call: Callable[[Any], ray.ObjectRef]) -> list[Any]:
+        """``call(handle)`` once on every ready member (e.g. a weight push). A member that dies
+        is replaced, and ``prepare`` brings its replacement to the same state (the caller
+        updates what ``prepare`` sends first), so no re-dispatch is needed."""
+        self.state += 1
+        inflight: dict[ray.ObjectRef, tuple[int, int]] = {}
+        for member in self.members.values():
+            if member.ready:
+                inflight[call(member.handle)] = (member.id, member.id)
+                member.busy_since = time.monotonic()
+        results = []
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                mid, _ = inflight.pop(ref)
+                if self._collect(ref, mid):
+                    results.append(ray.get(ref))
+            self._check_health(inflight, requeue=None, timeout_s=self.timeout_s)
+            self._poll_joins(timeout=0)
+        return results
+
+    def handles(self) -> list[Any]:
+        return [m.handle for m in self.members.values()]
+
+    def shutdown(self) -> None:
+        for member in list(self.members.values()):
+            try:
+                ray.kill(member.handle, no_restart=True)
+            except Exception:
+                pass
+        self.members.clear()
+        self._joining.clear()

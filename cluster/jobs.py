@@ -1,0 +1,304 @@
+"""Training jobs on a Ray cluster through the Ray Jobs API: ``rlrelay submit | jobs | logs | stop``.
+
+    rlrelay submit CONFIG [key=value ...] --address http://HOST:8265 [--wait]
+        └─ JobSubmissionClient.submit_job(entrypoint="python -m cluster.cli train CONFIG ...",
+                                          runtime_env={working_dir, excludes, env_vars})
+              on the cluster: Ray unpacks the working directory, sets RAY_ADDRESS, and runs the
+              entrypoint there; `rlrelay train` sees RAY_ADDRESS and joins the cluster.
+
+The job's submission id is chosen here and given to the run as the W&B tag ``ray-job:<id>`` (it is
+in the W&B config too, under ``run.wandb_tags``), so a W&B run leads back to its Ray job.
+
+Equivalents with Ray's own CLI: ``ray job submit --working-dir . -- python -m cluster.cli train
+CONFIG``, ``ray job list``, ``ray job logs [-f] JOB``, ``ray job stop JOB``.
+
+Nothing here imports ray at module level: the client is imported in the handlers, after the
+security checks have set the environment Ray reads once at import (``cluster.security``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from cluster.security import (InsecureClusterError, check_cluster_auth, client_auth_env, is_secret_name,
+                              leaked_secrets)
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Uploaded with every job: the repository minus environments, outputs and caches (Ray also
+# honours the working directory's .gitignore).
+EXCLUDES = [".venv/", ".git/", "runs/", ".cache/", "wandb/", "__pycache__/", ".pytest_cache/", "*.egg-info/"]
+# Non-secret W&B settings that follow the user into the job when set locally.
+FORWARDED_ENV = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL")
+JOB_TAG_PREFIX = "ray-job:"
+TIMED_OUT = 124  # like timeout(1)
+POLL_S = 2.0
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def register(sub) -> None:
+    epilog = ("Exit status of --wait: 0 if the job SUCCEEDED, 1 if it FAILED or was STOPPED, "
+              f"{TIMED_OUT} if --timeout passed first, 130 on Ctrl-C (in both cases the job keeps running).")
+    p = sub.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs API)", epilog=epilog,
+                       description="Validate the config here, upload the working directory and run "
+                                   "`rlrelay train CONFIG key=value...` as a Ray job. Secrets are not sent: "
+                                   "the cluster's own environment provides them (deploy/README.md).")
+    p.add_argument("config", help="job config YAML inside the working directory, e.g. deploy/jobs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _add_connection_args(p)
+    p.add_argument("--working-dir", default=".", help="directory uploaded as the job's working directory "
+                                                      "(default: the current one)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="environment variable for the job (value from here if only NAME); repeatable. "
+                        "Secret-looking names are refused")
+    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    p.add_argument("--timeout", type=float, default=3600.0, help="longest --wait, in seconds (default 3600)")
+    p.set_defaults(handler=submit_command)
+
+    p = sub.add_parser("jobs", help="list the Ray jobs of a cluster")
+    _add_connection_args(p)
+    p.set_defaults(handler=jobs_command)
+
+    p = sub.add_parser("logs", help="print (or --follow) a Ray job's logs")
+    p.add_argument("job", help="submission id, as printed by `rlrelay submit`")
+    _add_connection_args(p)
+    p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    p.add_argument("--timeout", type=float, default=3600.0, help="longest --follow, in seconds")
+    p.set_defaults(handler=logs_command)
+
+    p = sub.add_parser("stop", help="stop a Ray job and wait until it has stopped")
+    p.add_argument("job", help="submission id")
+    _add_connection_args(p)
+    p.add_argument("--timeout", type=float, default=60.0, help="longest wait for the job to stop, in seconds")
+    p.set_defaults(handler=stop_command)
+
+
+def _add_connection_args(p) -> None:
+    p.add_argument("--address", help=f"the cluster's job API (dashboard) URL; default RAY_API_SERVER_ADDRESS, "
+                                     f"RAY_ADDRESS, or {DEFAULT_ADDRESS}")
+    p.add_argument("--allow-insecure", action="store_true",
+                   help="acknowledge that the cluster is on another host without Ray token authentication "
+                        "(anyone who can reach it can run code on it); submit passes it on to the job "
+                        "as ray.allow_insecure=true")
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def submit_command(args) -> int:
+    from cluster.config import ConfigError, load_config
+
+    working_dir = Path(args.working_dir).resolve()
+    try:
+        config_in_job = Path(args.config).resolve().relative_to(working_dir)
+    except ValueError:
+        return _fail(f"the config {args.config} is not inside the uploaded working directory {working_dir}", 2)
+    try:
+        env_vars = job_env(args.env, os.environ)
+        cfg = load_config(args.config, args.overrides)
+        submission_id = new_submission_id(cfg.run.name)
+        overrides = [*args.overrides, f"run.wandb_tags={json.dumps([*cfg.run.wandb_tags, job_tag(submission_id)])}"]
+        if args.allow_insecure:
+            overrides.append("ray.allow_insecure=true")
+        load_config(args.config, overrides)  # exactly what the job will load
+    except ConfigError as e:
+        return _fail(f"config error: {e}", 2)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    entrypoint = train_entrypoint(config_in_job.as_posix(), overrides)
+    leaked = leaked_secrets([entrypoint, *env_vars.values()], os.environ)
+    if leaked:
+        return _fail(f"the job's command line or environment would carry the value of {', '.join(leaked)}; "
+                     f"secrets reach a job only through the cluster's own environment", 2)
+
+    address = resolve_address(args.address, os.environ)
+    client = _connect(address, allow_insecure=args.allow_insecure)
+    runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
+    try:
+        client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                          metadata={"rlrelay_run": cfg.run.name})
+    except Exception as e:  # the job server reports every refusal as a RuntimeError with its text
+        return _fail(f"submission refused by {address}: {e}", 1)
+    print(f"submitted job {submission_id} to {address}")
+    print(f"  follow: rlrelay logs {submission_id} --follow --address {address}")
+    print(f"  stop:   rlrelay stop {submission_id} --address {address}")
+    print(f"  W&B:    run {cfg.run.name!r}, tag {job_tag(submission_id)}")
+    if not Path(cfg.run.path).is_absolute():
+        print(f"  note: run.dir {cfg.run.path} is relative, so the run directory stays in the job's copy of the "
+              f"working directory on the cluster; set run.dir to shared storage to keep it")
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    return follow(client, submission_id, timeout=args.timeout)
+
+
+def jobs_command(args) -> int:
+    client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure)
+    jobs = [j for j in client.list_jobs() if j.submission_id]
+    print(f"{'SUBMISSION ID':<36} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
+    for job in sorted(jobs, key=lambda j: j.start_time or 0):
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
+        entrypoint = job.entrypoint if len(job.entrypoint) <= 80 else job.entrypoint[:77] + "..."
+        print(f"{job.submission_id:<36} {job.status.value:<10} {started:<19} {entrypoint}")
+    return 0
+
+
+def logs_command(args) -> int:
+    client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure)
+    if args.follow:
+        return follow(client, args.job, timeout=args.timeout)
+    try:
+        print(client.get_job_logs(args.job), end="")
+    except RuntimeError as e:
+        return _fail(str(e), 1)
+    return 0
+
+
+def stop_command(args) -> int:
+    client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure)
+    try:
+        client.stop_job(args.job)
+    except RuntimeError as e:
+        return _fail(str(e), 1)
+    status = wait_until_done(client, args.job, deadline=time.monotonic() + args.timeout)
+    if status is None:
+        return _fail(f"job {args.job} has not stopped after {args.timeout:.0f} s", TIMED_OUT)
+    print(f"job {args.job}: {status}")
+    return 0
+
+
+# -- following a job --------------------------------------------------------------------------
+
+def follow(client, submission_id: str, *, timeout: float) -> int:
+    """Print the job's logs as they come until it ends; 0 only if it SUCCEEDED."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            print(chunk, end="", flush=True)
+
+    try:
+        try:
+            asyncio.run(asyncio.wait_for(tail(), timeout=max(1.0, timeout)))
+        except (asyncio.TimeoutError, TimeoutError):
+            pass  # the deadline decides below
+        except Exception as e:  # a dropped log stream must not lose the job's outcome: poll for it
+            print(f"rlrelay: log stream ended ({type(e).__name__}: {e}); waiting for the job's status",
+                  file=sys.stderr)
+        status = wait_until_done(client, submission_id, deadline=deadline)
+    except KeyboardInterrupt:
+        print(f"\nrlrelay: stopped following; job {submission_id} keeps running "
+              f"(`rlrelay stop {submission_id}` stops it)", file=sys.stderr)
+        return 130
+    if status is None:
+        print(f"rlrelay: job {submission_id} still running after {timeout:.0f} s (it keeps running; "
+              f"`rlrelay stop {submission_id}` stops it)", file=sys.stderr)
+        return TIMED_OUT
+    info = client.get_job_info(submission_id)
+    print(f"job {submission_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""))
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def wait_until_done(client, submission_id: str, *, deadline: float) -> str | None:
+    """The job's terminal status, or None if it has none by ``deadline`` (time.monotonic)."""
+    while True:
+        status = client.get_job_status(submission_id).value
+        if status in TERMINAL:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+# -- building the submission ------------------------------------------------------------------
+
+def new_submission_id(run_name: str) -> str:
+    """``rlrelay-<run name>-<8 hex>``: readable in ``ray job list``, unique per submission."""
+    name = "".join(c if c.isalnum() else "-" for c in run_name.lower()).strip("-")[:40] or "run"
+    return f"rlrelay-{name}-{secrets.token_hex(4)}"
+
+
+def job_tag(submission_id: str) -> str:
+    """The W&B tag that names a run's Ray job."""
+    return f"{JOB_TAG_PREFIX}{submission_id}"
+
+
+def current_submission_id(env: Mapping[str, str]) -> str | None:
+    """The submission id of the Ray job this process is the driver of, or None outside a job.
+
+    Ray's job supervisor gives the driver its job config (metadata included) in the environment
+    variable RAY_JOB_CONFIG_JSON_ENV_VAR; this holds for jobs from ``rlrelay submit``,
+    ``ray job submit`` and KubeRay RayJobs alike.
+    """
+    raw = env.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        metadata = json.loads(raw).get("metadata") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    value = metadata.get("job_submission_id")
+    return value if isinstance(value, str) and value else None
+
+
+def train_entrypoint(config: str, overrides: Sequence[str]) -> str:
+    """The job's shell command: the cluster's ``python`` runs the uploaded ``cluster.cli``."""
+    return shlex.join(["python", "-m", "cluster.cli", "train", config, *overrides])
+
+
+def job_env(specs: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
+    """The job's environment variables: the non-secret W&B settings set here, then ``--env``
+    ``NAME`` (value from ``env``) or ``NAME=VALUE``. Raises ValueError for a secret's name."""
+    out = {name: env[name] for name in FORWARDED_ENV if env.get(name)}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"--env {spec!r}: expected NAME or NAME=VALUE")
+        if is_secret_name(name):
+            raise ValueError(f"--env {name}: secrets are not sent with a job (a job's environment is readable "
+                             f"by anyone with access to the job API); set {name} in the cluster's environment "
+                             f"(a Kubernetes Secret, or the shell that runs `ray start`)")
+        if not sep:
+            if name not in env:
+                raise ValueError(f"--env {name}: not set here; use --env {name}=VALUE")
+            value = env[name]
+        out[name] = value
+    return out
+
+
+def resolve_address(flag: str | None, env: Mapping[str, str]) -> str:
+    """The job API address: --address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else loopback."""
+    return flag or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
+def _connect(address: str, *, allow_insecure: bool):
+    """A JobSubmissionClient for ``address`` after the security checks; exits (2: refused,
+    1: unreachable) with a message otherwise."""
+    # Ray reads the auth mode once, at import: settle it first (a token found → token mode).
+    os.environ.update(client_auth_env(os.environ))
+    try:
+        check_cluster_auth(address, allow_insecure=allow_insecure, env=os.environ)
+    except (InsecureClusterError, ValueError) as e:
+        raise SystemExit(_fail(f"refused: {e}", 2)) from None
+    # The client prefers these variables over its argument; make them name what was checked.
+    os.environ["RAY_API_SERVER_ADDRESS"] = address
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # unreachable, refused, wrong version: Ray words each differently
+        raise SystemExit(_fail(f"cannot use the Ray job API at {address}: {e}", 1)) from None
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"rlrelay: {message}", file=sys.stderr)
+    return code
