@@ -81,7 +81,7 @@ class WeightLoadReport:
     """Bytes of weights received."""
 
 
-def sample_seed(run_seed: int, step: int, prompt_index: int, sample_index: int) -> int:
+def sample_seed(run_seed: int, step: int, slot: int, sample_index: int) -> int:
     """Seed of one sample, a pure function of where it sits in the run.
 
     A per-request seed makes vLLM sample the same tokens in any engine, batch and order
@@ -89,7 +89,7 @@ def sample_seed(run_seed: int, step: int, prompt_index: int, sample_index: int) 
     draws the same completion.
     """
     x = 0x9E3779B97F4A7C15
-    for v in (run_seed, step, prompt_index, sample_index):
+    for v in (run_seed, step, slot, sample_index):
         # splitmix64 finaliser over each field: nearby inputs give unrelated seeds.
         x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
@@ -120,22 +120,22 @@ class RolloutWorker:
         sampling = request.sampling
         prompt_ids = [self._encode(p, sampling) for p in request.prompts]
         inputs, params, keys = [], [], []
-        for prompt, ids in zip(request.prompts, prompt_ids):
+        for slot, (prompt, ids) in enumerate(zip(request.prompts, prompt_ids), start=request.first_slot):
             for k in range(sampling.samples_per_prompt):
                 inputs.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(SamplingParams(
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                     max_tokens=sampling.max_new_tokens, stop=list(sampling.stop), logprobs=0,
-                    seed=sample_seed(request.seed, request.step, prompt.index, k)))
-                keys.append((prompt, ids, k))
+                    seed=sample_seed(request.seed, request.step, slot, k)))
+                keys.append((prompt, slot, ids, k))
         outputs = self._llm.generate(inputs, params, use_tqdm=False)
 
         rollouts = []
-        for (prompt, ids, k), out in zip(keys, outputs):
+        for (prompt, slot, ids, k), out in zip(keys, outputs):
             completion = out.outputs[0]
             tokens = tuple(completion.token_ids)
             rollouts.append(Rollout(
-                prompt_index=prompt.index, sample_index=k,
+                prompt_index=prompt.index, slot=slot, sample_index=k,
                 prompt_text=self._tokenizer.decode(ids, skip_special_tokens=True),
                 answer=prompt.answer, prompt_token_ids=tuple(ids), response_token_ids=tokens,
                 response_logprobs=_sampled_logprobs(completion, tokens),

@@ -86,21 +86,27 @@ class GenerateRequest:
     """Training step the samples are for; part of every request's seed."""
     seed: int
     """Run seed; part of every request's seed."""
+    first_slot: int = 0
+    """Slot of ``prompts[0]`` in the step's batch (the others follow on)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Rollout:
     """One sampled response with everything the reward and learner need.
 
-    Example: ``Rollout(prompt_index=7, sample_index=0, prompt_text="12+30=", answer="42",
+    Example: ``Rollout(prompt_index=7, slot=3, sample_index=0, prompt_text="12+30=", answer="42",
     prompt_token_ids=(1, 5, 6), response_token_ids=(8, 6, 2), response_logprobs=(-0.1, -0.3, -0.01),
     response_text="42", finish_reason="stop", policy_version=3)``
     """
 
     prompt_index: int
     """``Prompt.index`` of the prompt this answers."""
+    slot: int
+    """Position of its prompt in the step's batch. (step, slot, sample_index) names a sample
+    uniquely even when a prompt comes twice in one batch (across an epoch boundary); it seeds
+    the sample and groups the samples of one prompt."""
     sample_index: int
-    """Which of the prompt's ``samples_per_prompt`` samples this is (0-based)."""
+    """Which of the slot's ``samples_per_prompt`` samples this is (0-based)."""
     prompt_text: str
     """The prompt as fed to the model (chat template applied)."""
     answer: str | None

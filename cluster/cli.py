@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 
+from cluster.control import register as register_control  # status, scale
 from cluster.jobs import register as register_jobs  # submit, jobs, logs, stop (imports nothing heavy)
 
 
@@ -86,7 +87,7 @@ def export_command(args) -> int:
 
 
 # Modules contributing subcommands, in the order they appear in --help.
-REGISTRARS = [register, register_jobs]
+REGISTRARS = [register, register_control, register_jobs]
 
 
 def main(argv: list[str] | None = None) -> int:

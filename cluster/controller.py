@@ -23,11 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import ray
 import torch
 
 from actors.types import Prompt, Rollout, SamplingSettings
 from cluster.checkpoints import CheckpointManager, DriverState, read_checkpoint
 from cluster.config import Config
+from cluster.control import JobStatus
 from cluster.data import PromptSampler, SamplerState
 from cluster.pools import LearnerGroup, RewardPool, RolloutPool
 from cluster.tracking import Tracker
@@ -43,8 +45,8 @@ log = logging.getLogger("rlrelay")
 
 
 def group_ids(rollouts: list[Rollout]) -> torch.Tensor:
-    """Which prompt group each sample belongs to.  # [B]"""
-    return torch.tensor([r.prompt_index for r in rollouts])
+    """Which prompt group each sample belongs to: its slot in the step's batch.  # [B]"""
+    return torch.tensor([r.slot for r in rollouts])
 
 
 class RewardFailure(RuntimeError):
@@ -73,8 +75,9 @@ class Controller:
     def __init__(self, cfg: Config, *, sampler: PromptSampler, eval_prompts: list[Prompt],
                  rollout: RolloutPool, reward: RewardPool, learner: LearnerGroup, tracker: Tracker,
                  checkpoints: CheckpointManager, model_path: str, pad_token_id: int,
-                 resume_from: Path | None = None) -> None:
+                 control=None, resume_from: Path | None = None) -> None:
         self.cfg = cfg
+        self.control = control  # handle of the job's JobControl actor (rlrelay status / scale)
         self.checkpoints = checkpoints
         self.model_path = model_path
         self.resume_from = resume_from
@@ -106,6 +109,7 @@ class Controller:
         for step in range(start, cfg.trainer.steps):
             self.timings = {}
             started = time.perf_counter()
+            self.apply_scale_request()
             # 1-2. act and score: sample responses from the current policy, reward them
             rollouts, scores, metrics = self.collect(step)
             if len(rollouts) < cfg.learner.world_size:  # dynamic sampling kept (almost) nothing
@@ -147,11 +151,12 @@ class Controller:
             if fwd.values is not None:
                 metrics["value/explained_variance"] = explained_variance(fwd.values, adv.returns, mask)
             every = cfg.trainer.eval_every
-            if every and (step + 1) % every == 0 and step + 1 < cfg.trainer.steps:
+            if every and self.eval_prompts and (step + 1) % every == 0 and step + 1 < cfg.trainer.steps:
                 metrics["eval/accuracy"] = self.evaluate(step=step + 1, log=False)
             self.tracker.log(step + 1, metrics)
             if cfg.trainer.sample_table_every and (step + 1) % cfg.trainer.sample_table_every == 0:
                 self.tracker.log_samples(step + 1, rollouts, scores.tolist())
+            self.publish_status(step + 1, metrics)
             self.guard_against_divergence(step + 1, metrics)
             if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0 and step + 1 < cfg.trainer.steps:
                 self.save(step + 1)
@@ -161,6 +166,29 @@ class Controller:
             self.learner.save_pretrained(str(cfg.run.path.resolve() / "final_model"))
         eval_after = self.evaluate(step=cfg.trainer.steps)
         return RunSummary(steps_completed=cfg.trainer.steps, eval_before=self.eval_before, eval_after=eval_after)
+
+    # -- elastic pool and status ----------------------------------------------------------------
+
+    def apply_scale_request(self) -> None:
+        """Take a pending ``rlrelay scale`` request at the step boundary."""
+        if self.control is None:
+            return
+        wanted = ray.get(self.control.take_scale_request.remote(), timeout=30)
+        if wanted is not None and wanted != self.rollout.actors.target:
+            log.info("scaling the rollout pool from %d to %d workers", self.rollout.actors.target, wanted)
+            self.rollout.resize(wanted)
+
+    def publish_status(self, step: int, metrics: dict[str, float]) -> None:
+        if self.control is None:
+            return
+        keys = ("reward/mean", "eval/accuracy", "kl/value", "timing/step", "throughput/samples_per_s",
+                "cluster/worker_restarts")
+        status = JobStatus(run_name=self.cfg.run.name, step=step, total_steps=self.cfg.trainer.steps,
+                           policy_version=self.version, rollout_workers=tuple(self.rollout.infos()),
+                           learner_ranks=self.cfg.learner.world_size,
+                           desired_rollout_workers=self.rollout.actors.target,
+                           metrics={k: metrics[k] for k in keys if k in metrics})
+        self.control.publish.remote(status)  # fire and forget: status must never slow the loop
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -221,13 +249,17 @@ class Controller:
         rollouts: list[Rollout] = []
         scores: list[torch.Tensor] = []
         raw: list[torch.Tensor] = []
-        filtered, rounds = 0, 0
+        filtered, rounds, issued, failures = 0, 0, 0, 0
         while True:
             with self.phase("generate"):
                 prompts = self.sampler.next_batch(want - len(rollouts) // self.sampling.samples_per_prompt)
-                new = self.rollout.generate(prompts, self.sampling, step=step, seed=self.cfg.run.seed)
+                # Refills take fresh slots, so every sample of the step keeps its own seed.
+                new = self.rollout.generate(prompts, self.sampling, step=step, seed=self.cfg.run.seed,
+                                            first_slot=issued)
+                issued += len(prompts)
             with self.phase("score"):
-                new_scores, failures = self.score(new)
+                new_scores, failed = self.score(new)
+                failures += failed
             raw.append(new_scores)
             new_scores = self.shape(new_scores, new)
             if algo.dynamic_sampling:
@@ -241,6 +273,10 @@ class Controller:
             if not algo.dynamic_sampling or len(rollouts) >= want * self.sampling.samples_per_prompt \
                     or rounds > algo.dynamic_sampling_max_rounds:
                 break
+        # Exactly once: every (slot, sample) of the step appears once, whatever workers died.
+        keys = [(r.slot, r.sample_index) for r in rollouts]
+        if len(set(keys)) != len(keys):
+            raise RuntimeError(f"step {step}: duplicate samples in the batch ({len(keys) - len(set(keys))})")
         all_raw = torch.cat(raw)
         metrics = {"reward/mean": float(all_raw.mean()), "reward/std": float(all_raw.std(unbiased=False)),
                    "reward/failures": float(failures), "rollout/filtered_groups": float(filtered),
@@ -306,6 +342,8 @@ class Controller:
             "rollout/response_length": float(lengths.mean()),
             "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
             "rollout/policy_version": float(min(r.policy_version for r in rollouts)),
+            "rollout/policy_version_max": float(max(r.policy_version for r in rollouts)),
+            "rollout/samples": float(len(rollouts)),
         }
 
     def evaluate(self, step: int, log: bool = True) -> float | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cluster.checkpoints import CheckpointManager, read_checkpoint, resolve_resume
 from cluster.config import Config, ConfigError, to_dict
+from cluster.control import JobControl, control_actor_name, register_job
 from cluster.controller import Controller, RunSummary
 from cluster.data import PromptSampler, load_prompts
 from cluster.security import check_cluster_auth, require_token_auth
@@ -71,6 +72,19 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=runtime_env)
 
 
+def start_control(cfg: Config):
+    """The job's named control actor; a second job with the same run name is refused."""
+    import ray
+
+    name = control_actor_name(cfg.run.name)
+    try:
+        ray.get_actor(name, namespace=cfg.ray.namespace)
+    except ValueError:
+        return ray.remote(JobControl).options(name=name, namespace=cfg.ray.namespace, num_cpus=0).remote(cfg.run.name)
+    raise ConfigError(f"a job named {cfg.run.name!r} is already running in Ray namespace {cfg.ray.namespace!r}: "
+                      f"set run.name to another name")
+
+
 def train(cfg: Config, resume: str | None = None) -> RunSummary:
     """Run one training job to completion and write its summary.
 
@@ -109,10 +123,12 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
                       config=to_dict(resolved), tags=cfg.run.wandb_tags, total_steps=cfg.trainer.steps,
                       run_id=resumed.wandb_run_id if resumed else None,
                       resume_step=resumed.step if resumed else None)
-    init_ray(cfg)
-    log.info("ray ready")
     pools = []
+    registered = None
     try:
+        init_ray(cfg)
+        control = start_control(cfg)
+        registered = register_job(cfg.run.name, ray.get_runtime_context().gcs_address, cfg.ray.namespace)
         updates_per_step = cfg.algorithm.ppo_epochs * cfg.algorithm.minibatches
         # All actors start at once (vLLM engines, learner ranks and reward workers load in
         # parallel); then each pool waits for its own.
@@ -128,14 +144,20 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         log.info("actors ready in %.1f s: %d learner rank(s), %d rollout worker(s), %d reward worker(s)",
                  time.perf_counter() - started, len(learner.ranks), len(rollout.actors.members),
                  len(reward.actors.members))
-        controller = Controller(cfg, sampler=PromptSampler(train_prompts, seed=cfg.run.seed),
+        controller = Controller(cfg, control=control, sampler=PromptSampler(train_prompts, seed=cfg.run.seed),
                                 eval_prompts=eval_prompts, rollout=rollout, reward=reward, learner=learner,
                                 tracker=tracker, checkpoints=checkpoints, model_path=paths.model_path,
                                 pad_token_id=pad_id, resume_from=resume_from)
         summary = controller.run()
         tracker.finish(asdict(summary))
         return summary
+    except BaseException:
+        tracker.abort()
+        raise
     finally:
+        if registered is not None:
+            registered.unlink(missing_ok=True)
         for pool in reversed(pools):
             pool.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()

@@ -23,6 +23,7 @@ from cluster.actor_set import ActorSet, WorkerFailure
 from actors.rollout_worker import EngineSettings, RolloutWorker, WeightLoadReport, WorkerStatus
 from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
 from cluster.config import Config
+from cluster.control import WorkerInfo
 from learner.batch import RolloutBatch, TrainBatch
 from learner.worker import ForwardResult, LearnerRank, Minibatch, RankState, UpdateResult
 from reward.types import ScoreRequest, ScoreResult
@@ -70,6 +71,7 @@ class RolloutPool:
         # itself never sends a worker two pieces of work at once.
         actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=2)
         self.update_ref: ray.ObjectRef | None = None
+        self._nodes: dict[int, ray.ObjectRef] = {}
         self.actors = ActorSet("rollout worker", spawn=lambda i: actor.remote(i, self.settings),
                                prepare=self._prepare, size=r.num_workers, timeout_s=r.timeout_s,
                                max_restarts=r.max_restarts, health_interval_s=r.health_interval_s,
@@ -85,10 +87,13 @@ class RolloutPool:
         fails the job here, not on the first step."""
         self.actors.wait_ready()
 
-    def generate(self, prompts: Sequence[Prompt], sampling: SamplingSettings, step: int, seed: int) -> list[Rollout]:
-        """Every prompt sampled ``samples_per_prompt`` times, in prompt order."""
-        parts = max(1, sum(m.ready for m in self.actors.members.values()))
-        chunks = [GenerateRequest(prompts=tuple(prompts[lo:hi]), sampling=sampling, step=step, seed=seed)
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingSettings, step: int, seed: int,
+                 first_slot: int = 0) -> list[Rollout]:
+        """Every prompt sampled ``samples_per_prompt`` times, in prompt order; prompt i takes
+        slot ``first_slot + i`` of the step."""
+        parts = max(1, sum(m.ready and not m.draining for m in self.actors.members.values()))
+        chunks = [GenerateRequest(prompts=tuple(prompts[lo:hi]), sampling=sampling, step=step, seed=seed,
+                                  first_slot=first_slot + lo)
                   for lo, hi in split_evenly(len(prompts), parts) if hi > lo]
         results = self.actors.run(chunks, lambda handle, request: handle.generate.remote(request))
         return [r for part in results for r in part]
@@ -98,9 +103,42 @@ class RolloutPool:
         self.update_ref = update_ref
         return self.actors.broadcast(lambda handle: handle.load_weights.remote(update_ref))
 
-    def statuses(self) -> list[WorkerStatus]:
-        return wait([h.status.remote() for h in self.actors.handles()], 30,
-                    [self.actors.label(mid) for mid in self.actors.members])
+    def resize(self, size: int) -> None:
+        """Grow or shrink the pool. New workers load the current weights before they serve;
+        leaving workers finish the prompts they hold, then stop (nothing is lost or redone)."""
+        self.actors.resize(size)
+
+    def infos(self) -> list[WorkerInfo]:
+        """Every member's state, node, weight version and throughput (for ``rlrelay status``).
+        Best effort and bounded: a member that does not answer within a few seconds shows as
+        unknown rather than delaying the step."""
+        members = list(self.actors.members.values())
+        for m in members:
+            if m.id not in self._nodes:
+                self._nodes[m.id] = m.handle.__ray_call__.remote(lambda _: ray.util.get_node_ip_address())
+        asked = {m.handle.status.remote(): m.id for m in members if m.ready}
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=5) if asked else ([], [])
+        statuses = {}
+        for ref in answered:
+            try:
+                statuses[asked[ref]] = ray.get(ref)
+            except Exception:  # died since: the pool notices at its next call
+                pass
+        nodes_ready, _ = ray.wait([self._nodes[m.id] for m in members], num_returns=len(members), timeout=5)
+        infos = []
+        for m in members:
+            st: WorkerStatus | None = statuses.get(m.id)
+            node = "?"
+            if self._nodes[m.id] in nodes_ready:
+                try:
+                    node = ray.get(self._nodes[m.id])
+                except Exception:
+                    pass
+            infos.append(WorkerInfo(
+                id=m.id, node=node, state="draining" if m.draining else "serving" if m.ready else "joining",
+                policy_version=st.policy_version if st else -1,
+                tokens_per_s=st.tokens_generated / st.generate_seconds if st and st.generate_seconds else 0.0))
+        return infos
 
     @property
     def restarts(self) -> int:

@@ -89,6 +89,11 @@ class Tracker:
         self._metrics_file.close()
         self.run.finish()
 
+    def abort(self) -> None:
+        """Close a run that failed: W&B marks it failed; metrics so far stay on disk."""
+        self._metrics_file.close()
+        self.run.finish(exit_code=1)
+
     def _plot(self) -> None:
         import matplotlib
 

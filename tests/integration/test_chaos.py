@@ -48,7 +48,7 @@ def pid_of(handle) -> int:
 
 
 def samples(rollouts):
-    return {(r.prompt_index, r.sample_index): r.response_token_ids for r in rollouts}
+    return {(r.slot, r.sample_index): r.response_token_ids for r in rollouts}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_killed_rollout_workers_lose_nothing(pool):
 
     out = generate_with(pool, chaos)
     assert pool.restarts - before == 2
-    keys = [(r.prompt_index, r.sample_index) for r in out]
+    keys = [(r.slot, r.sample_index) for r in out]
     assert len(keys) == len(set(keys)) == len(reference)  # exactly once
     assert samples(out) == samples(reference)  # the same samples an undisturbed pool draws
     assert {r.policy_version for r in out} == {1}  # replacements loaded the current weights

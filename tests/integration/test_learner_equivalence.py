@@ -21,7 +21,7 @@ def make_batch(rows: int = 8, seed: int = 0) -> TrainBatch:
     for i in range(rows):
         p, r = 3 + i % 3, 2 + (i * 5) % 6  # ragged prompts and responses
         rollouts.append(Rollout(
-            prompt_index=i // 2, sample_index=i % 2, prompt_text="", answer=None,
+            prompt_index=i // 2, slot=i // 2, sample_index=i % 2, prompt_text="", answer=None,
             prompt_token_ids=tuple(torch.randint(4, 40, (p,), generator=g).tolist()),
             response_token_ids=tuple(torch.randint(4, 40, (r,), generator=g).tolist()),
             response_logprobs=tuple([-1.0] * r), response_text="", finish_reason="stop", policy_version=0))

@@ -60,7 +60,7 @@ def test_generate_then_sync_changes_outputs_and_logprobs_match(ray_local, reques
 
     before = ray.get(worker.generate.remote(request()), timeout=300)
     assert len(before) == len(PROMPTS) * 4
-    assert [(r.prompt_index, r.sample_index) for r in before] == [(i, k) for i in range(3) for k in range(4)]
+    assert [(r.slot, r.sample_index) for r in before] == [(i, k) for i in range(3) for k in range(4)]
     for r in before:
         assert r.policy_version == 0
         assert len(r.response_logprobs) == len(r.response_token_ids) > 0
@@ -96,3 +96,40 @@ def test_generate_then_sync_changes_outputs_and_logprobs_match(ray_local, reques
 @pytest.fixture
 def request_fixture_dir(request):
     return request.getfixturevalue
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant {% endif %}")
+
+
+def test_chat_prompts_use_the_tokenizers_chat_template(ray_local, tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from actors.types import ChatMessage
+
+    chat_dir = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, chat_dir)
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(chat_dir))
+
+    chat = Prompt(index=0, messages=(ChatMessage(role="system", content="be brief"),
+                                     ChatMessage(role="user", content="what is 2+2?")), answer="4")
+    plain = Prompt(index=1, text="12+3=", answer="15")
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=4, samples_per_prompt=1)
+    worker = start_worker(ray_local, chat_dir)
+    out = ray_local.get(worker.generate.remote(GenerateRequest(prompts=(chat, plain), sampling=sampling, step=0,
+                                                               seed=0)), timeout=300)
+    assert out[0].prompt_text == "system be brief user what is 2+2? assistant "
+    assert list(out[0].prompt_token_ids) == tok.encode(out[0].prompt_text, add_special_tokens=False)
+    assert out[1].prompt_text == "12+3="
+    ray_local.kill(worker)
+
+    # A chat prompt for a model whose tokenizer has no template is an error naming the prompt.
+    worker = start_worker(ray_local, tiny_model_dir)
+    with pytest.raises(Exception, match="prompt 0 is a chat, but the tokenizer .* has no chat template"):
+        ray_local.get(worker.generate.remote(GenerateRequest(prompts=(chat,), sampling=sampling, step=0, seed=0)),
+                      timeout=300)
+    ray_local.kill(worker)

@@ -7,7 +7,7 @@ from learner.batch import collate, response_positions
 
 
 def rollout(prompt, response, logprobs):
-    return Rollout(prompt_index=0, sample_index=0, prompt_text="", answer=None, prompt_token_ids=tuple(prompt),
+    return Rollout(prompt_index=0, slot=0, sample_index=0, prompt_text="", answer=None, prompt_token_ids=tuple(prompt),
                    response_token_ids=tuple(response), response_logprobs=tuple(logprobs), response_text="",
                    finish_reason="stop", policy_version=0)
 

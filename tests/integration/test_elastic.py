@@ -1,0 +1,76 @@
+"""Elastic rollout pool: during `rlrelay train ... rollout.num_workers=1`, `rlrelay scale
+--rollout 2` from another process makes `rlrelay status` show two workers serving the current
+weights, `--rollout 1` drains one again, and the run completes with every prompt generated
+exactly once by the weights of its step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, run_cli, write_addition_data
+
+pytestmark = pytest.mark.integration
+
+PROMPTS, SAMPLES, STEPS = 8, 4, 100
+
+
+def rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_scale_up_and_down_while_training(tmp_path, tiny_model_dir):
+    train = write_addition_data(tmp_path / "train.jsonl", 64, seed=0)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent),
+           "RLRELAY_STATE_DIR": str(tmp_path / "jobs")}
+    # A slow reward (20 ms a sample) keeps every step >= 0.6 s, so the job outlives the scaling.
+    job = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "train", "deploy/jobs/demo.yaml", f"trainer.steps={STEPS}",
+         "rollout.num_workers=1", f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}",
+         "model.max_model_len=64", f"model.path={tiny_model_dir}", f"data.train_path={train}", f"run.dir={run_dir}",
+         "run.name=elastic-test", "trainer.sample_table_every=0", "trainer.eval_every=0",
+         "reward.functions=[rewards_for_tests:slow_length]"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not any(r.get("step", 0) >= 2 and "reward/mean" in r for r in rows(run_dir)):
+            assert job.poll() is None and time.time() < deadline, "the job did not reach step 2"
+            time.sleep(0.5)
+
+        up = run_cli("scale", "--rollout", "2", "--job", "elastic-test", "--wait", "240", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        status = json.loads(run_cli("status", "--job", "elastic-test", "--json", env=env).stdout)
+        serving = [w for w in status["rollout_workers"] if w["state"] == "serving"]
+        assert len(serving) == 2 and {w["policy_version"] for w in serving} == {status["policy_version"]}
+
+        down = run_cli("scale", "--rollout", "1", "--job", "elastic-test", "--wait", "240", env=env)
+        assert down.returncode == 0, down.stdout + down.stderr
+        status = json.loads(run_cli("status", "--job", "elastic-test", "--json", env=env).stdout)
+        assert len(status["rollout_workers"]) == 1
+
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-4000:]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, 9)
+
+    steps = [r for r in rows(run_dir) if "reward/mean" in r]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    sizes = [int(r["cluster/rollout_workers"]) for r in steps]
+    assert 2 in sizes and sizes[0] == 1 and sizes[-1] == 1  # 1 -> 2 -> 1
+    for r in steps:
+        assert r["rollout/samples"] == PROMPTS * SAMPLES  # nothing lost (duplicates stop the run)
+        # In synchronous mode every sample of step k comes from the weights after k-1 updates.
+        assert r["rollout/policy_version"] == r["rollout/policy_version_max"] == r["step"] - 1
+        assert r["cluster/worker_restarts"] == 0  # leaving workers drain, they are not "lost"
+    assert json.loads((run_dir / "summary.json").read_text())["steps_completed"] == STEPS
