@@ -60,7 +60,9 @@ class RolloutPool:
     joins (a replacement, or a scale-up) loads them before it gets any prompt. Keeping just
     that one live version also keeps the object-store memory it uses warm (DESIGN)."""
 
-    def __init__(self, cfg: Config, model_path: str) -> None:
+    def __init__(self, cfg: Config, model_path: str, worker_cls: type = RolloutWorker) -> None:
+        """``worker_cls``: the rollout worker class; a stand-in with the same verbs (generate,
+        load_weights, status, ping) measures the control plane without vLLM (``rlrelay bench scale``)."""
         r = cfg.rollout
         device = "cuda" if r.num_gpus > 0 else "cpu"
         self.settings = EngineSettings(
@@ -69,7 +71,7 @@ class RolloutPool:
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization)
         # Two concurrent calls: a health ping is answered while generate runs. The pool
         # itself never sends a worker two pieces of work at once.
-        actor = ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=2)
+        actor = ray.remote(worker_cls).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=2)
         self.update_ref: ray.ObjectRef | None = None
         self._nodes: dict[int, ray.ObjectRef] = {}
         self.actors = ActorSet("rollout worker", spawn=lambda i: actor.remote(i, self.settings),
