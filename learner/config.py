@@ -127,6 +127,26 @@ class LearnerConfig:
     """Gradient clipping by global norm; 0 turns it off."""
     micro_batch_size: int = 16
     """Sequences per forward/backward on one rank; gradients accumulate over micro-batches."""
+    sharding: str = "full"
+    """How FSDP2 spreads state over ranks: ``full`` shards parameters, gradients and optimizer
+    state and re-gathers parameters for backward (ZeRO-3-like, least memory); ``grad_op`` keeps
+    each block's parameters gathered from forward to backward (ZeRO-2-like: one all-gather per
+    block instead of two, the gathered block stays in memory); ``none`` replicates everything
+    (plain data parallel: fastest for small models, most memory)."""
+    cpu_offload: bool = False
+    """Keep parameters, gradients and optimizer state in CPU memory, moving each block to the GPU
+    only while it computes (FSDP2 CPUOffloadPolicy); the optimizer step runs on the CPU. Saves
+    most GPU memory, costs PCIe traffic every step. No effect when training on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward instead of storing them:
+    activation memory drops to about one block's worth, at ~30% more compute."""
+    reference_offload: bool = False
+    """Keep the frozen reference model in CPU memory between uses (blocks move to the GPU only
+    during its forward). No effect when training on CPU."""
+    gpus_per_node: int = 8
+    """GPUs per node of the cluster (for ``rlrelay plan`` and placement)."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU (for ``rlrelay plan``)."""
     seed: int = 0
     """Seed of model init pieces (value head) on the learner."""
     timeout_s: float = 600.0
@@ -137,6 +157,8 @@ class LearnerConfig:
         _positive("learner.micro_batch_size", self.micro_batch_size)
         _positive("learner.num_threads", self.num_threads)
         _choice("learner.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _choice("learner.sharding", self.sharding, ("full", "grad_op", "none"))
+        _positive("learner.gpus_per_node", self.gpus_per_node)
         if self.lr <= 0 or self.critic_lr <= 0:
             raise ValueError("learner.lr and learner.critic_lr must be > 0")
         if self.timeout_s <= 0:

@@ -3,11 +3,12 @@ rank's rows into a fixed number of micro-batches so every rank makes the same co
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
 from learner.batch import TrainBatch
@@ -34,15 +35,51 @@ def init_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> None:
         g["lr"] = lr
 
 
-def shard_model(model: nn.Module, mesh, mp: MixedPrecisionPolicy | None) -> nn.Module:
-    """FSDP2: shard every transformer block, then the root (embeddings, head, norms)."""
-    kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardingPlan:
+    """How one model is wrapped with FSDP2 (built by the learner rank from ``learner.*``).
+
+    Example: ``ShardingPlan(mesh=mesh, reshard_after_forward=True, mp=None, offload=False)``
+    """
+
+    mesh: DeviceMesh
+    """1-D ``(world,)`` mesh to shard over, or 2-D ``(world, 1)`` to replicate (HSDP with
+    shard groups of one: ``learner.sharding=none``)."""
+    reshard_after_forward: bool
+    """False keeps each block gathered between forward and backward (``grad_op``)."""
+    mp: MixedPrecisionPolicy | None
+    """bf16 compute with fp32 gradient reduction on GPU; None (fp32) on CPU."""
+    offload: bool
+    """Parameters (and their gradients and optimizer state) live in CPU memory."""
+
+
+def shard_model(model: nn.Module, plan: ShardingPlan, checkpoint_activations: bool = False) -> nn.Module:
+    """FSDP2: wrap every transformer block, then the root (embeddings, head, norms)."""
+    if checkpoint_activations:
+        _checkpoint_blocks(model)
+    kwargs = {"mesh": plan.mesh, "reshard_after_forward": plan.reshard_after_forward}
+    if plan.mp is not None:
+        kwargs["mp_policy"] = plan.mp
+    if plan.offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     block_names = set(_find_block_names(model))
     for module in model.modules():
         if type(module).__name__ in block_names:
             fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root's parameters (embeddings, final norm, head) are needed right after forward
+    # for the loss, so keeping them gathered costs little.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": plan.reshard_after_forward})
     return model
+
+
+def _checkpoint_blocks(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing around every transformer block (Hugging Face's
+    own switch on the model, or on the critic's trunk)."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return
+    raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
 
 
 def _find_block_names(model: nn.Module) -> list[str]:

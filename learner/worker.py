@@ -10,9 +10,10 @@ shard size.
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import numpy as np
@@ -31,7 +32,7 @@ from learner.batch import RolloutBatch, TrainBatch
 from learner.checkpoint import (JsonMetadataReader, JsonMetadataWriter, join_optimizer_state,
                                 split_optimizer_state)
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.fsdp import cat_rows, init_optimizer_state, micro_batches, shard_model, to_device
+from learner.fsdp import ShardingPlan, cat_rows, init_optimizer_state, micro_batches, shard_model, to_device
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import load_critic, load_policy, sequence_logprobs, sequence_values
 from learner.weight_bucket import WeightUpdate, pack_state_dict
@@ -130,21 +131,35 @@ class LearnerRank:
                                 timeout=timedelta(seconds=self.cfg.timeout_s))
         if self.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray exposes exactly the rank's own GPU
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
         torch.manual_seed(self.cfg.seed)
         gpu = self.device.type == "cuda"
+        cfg = self.cfg
+        if cfg.sharding == "none":  # replicate: HSDP whose shard groups have one rank
+            mesh = init_device_mesh(self.device.type, (self.world_size, 1), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
         # fp32 master weights everywhere; on GPU compute runs in bf16 and gradients reduce in fp32.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu else None
+        # CPU offload only means something when compute is on a GPU.
+        if (cfg.cpu_offload or cfg.reference_offload) and not gpu and self.rank == 0:
+            logging.getLogger("rlrelay").info("learner.cpu_offload/reference_offload: no effect when training on CPU")
+        trained = ShardingPlan(mesh=mesh, reshard_after_forward=cfg.sharding == "full", mp=mp,
+                               offload=cfg.cpu_offload and gpu)
+        # Offloaded parameters start on the CPU; FSDP2 moves each block to the GPU to compute.
+        placed = (lambda m: m) if trained.offload else (lambda m: m.to(self.device))
 
-        self.policy = shard_model(load_policy(self.model_path, torch.float32).to(self.device), mesh, mp)
-        self.policy_opt, self.policy_sched = self._optimizer(self.policy, self.cfg.lr)
+        ckpt = cfg.activation_checkpointing
+        self.policy = shard_model(placed(load_policy(self.model_path, torch.float32)), trained, ckpt)
+        self.policy_opt, self.policy_sched = self._optimizer(self.policy, cfg.lr)
         self.critic = self.critic_opt = self.critic_sched = None
         if self.algo.uses_critic:
-            self.critic = shard_model(load_critic(self.model_path, torch.float32).to(self.device), mesh, mp)
-            self.critic_opt, self.critic_sched = self._optimizer(self.critic, self.cfg.critic_lr)
+            self.critic = shard_model(placed(load_critic(self.model_path, torch.float32)), trained, ckpt)
+            self.critic_opt, self.critic_sched = self._optimizer(self.critic, cfg.critic_lr)
         self.reference = None
         if self.algo.uses_reference:
-            self.reference = shard_model(load_policy(self.model_path, torch.float32).to(self.device), mesh, mp)
+            frozen = replace(trained, offload=(cfg.reference_offload or cfg.cpu_offload) and gpu)
+            model = load_policy(self.model_path, torch.float32)
+            self.reference = shard_model(model if frozen.offload else model.to(self.device), frozen)
             self.reference.requires_grad_(False).eval()
 
     def _optimizer(self, model: nn.Module, lr: float):

@@ -34,9 +34,12 @@ def make_batch(rows: int = 8, seed: int = 0) -> TrainBatch:
                       ref_logprobs=None, importance_weights=None)
 
 
-def updated_weights(ray, model_dir, *, world_size: int, micro_batch_size: int, loss_agg: str) -> tuple[dict, float]:
+def updated_weights(ray, model_dir, *, world_size: int, micro_batch_size: int, loss_agg: str = "token_mean",
+                    **learner) -> tuple[dict, float]:
     """Weights after two optimizer steps, and the mean gradient norm before clipping."""
     cfg = Config()
+    for key, value in learner.items():
+        setattr(cfg.learner, key, value)
     cfg.learner.world_size = world_size
     cfg.learner.micro_batch_size = micro_batch_size
     cfg.learner.num_cpus = 0.5
@@ -84,3 +87,16 @@ def test_micro_batching_and_world_size_give_the_same_update(ray_local, tiny_mode
         # instead of global denominators) is off by tens of percent.
         rel = float((delta - delta_ref).norm() / delta_ref.norm())
         assert rel < 1e-3, f"{name}: update differs by {rel:.2e} (relative)"
+
+
+@pytest.mark.parametrize("option", [
+    {"sharding": "grad_op"},                # ZeRO-2-like: blocks stay gathered forward to backward
+    {"sharding": "none"},                   # replicated (HSDP with shard groups of one)
+    {"activation_checkpointing": True},     # blocks recomputed in backward
+])
+def test_memory_options_give_the_same_update(ray_local, tiny_model_dir, option):
+    reference, ref_norm = updated_weights(ray_local, tiny_model_dir, world_size=2, micro_batch_size=3)
+    got, norm = updated_weights(ray_local, tiny_model_dir, world_size=2, micro_batch_size=3, **option)
+    assert abs(norm - ref_norm) / ref_norm < 1e-4, f"{option}: gradient norm {norm} != {ref_norm}"
+    worst = max(float((got[k] - reference[k]).abs().max()) for k in reference)
+    assert worst < 1e-5, f"{option}: weights differ by {worst:.2e}"
