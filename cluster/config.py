@@ -166,6 +166,10 @@ class TrainerConfig:
     """Evaluate every N steps (0 = only before and after training)."""
     sample_table_every: int = 5
     """Log a table of sample generations every N steps (0 = never)."""
+    async_staleness: int = 0
+    """0: synchronous (generate, then train, then push). k >= 1: generation of step s+1 overlaps
+    the update on step s, so samples are at most one policy version stale (<= k); truncated
+    importance sampling corrects for it unless algorithm.tis_cap=0."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end); the end of training always checkpoints."""
     keep_last: int = 2
@@ -221,6 +225,8 @@ class Config:
                            ("reward.num_workers", self.reward.num_workers)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1 (got {value})")
+        if self.trainer.async_staleness < 0:
+            raise ConfigError(f"trainer.async_staleness must be >= 0 (got {self.trainer.async_staleness})")
         if self.trainer.keep_last < 1 or self.trainer.save_every < 0 or self.trainer.max_skipped_updates < 1:
             raise ConfigError("trainer.keep_last and trainer.max_skipped_updates must be >= 1, "
                               "trainer.save_every >= 0")

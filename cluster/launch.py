@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cluster.checkpoints import CheckpointManager, read_checkpoint, resolve_resume
+from cluster.collect import Collector
 from cluster.config import Config, ConfigError, to_dict
 from cluster.control import JobControl, control_actor_name, register_job
 from cluster.controller import Controller, RunSummary
@@ -144,10 +145,10 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         log.info("actors ready in %.1f s: %d learner rank(s), %d rollout worker(s), %d reward worker(s)",
                  time.perf_counter() - started, len(learner.ranks), len(rollout.actors.members),
                  len(reward.actors.members))
-        controller = Controller(cfg, control=control, sampler=PromptSampler(train_prompts, seed=cfg.run.seed),
-                                eval_prompts=eval_prompts, rollout=rollout, reward=reward, learner=learner,
-                                tracker=tracker, checkpoints=checkpoints, model_path=paths.model_path,
-                                pad_token_id=pad_id, resume_from=resume_from)
+        collector = Collector(cfg, PromptSampler(train_prompts, seed=cfg.run.seed), rollout, reward)
+        controller = Controller(cfg, control=control, collector=collector, eval_prompts=eval_prompts,
+                                learner=learner, tracker=tracker, checkpoints=checkpoints,
+                                model_path=paths.model_path, pad_token_id=pad_id, resume_from=resume_from)
         summary = controller.run()
         tracker.finish(asdict(summary))
         return summary

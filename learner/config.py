@@ -56,7 +56,8 @@ class AlgorithmConfig:
     whiten_advantages: bool = False
     """Whiten advantages over the batch (mean 0, std 1) after estimation (gae/grpo/rloo)."""
     tis_cap: float | None = None
-    """Cap of the truncated importance weight exp(old - rollout log-prob); None turns TIS off."""
+    """Cap of the truncated importance weight exp(old - rollout log-prob). None: 2.0 when
+    samples are off-policy (``trainer.async_staleness >= 1``), off otherwise; 0 turns it off."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop prompt groups whose rewards are all equal (no signal) and
     generate more prompts to refill the batch."""
@@ -85,8 +86,8 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.dual_clip must be > 1 (got {self.dual_clip})")
         if self.kl_coef < 0:
             raise ValueError(f"algorithm.kl_coef must be >= 0 (got {self.kl_coef})")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"algorithm.tis_cap must be > 0 (got {self.tis_cap})")
+        if self.tis_cap is not None and self.tis_cap < 0:
+            raise ValueError(f"algorithm.tis_cap must be >= 0 (got {self.tis_cap})")
         if self.dynamic_sampling_max_rounds < 0 or self.overlong_buffer < 0:
             raise ValueError("algorithm.dynamic_sampling_max_rounds and algorithm.overlong_buffer must be >= 0")
 

@@ -1,0 +1,146 @@
+"""The acting half of a step: draw prompts, generate, score, shape — one ``Batch``.
+
+Runs on the driver's main thread in synchronous mode, and on a background thread in
+asynchronous mode (while the learner trains on the previous batch); it touches only the
+sampler, the rollout and reward pools and its own state, never the learner.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+
+from actors.types import Rollout, SamplingSettings
+from cluster.config import Config
+from cluster.data import PromptSampler, SamplerState
+from cluster.pools import RewardPool, RolloutPool
+from learner.advantages import filter_uniform_groups, overlong_penalty
+from learner.kl_control import RunningMeanStd
+from reward.types import ScoreRequest
+
+
+class RewardFailure(RuntimeError):
+    """A sample could not be scored and ``reward.on_failure`` is ``error``."""
+
+
+def group_ids(rollouts: list[Rollout]) -> torch.Tensor:
+    """Which prompt group each sample belongs to: its slot in the step's batch.  # [B]"""
+    return torch.tensor([r.slot for r in rollouts])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Batch:
+    """One step's scored samples.
+
+    Example: ``Batch(step=3, rollouts=[...], scores=torch.zeros(512), metrics={...}, sampler_before=s, finished_at=t)``
+    """
+
+    step: int
+    """Training step the batch is for (0-based)."""
+    rollouts: list[Rollout]
+    """The samples kept for training, grouped by slot."""
+    scores: torch.Tensor
+    """Shaped (and, if configured, normalised) reward of each kept sample.  # [B]"""
+    metrics: dict[str, float]
+    """``reward/*``, ``rollout/filtered_groups``, ``timing/generate``, ``timing/score``, ..."""
+    sampler_before: SamplerState
+    """Data position before this batch's prompts were drawn: where a resume re-draws them."""
+    finished_at: float
+    """``time.perf_counter()`` when generation and scoring ended (for rollout idle time)."""
+
+
+class Collector:
+    """Turns the next prompts of the dataset into a scored ``Batch``."""
+
+    def __init__(self, cfg: Config, sampler: PromptSampler, rollout: RolloutPool, reward: RewardPool) -> None:
+        self.cfg = cfg
+        self.sampler = sampler
+        self.rollout = rollout
+        self.reward = reward
+        r = cfg.rollout
+        self.sampling = SamplingSettings(temperature=r.temperature, max_new_tokens=r.max_new_tokens,
+                                         samples_per_prompt=r.samples_per_prompt, stop=tuple(r.stop))
+        self.reward_norm = RunningMeanStd() if cfg.algorithm.normalize_rewards else None
+
+    def collect(self, step: int) -> Batch:
+        """Generate and score a step's batch; with dynamic sampling, keep only prompt groups
+        whose rewards differ and refill with new prompts, for a bounded number of rounds."""
+        algo, want, per = self.cfg.algorithm, self.cfg.rollout.prompts_per_step, self.sampling.samples_per_prompt
+        sampler_before = replace(self.sampler.state)
+        timings: dict[str, float] = {}
+        rollouts: list[Rollout] = []
+        scores: list[torch.Tensor] = []
+        raw: list[torch.Tensor] = []
+        filtered, rounds, issued, failures = 0, 0, 0, 0
+        while True:
+            with _timed(timings, "generate"):
+                prompts = self.sampler.next_batch(want - len(rollouts) // per)
+                # Refills take fresh slots, so every sample of the step keeps its own seed.
+                new = self.rollout.generate(prompts, self.sampling, step=step, seed=self.cfg.run.seed,
+                                            first_slot=issued)
+                issued += len(prompts)
+            with _timed(timings, "score"):
+                new_scores, failed = self.score(new)
+                failures += failed
+            raw.append(new_scores)
+            new_scores = self.shape(new_scores, new)
+            if algo.dynamic_sampling:
+                keep = filter_uniform_groups(new_scores, group_ids(new))
+                filtered += int((~keep).sum()) // per
+                new = [r for r, k in zip(new, keep.tolist()) if k]
+                new_scores = new_scores[keep]
+            rollouts += new
+            scores.append(new_scores)
+            rounds += 1
+            if not algo.dynamic_sampling or len(rollouts) >= want * per or rounds > algo.dynamic_sampling_max_rounds:
+                break
+        # Exactly once: every (slot, sample) of the step appears once, whatever workers died.
+        keys = [(r.slot, r.sample_index) for r in rollouts]
+        if len(set(keys)) != len(keys):
+            raise RuntimeError(f"step {step}: duplicate samples in the batch ({len(keys) - len(set(keys))})")
+        all_raw = torch.cat(raw)
+        scores_t = torch.cat(scores)
+        if self.reward_norm is not None and len(scores_t):
+            self.reward_norm.update(scores_t)
+            scores_t = self.reward_norm.normalize(scores_t)
+        metrics = {"reward/mean": float(all_raw.mean()), "reward/std": float(all_raw.std(unbiased=False)),
+                   "reward/failures": float(failures), "rollout/filtered_groups": float(filtered),
+                   "rollout/generation_rounds": float(rounds),
+                   # Identifies the prompts a step trained on: equal between runs that see the same data.
+                   "data/prompt_index_sum": float(sum(r.prompt_index for r in rollouts if r.sample_index == 0)),
+                   **{f"timing/{k}": v for k, v in timings.items()}}
+        return Batch(step=step, rollouts=rollouts, scores=scores_t, metrics=metrics, sampler_before=sampler_before,
+                     finished_at=time.perf_counter())
+
+    def score(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, int]:
+        """Rewards of the rollouts and how many failed (failures score 0 or stop the run)."""
+        requests = [ScoreRequest(prompt=r.prompt_text, response=r.response_text, answer=r.answer)
+                    for r in rollouts]
+        results = self.reward.score(requests)
+        failed = [(r, s) for r, s in zip(rollouts, results) if s.failed]
+        if failed and self.cfg.reward.on_failure == "error":
+            r, s = failed[0]
+            raise RewardFailure(f"{len(failed)} sample(s) could not be scored; first: prompt {r.prompt_index} "
+                                f"sample {r.sample_index}: {s.error} (set reward.on_failure=zero to count "
+                                f"and score them 0 instead)")
+        return torch.tensor([0.0 if s.failed else s.reward for s in results]), len(failed)
+
+    def shape(self, scores: torch.Tensor, rollouts: list[Rollout]) -> torch.Tensor:
+        """DAPO's soft overlong penalty, when configured."""
+        algo = self.cfg.algorithm
+        if not algo.overlong_buffer:
+            return scores
+        lengths = torch.tensor([len(r.response_token_ids) for r in rollouts])
+        return scores + overlong_penalty(lengths, self.sampling.max_new_tokens, algo.overlong_buffer,
+                                         algo.overlong_penalty)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
