@@ -108,7 +108,7 @@ def response_positions(batch: RolloutBatch) -> torch.Tensor:
 
     Padding columns point at a valid position (clamped) and are masked out downstream.
     """
-    t = torch.arange(batch.response_mask.shape[1])
+    t = torch.arange(batch.response_mask.shape[1], device=batch.prompt_lengths.device)
     pos = batch.prompt_lengths[:, None] - 1 + t[None, :]
     return pos.clamp(max=batch.input_ids.shape[1] - 2)
 

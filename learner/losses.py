@@ -216,6 +216,28 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     return torch.cat(parts).reshape(labels.shape)
 
 
+def logprobs_and_entropy(logits: Tensor, labels: Tensor, temperature: float = 1.0,
+                         with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``logprobs_from_logits`` and the entropy of ``softmax(logits / temperature)`` in one pass.
+
+    ``[B, T, V]`` (any float dtype), ``[B, T]`` -> ``[B, T]``, ``[B, T]`` or None. Each chunk
+    of tokens is upcast and scaled once and shared by both: on a 150k vocabulary the full
+    float32 copies that separate calls would need cost more time than the model's matmuls.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # [B*T, V]
+    flat_labels = labels.reshape(-1, 1)  # [B*T, 1]
+    logprobs, entropies = [], []
+    for chunk, chunk_labels in zip(flat_logits.split(_CHUNK_TOKENS), flat_labels.split(_CHUNK_TOKENS), strict=True):
+        scaled = _upcast(chunk) / temperature
+        logprobs.append(scaled.gather(1, chunk_labels).squeeze(1) - torch.logsumexp(scaled, dim=-1))
+        if with_entropy:
+            entropies.append(_entropy_rows(scaled))
+    entropy = torch.cat(entropies).reshape(labels.shape) if with_entropy else None
+    return torch.cat(logprobs).reshape(labels.shape), entropy
+
+
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
     """Per-token estimate of KL(pi || ref) from tokens sampled from pi, ``[B, T]`` -> ``[B, T]``.
 

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from learner.batch import RolloutBatch, response_positions
-from learner.losses import entropy_from_logits, logprobs_from_logits
+from learner.losses import logprobs_and_entropy
 
 
 class Critic(nn.Module):
@@ -59,12 +59,21 @@ def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
     Uses ``log_softmax(logits / temperature)``, the distribution vLLM sampled from
     (``logprobs_mode="processed_logprobs"``), so ratios against rollout log-probs are exact.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, L, V]
     pos = response_positions(batch)  # [B, T]
-    picked = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))  # [B, T, V]
-    labels = batch.input_ids.gather(1, (pos + 1).clamp(max=batch.input_ids.shape[1] - 1))  # [B, T]
-    logprobs = logprobs_from_logits(picked.float(), labels, temperature)
-    entropy = entropy_from_logits(picked.float() / temperature) if with_entropy else None
+    # Only positions that predict a response token need logits: the window from the shortest
+    # prompt's last token on. Asking the model for that window alone skips the lm_head on the
+    # rest of the prompts and never materialises [B, L, V] logits (on a 150k vocabulary those
+    # dominate the step's memory and much of its time).
+    first = int(batch.prompt_lengths.min()) - 1
+    seq_len = batch.input_ids.shape[1]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   logits_to_keep=seq_len - first).logits  # [B, W, V], W = L - first
+    if int(batch.prompt_lengths.max()) - 1 == first:  # equal prompts: the window is the response
+        picked = logits[:, :pos.shape[1]]
+    else:
+        picked = logits.gather(1, (pos - first)[:, :, None].expand(-1, -1, logits.shape[-1]))  # [B, T, V]
+    labels = batch.input_ids.gather(1, (pos + 1).clamp(max=seq_len - 1))  # [B, T]
+    logprobs, entropy = logprobs_and_entropy(picked, labels, temperature, with_entropy)
     return logprobs * batch.response_mask, entropy
 
 

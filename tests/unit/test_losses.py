@@ -13,6 +13,7 @@ from learner.losses import (
     entropy_from_logits,
     explained_variance,
     kl_penalty,
+    logprobs_and_entropy,
     logprobs_from_logits,
     policy_loss,
     truncated_importance_weights,
@@ -375,6 +376,29 @@ def test_logprobs_from_logits_across_chunks_with_bf16_input():
 def test_logprobs_from_logits_rejects_non_positive_temperature(bad):
     with pytest.raises(ValueError, match="temperature"):
         logprobs_from_logits(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long), bad)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logprobs_and_entropy_equal_the_separate_functions_values_and_gradients(temperature):
+    torch.manual_seed(11)
+    logits = (torch.randn(2, 700, 40) * 3).to(torch.bfloat16).requires_grad_()  # bf16 in, several chunks
+    labels = torch.randint(0, 40, (2, 700))
+    lp, ent = logprobs_and_entropy(logits, labels, temperature)
+    ref_lp = logprobs_from_logits(logits, labels, temperature)
+    ref_ent = entropy_from_logits(logits.float() / temperature)
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(ent, ref_ent)
+    # Gradients in float32 (in bf16 the two paths round their sums at different points).
+    full = logits.detach().float().requires_grad_()
+    lp32, ent32 = logprobs_and_entropy(full, labels, temperature)
+    g = torch.autograd.grad((lp32 * 0.3 + ent32).sum(), full)[0]
+    ref = logprobs_from_logits(full, labels, temperature) * 0.3 + entropy_from_logits(full / temperature)
+    torch.testing.assert_close(g, torch.autograd.grad(ref.sum(), full)[0])
+    only_lp, none = logprobs_and_entropy(logits, labels, temperature, with_entropy=False)
+    assert none is None
+    torch.testing.assert_close(only_lp, ref_lp)
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_and_entropy(logits, labels, 0.0)
 
 
 # ---------- KL estimators ----------
