@@ -141,6 +141,10 @@ class LearnerConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward instead of storing them:
     activation memory drops to about one block's worth, at ~30% more compute."""
+    compile: bool = False
+    """``torch.compile`` each transformer block: fuses the elementwise work of norms, rotary
+    embedding and MLP that eager mode launches kernel by kernel. The first step pays for
+    compiling; on CPU it needs a C++ compiler."""
     reference_offload: bool = False
     """Keep the frozen reference model in CPU memory between uses (blocks move to the GPU only
     during its forward). No effect when training on CPU."""

@@ -51,6 +51,8 @@ class ShardingPlan:
     """bf16 compute with fp32 gradient reduction on GPU; None (fp32) on CPU."""
     offload: bool
     """Parameters (and their gradients and optimizer state) live in CPU memory."""
+    compile_blocks: bool = False
+    """``torch.compile`` every transformer block in place (names, and so checkpoints, unchanged)."""
 
 
 def shard_model(model: nn.Module, plan: ShardingPlan, checkpoint_activations: bool = False) -> nn.Module:
@@ -65,6 +67,10 @@ def shard_model(model: nn.Module, plan: ShardingPlan, checkpoint_activations: bo
     block_names = set(_find_block_names(model))
     for module in model.modules():
         if type(module).__name__ in block_names:
+            if plan.compile_blocks:
+                # In place, before sharding: FSDP2's gather/reshard hooks then stay outside
+                # the compiled graph (dynamo skips them) and parameter names do not change.
+                module.compile()
             fully_shard(module, **kwargs)
     # The root's parameters (embeddings, final norm, head) are needed right after forward
     # for the loss, so keeping them gathered costs little.

@@ -29,7 +29,7 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.value_head(hidden).squeeze(-1)  # [B, L]
 
 
@@ -66,7 +66,9 @@ def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
     # dominate the step's memory and much of its time).
     first = int(batch.prompt_lengths.min()) - 1
     seq_len = batch.input_ids.shape[1]
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    # No KV cache: training never decodes, and building one costs time (and makes compiled
+    # blocks recompile per layer).
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                    logits_to_keep=seq_len - first).logits  # [B, W, V], W = L - first
     if int(batch.prompt_lengths.max()) - 1 == first:  # equal prompts: the window is the response
         picked = logits[:, :pos.shape[1]]

@@ -144,7 +144,7 @@ class LearnerRank:
         if (cfg.cpu_offload or cfg.reference_offload) and not gpu and self.rank == 0:
             logging.getLogger("rlrelay").info("learner.cpu_offload/reference_offload: no effect when training on CPU")
         trained = ShardingPlan(mesh=mesh, reshard_after_forward=cfg.sharding == "full", mp=mp,
-                               offload=cfg.cpu_offload and gpu)
+                               offload=cfg.cpu_offload and gpu, compile_blocks=cfg.compile)
         # Offloaded parameters start on the CPU; FSDP2 moves each block to the GPU to compute.
         placed = (lambda m: m) if trained.offload else (lambda m: m.to(self.device))
 

@@ -100,3 +100,18 @@ def test_memory_options_give_the_same_update(ray_local, tiny_model_dir, option):
     assert abs(norm - ref_norm) / ref_norm < 1e-4, f"{option}: gradient norm {norm} != {ref_norm}"
     worst = max(float((got[k] - reference[k]).abs().max()) for k in reference)
     assert worst < 1e-5, f"{option}: weights differ by {worst:.2e}"
+
+
+def test_compiled_blocks_give_the_same_update(ray_local, tiny_model_dir):
+    """Inductor fuses and reorders float sums, so the weights agree to rounding, not bit for
+    bit: compared, like micro-batching above, relative to the size of the update."""
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()
+    reference, ref_norm = updated_weights(ray_local, tiny_model_dir, world_size=2, micro_batch_size=3)
+    got, norm = updated_weights(ray_local, tiny_model_dir, world_size=2, micro_batch_size=3, compile=True)
+    assert abs(norm - ref_norm) / ref_norm < 1e-4, f"gradient norm {norm} != {ref_norm}"
+    delta_ref = torch.cat([(reference[k] - initial[k]).flatten() for k in reference])
+    delta = torch.cat([(got[k] - initial[k]).flatten() for k in reference])
+    rel = float((delta - delta_ref).norm() / delta_ref.norm())
+    assert rel < 1e-3, f"compiled blocks: update differs by {rel:.2e} (relative)"
