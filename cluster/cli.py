@@ -13,8 +13,10 @@ import logging
 import signal
 import sys
 
+from cluster.bench import register as register_bench  # bench rollout|sync|scale (imports nothing heavy)
 from cluster.control import register as register_control  # status, scale
 from cluster.jobs import register as register_jobs  # submit, jobs, logs, stop (imports nothing heavy)
+from cluster.plan import register as register_plan  # plan (arithmetic only)
 
 
 def register(sub) -> None:
@@ -87,7 +89,7 @@ def export_command(args) -> int:
 
 
 # Modules contributing subcommands, in the order they appear in --help.
-REGISTRARS = [register, register_control, register_jobs]
+REGISTRARS = [register, register_control, register_jobs, register_bench, register_plan]
 
 
 def main(argv: list[str] | None = None) -> int:

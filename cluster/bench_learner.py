@@ -1,0 +1,326 @@
+"""``rlrelay bench learner``: one learner rank's training throughput and peak memory per memory
+option, with the planner's prediction beside each.
+
+No Ray and no vLLM: the learner's plain ``LearnerRank`` runs in a fresh process per option
+(world size 1, NCCL on a GPU, gloo on CPU), so every option starts from an empty allocator
+and its peak is its own. A Qwen2-shaped model is built from a config (random weights): the
+``0.5b`` preset has Qwen2.5-0.5B's shape, ``tiny`` is for CPU and the tests.
+
+Per option it reports:
+
+- ``update_s``: one optimizer step over ``--micro-steps`` micro-batches of ``--micro-batch``
+  sequences of ``--seq-len`` tokens (``--prompt-len`` of prompt, the rest response), the
+  learner's own PPO losses, gradient clipping and AdamW; ``forward_s``: the no-grad pass
+  before it (old and reference log-probs, values);
+- ``train_tokens_per_s``: tokens through forward and backward per second of ``update_s``;
+- ``mfu``: model FLOPs per second over the GPU's dense bf16 peak. Model FLOPs per sequence
+  are 6 x the blocks' parameters x seq_len, plus 6 x layers x seq_len^2 x q_dim for causal
+  attention (half of a full square, the work flash attention does), plus 6 x the lm_head's
+  parameters x the response length (only response positions need logits, and the learner
+  computes no others); a critic adds its blocks and attention. Recomputation under
+  activation checkpointing is not counted;
+  ``matmul_tflops`` is an 8192^3 bf16 product measured in the same run, the achievable bound;
+- ``peak_allocated_gib`` (``torch.cuda.max_memory_allocated`` over set-up, forward and
+  update) beside ``planned_tensors_gib`` (the plan without its fixed overhead), and
+  ``peak_reserved_gib`` and ``device_used_gib`` (what ``nvidia-smi`` would show) beside
+  ``planned_total_gib``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from cluster.bench import spread
+
+GIB = 2**30
+
+PRESETS = {
+    # Qwen2.5-0.5B's shape: grouped k/v heads, q/k/v biases, tied embeddings, 152k vocabulary.
+    "0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    # Qwen2.5-1.5B's shape.
+    "1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                 num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny": dict(model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+OPTIONS = {
+    # name: config overrides. Policy only (GRPO, no KL) unless the name says ppo.
+    "full": [],
+    "grad_op": ["learner.sharding=grad_op"],
+    "none": ["learner.sharding=none"],
+    "full+ckpt": ["learner.activation_checkpointing=true"],
+    "grad_op+ckpt": ["learner.sharding=grad_op", "learner.activation_checkpointing=true"],
+    "full+offload": ["learner.cpu_offload=true"],
+    "full+compile": ["learner.compile=true"],
+    "grad_op+compile": ["learner.sharding=grad_op", "learner.compile=true"],
+    # PPO as the demo runs it: a critic, and a reference for the KL penalty in the reward.
+    "ppo-full": ["algorithm.advantage_estimator=gae", "algorithm.kl_coef=0.05"],
+    "ppo-full+ckpt": ["algorithm.advantage_estimator=gae", "algorithm.kl_coef=0.05",
+                      "learner.activation_checkpointing=true"],
+}
+POLICY_ONLY = ["algorithm.advantage_estimator=grpo", "rollout.samples_per_prompt=4", "algorithm.kl_coef=0"]
+
+DENSE_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0))
+"""Vendor dense bf16 peaks (no sparsity), matched against ``torch.cuda.get_device_name()`` in order."""
+
+
+def register_args(p) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="0.5b", help="model shape")
+    p.add_argument("--options", default="full,grad_op,none,full+ckpt,full+offload,ppo-full",
+                   help=f"memory options to measure, comma-separated, from {', '.join(OPTIONS)}")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response)")
+    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--micro-steps", type=int, default=4, help="micro-batches accumulated per optimizer step")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per option (after one warm-up)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU (fp32, gloo) even when a GPU is present")
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU (default: from its name)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per option")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="also profile one forward + update per option (torch.profiler) and report its top ROWS ops")
+
+
+def run(args) -> dict:
+    import torch
+
+    gpu = torch.cuda.is_available() and not args.cpu
+    names = [n.strip() for n in args.options.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OPTIONS]
+    if unknown:
+        raise SystemExit(f"rlrelay: bench learner: unknown option(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(OPTIONS)}")
+    if not 0 < args.prompt_len < args.seq_len:
+        raise SystemExit("rlrelay: bench learner: --prompt-len must be between 0 and --seq-len")
+    result = {"bench": "learner", "device": torch.cuda.get_device_name() if gpu else "cpu",
+              "torch": torch.__version__, "preset": args.preset,
+              "batch": {"micro_batch": args.micro_batch, "micro_steps": args.micro_steps, "seq_len": args.seq_len,
+                        "prompt_len": args.prompt_len,
+                        "tokens_per_update": args.micro_batch * args.micro_steps * args.seq_len}}
+    if gpu:
+        peak = args.peak_tflops or dense_peak_tflops(torch.cuda.get_device_name())
+        result["peak_bf16_tflops"] = peak
+        result["matmul_tflops"] = matmul_tflops()
+        result["bandwidth_gbps"] = copy_bandwidth()
+    with tempfile.TemporaryDirectory(prefix="rlrelay-bench-learner-") as tmp:
+        model_dir = Path(tmp) / "model"
+        result["model"] = build_model(model_dir, PRESETS[args.preset])
+        result["options"] = {}
+        for name in names:
+            spec = dict(model_dir=str(model_dir), overrides=POLICY_ONLY + OPTIONS[name], gpu=gpu,
+                        seq_len=args.seq_len, prompt_len=args.prompt_len, micro_batch=args.micro_batch,
+                        micro_steps=args.micro_steps, steps=args.steps, profile=args.profile)
+            figures = in_fresh_process(measure_option, spec, args.timeout)
+            if "error" not in figures and gpu and result.get("peak_bf16_tflops"):
+                figures["mfu"] = spread([f / (result["peak_bf16_tflops"] * 1e12) for f in figures.pop("flops_per_s")])
+            else:
+                figures.pop("flops_per_s", None)
+            result["options"][name] = figures
+    return result
+
+
+def dense_peak_tflops(device_name: str) -> float | None:
+    for key, tflops in DENSE_BF16_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None
+
+
+# -- the model -------------------------------------------------------------------------------
+
+def build_model(out_dir: Path, shape: dict) -> dict:
+    """Save a random model of ``shape`` (fp32, as the learner loads it); returns its sizes."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**shape, max_position_embeddings=32768, rope_theta=1e6,
+                                  bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    arch = architecture(shape)
+    return {"params": sum(p.numel() for p in model.parameters()), "description": arch.describe()}
+
+
+def architecture(shape: dict):
+    from cluster.plan import Architecture
+
+    return Architecture.from_hf_config(shape)
+
+
+def model_flops(arch, seq_len: int, response_len: int, critic: bool) -> float:
+    """Forward + backward FLOPs of one sequence through the trained models (module docstring)."""
+    blocks = 6 * arch.num_layers * arch.block_params * seq_len
+    attention = 6 * arch.num_layers * seq_len * seq_len * arch.q_dim  # causal: half of the square
+    lm_head = 6 * arch.vocab_size * arch.hidden_size * response_len  # only response positions need logits
+    return blocks + attention + lm_head + (blocks + attention if critic else 0)
+
+
+# -- one option, in its own process ------------------------------------------------------------
+
+def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: int, prompt_len: int,
+                   micro_batch: int, micro_steps: int, steps: int, profile: int = 0) -> dict:
+    """Set up one learner rank with ``overrides`` and time its forward and update passes."""
+    import torch
+
+    from cluster.bench import bench_config
+    from cluster.plan import LearnerShape, memory_options, plan_memory
+    from learner.batch import RolloutBatch, TrainBatch
+    from learner.worker import LearnerRank, Minibatch
+
+    response = seq_len - prompt_len
+    cfg = bench_config([*overrides, f"model.path={model_dir}", f"model.max_model_len={seq_len}",
+                        f"rollout.max_new_tokens={response}", f"learner.micro_batch_size={micro_batch}",
+                        f"learner.num_gpus={1 if gpu else 0}", "learner.world_size=1", "learner.max_grad_norm=1.0"])
+    shape = json.loads((Path(model_dir) / "config.json").read_text())
+    arch = architecture(shape)
+    plan = plan_memory(arch, LearnerShape.from_config(cfg), memory_options(cfg.learner))
+    rank = LearnerRank(0, 1, model_dir, cfg.learner, cfg.algorithm, temperature=1.0, total_updates=100)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    rank.setup("127.0.0.1", rank.free_port())
+    setup_s = time.perf_counter() - t0
+
+    rows = micro_batch * micro_steps
+    g = torch.Generator().manual_seed(0)
+    batch = RolloutBatch(input_ids=torch.randint(2, arch.vocab_size, (rows, seq_len), generator=g),
+                         attention_mask=torch.ones(rows, seq_len, dtype=torch.long),
+                         prompt_lengths=torch.full((rows,), prompt_len, dtype=torch.long),
+                         response_mask=torch.ones(rows, response), rollout_logprobs=torch.zeros(rows, response))
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    forward_s, update_s = [], []
+    for i in range(steps + 1 + bool(profile)):  # the first is a warm-up, the last profiled if asked
+        profiler = None
+        if profile and i == steps + 1:
+            from torch.profiler import ProfilerActivity
+            profiler = torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu)
+            profiler.__enter__()
+        sync()
+        t0 = time.perf_counter()
+        fwd = rank.forward(batch, micro_steps)
+        sync()
+        t1 = time.perf_counter()
+        critic = fwd.values is not None
+        train = TrainBatch(rollouts=batch, old_logprobs=fwd.old_logprobs.cpu(),
+                           advantages=torch.randn(rows, response, generator=g),
+                           returns=torch.randn(rows, response, generator=g) if critic else None,
+                           old_values=fwd.values.cpu() if critic else None,
+                           ref_logprobs=None, importance_weights=None)
+        out = rank.update([Minibatch(batch=train, num_micro=micro_steps, num_tokens=float(rows * response),
+                                     num_seqs=rows)])
+        sync()
+        t2 = time.perf_counter()
+        if out.skipped_updates:
+            raise RuntimeError("the update was skipped: non-finite loss or gradient")
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            key = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+            table = profiler.key_averages().table(sort_by=key, row_limit=profile, max_name_column_width=60)
+            continue
+        if i:
+            forward_s.append(t1 - t0)
+            update_s.append(t2 - t1)
+    tokens = rows * seq_len
+    flops = model_flops(arch, seq_len, response, critic) * rows
+    figures = {"overrides": overrides[len(POLICY_ONLY):], "models": ["policy"] + ["critic"] * critic
+               + ["reference"] * (rank.reference is not None),
+               "setup_s": round(setup_s, 2), "forward_s": spread(forward_s), "update_s": spread(update_s),
+               "train_tokens_per_s": spread([tokens / s for s in update_s]),
+               "flops_per_s": [flops / s for s in update_s],
+               "planned_tensors_gib": round((plan.total_bytes - plan.overhead_bytes) / GIB, 2),
+               "planned_total_gib": round(plan.total_bytes / GIB, 2), "planned_host_gib": round(plan.host_bytes / GIB, 2)}
+    if profile:
+        figures["profile"] = table
+    if gpu:
+        free, total = torch.cuda.mem_get_info()
+        allocated = torch.cuda.max_memory_allocated()
+        figures |= {"peak_allocated_gib": round(allocated / GIB, 2),
+                    "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
+                    "device_used_gib": round((total - free) / GIB, 2),
+                    "planned_over_measured": round((plan.total_bytes - plan.overhead_bytes) / allocated, 3)}
+    rank.shutdown()
+    return figures
+
+
+def _child(fn, spec: dict, queue) -> None:
+    try:
+        queue.put(fn(**spec))
+    except BaseException as e:  # report it to the parent rather than dying silently
+        queue.put({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]})
+
+
+def in_fresh_process(fn, spec: dict, timeout: float) -> dict:
+    """``fn(**spec)`` in a spawned process (an empty allocator, its own process group)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, spec, queue), daemon=True)
+    proc.start()
+    try:
+        return queue.get(timeout=timeout)
+    except Exception:  # queue.Empty: the option hung or its process died (e.g. the OOM killer)
+        return {"error": f"no result within {timeout:.0f} s (exit code {proc.exitcode})"}
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+
+
+# -- the GPU's own bounds ----------------------------------------------------------------------
+
+def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
+    """Achieved bf16 TFLOP/s of an n^3 matrix product (mean of ``repeats`` after a warm-up)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return round(2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12, 1)
+
+
+def copy_bandwidth(nbytes: int = 2 * GIB, repeats: int = 5) -> dict:
+    """GB/s of device-to-device (bytes read + written), pinned host-to-device and device-to-host
+    copies: the bounds of the weight push and of CPU offload on this machine."""
+    import torch
+
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dev2 = torch.empty_like(dev)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def rate(copy, factor: int) -> float:
+        copy()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            copy()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return round(factor * nbytes / statistics.median(times) / 1e9, 1)
+
+    return {"device_to_device": rate(lambda: dev2.copy_(dev), 2),
+            "host_to_device_pinned": rate(lambda: dev.copy_(host, non_blocking=True), 1),
+            "device_to_host_pinned": rate(lambda: host.copy_(dev, non_blocking=True), 1)}
+
+
+if __name__ == "__main__":  # the GPU machine has no Ray: `python -m cluster.bench_learner [args]`
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cluster.bench_learner")
+    register_args(parser)
+    parser.add_argument("--json", action="store_true")
+    ns = parser.parse_args()
+    print(json.dumps(run(ns), indent=2))

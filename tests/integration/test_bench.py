@@ -1,0 +1,143 @@
+"""`rlrelay bench rollout|sync|scale` through the real CLI, with tiny settings: each prints one
+JSON object whose figures are present and consistent. No assertion on speed: the machines are
+shared, and a bench that is slow today is still correct."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from helpers import run_cli
+
+pytestmark = pytest.mark.integration
+
+TINY_MODEL = ("--hidden", "128", "--layers", "2", "--intermediate", "256")
+
+
+def bench(*args: str) -> dict:
+    done = run_cli("bench", *args, "--json", timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)  # stdout holds the JSON alone (engine and Ray logs go to stderr)
+
+
+def assert_spread(s: dict, n: int, positive: bool = True) -> None:
+    assert len(s["runs"]) == n
+    assert all(math.isfinite(v) for v in s["runs"])
+    assert s["min"] <= s["median"] <= s["max"]
+    if positive:
+        assert s["min"] > 0
+
+
+def test_bench_rollout_compares_vllm_with_transformers_on_equal_work():
+    out = bench("rollout", *TINY_MODEL, "--batch", "4", "--prompt-len", "8", "--new-tokens", "8", "--repeats", "2",
+                "--pool-workers", "1", "--kv-cache-gib", "0.25")
+    assert out["bench"] == "rollout"
+    assert 300_000 < out["model"]["params"] < 400_000
+    for name in ("transformers_generate", "rollout_worker_in_process", "vllm_raw_in_process", "rollout_pool_ray"):
+        assert_spread(out["tokens_per_s"][name], n=2)
+    for name, ratio in out["ratio_to_transformers"].items():
+        assert_spread(ratio, n=2)
+        runs = out["tokens_per_s"][name]["runs"]
+        hf = out["tokens_per_s"]["transformers_generate"]["runs"]
+        assert ratio["runs"] == pytest.approx([a / b for a, b in zip(runs, hf)], rel=1e-2)
+    assert_spread(out["per_token_ms_batch1"]["vllm_raw"], n=2)
+    assert out["matmul_bound_tokens_per_s"] > 0
+    assert isinstance(out["target"]["rollout_worker_met"], bool)
+
+
+def test_bench_sync_breaks_a_push_into_parts_that_add_up():
+    out = bench("sync", *TINY_MODEL, "--workers", "2", "--pushes", "2", "--kv-cache-gib", "0.25")
+    assert out["bench"] == "sync"
+    assert out["model"]["bytes"] == 4 * out["model"]["params"]
+    assert out["copy_bound_s"] > 0 and out["copy_bandwidth_gbps"]["median"] > 0
+    prod = out["production"]
+    for name in ("push_s", "export_s", "broadcast_s", "worker_load_s", "push_gbps"):
+        assert_spread(prod[name], n=2)
+    for i in range(2):
+        # export and broadcast are consecutive parts of one push; verify and load lie inside the broadcast.
+        assert prod["export_s"]["runs"][i] + prod["broadcast_s"]["runs"][i] == pytest.approx(
+            prod["push_s"]["runs"][i], abs=2e-3)
+        assert prod["worker_verify_s"]["runs"][i] + prod["worker_load_s"]["runs"][i] <= prod["broadcast_s"]["runs"][i]
+    inst = out["instrumented"]
+    for name in ("gather_s", "pack_s", "put_s", "worker_load_s", "ours_s", "ours_to_copy_bound"):
+        assert_spread(inst[name], n=2)
+    for i in range(2):
+        parts = sum(inst[k]["runs"][i] for k in ("gather_s", "pack_s", "put_s", "worker_get_s"))
+        assert parts == pytest.approx(inst["ours_s"]["runs"][i], abs=2e-3)
+        assert inst["pack_crc32_s"]["runs"][i] > 0
+    assert inst["buckets"] == 1
+    assert "put_unpacked_numpy_dict_s" in out["variants"] and "checksum_crc32_s" in out["variants"]
+    assert len(out["memory"]["rollout_workers"]) == 2
+    assert all(m["rss_mib"] > 0 for m in out["memory"]["rollout_workers"])
+    assert isinstance(out["target"]["met_steady"], bool)
+
+
+def test_bench_scale_measures_the_control_plane_with_stand_in_workers():
+    out = bench("scale", "--workers", "2,3", "--prompts", "24", "--samples", "2", "--response-tokens", "8",
+                "--latency", "0.05", "--steps", "2", "--update-kib", "4", "--extrapolate", "16")
+    assert out["bench"] == "scale"
+    assert [s["workers"] for s in out["sizes"]] == [2, 3]
+    for size in out["sizes"]:
+        assert_spread(size["step_s"], n=2)
+        # Every step waits at least for the stand-ins' latency.
+        assert size["step_s"]["min"] >= 0.05
+        assert 0 < size["overhead_share"] < 1
+        parts = size["breakdown"]
+        for i in range(2):
+            total = parts["total_s"]["runs"][i]
+            summed = sum(parts[k]["runs"][i] for k in ("build_s", "dispatch_s", "fetch_s", "merge_s")) \
+                + parts["wait_beyond_latency_s"]["runs"][i] + 0.05
+            assert summed == pytest.approx(total, abs=2e-3)
+        assert_spread(size["push_s"], n=2)
+        assert size["records_mib_per_step"] > 0
+        assert size["actor_uss_mib_median"] > 0
+    assert out["bare_actor_memory"]["rss_mib"] > 0
+    assert set(out["ray_wait_us_per_call"]) == {"32", "128", "512"}
+    extra = out["extrapolated"]
+    assert extra["workers"] == 16 and math.isfinite(extra["actor_set_ray_wait_loop_s"])
+    assert extra["stand_in_memory_gib"] > 0
+
+
+def test_bench_step_takes_steps_apart_and_compares_overlap_with_its_bound():
+    out = bench("step", "--steps", "2", "--warmup", "1", "--set", "rollout.prompts_per_step=8",
+                "--set", "rollout.samples_per_prompt=4")
+    assert out["bench"] == "step"
+    assert out["settings"]["samples_per_step"] == 32
+    assert set(out["layouts"]) == {"split", "default"}
+    split, default = out["layouts"]["split"]["resources"], out["layouts"]["default"]["resources"]
+    assert split["rollout_workers"] * split["rollout_threads_per_worker"] == split["learner_threads_per_rank"] == 1
+    assert (default["rollout_workers"], default["learner_threads_per_rank"]) == (2, 2)  # the demo's own
+    for layout in out["layouts"].values():
+        for mode, staleness in (("sync", 0), ("async", 1)):
+            r = layout[mode]
+            assert r["async_staleness"] == staleness and r["staleness_max"] == staleness
+            assert r["samples_per_step"]["runs"] == [32, 32]
+            assert_spread(r["step_s"], n=2)
+            assert_spread(r["samples_per_s"], n=2)
+            for name in ("wait_rollout", "logprobs", "update", "weight_sync", "driver"):
+                assert_spread(r["step_parts_s"][name], n=2, positive=name != "wait_rollout")
+            for name in ("generate", "score", "idle"):
+                assert_spread(r["rollout_s"][name], n=2, positive=name != "idle")
+            for i in range(2):
+                step = r["step_s"]["runs"][i]
+                # The parts are the step's critical path, and the controller's samples/s is per step.
+                assert sum(p["runs"][i] for p in r["step_parts_s"].values()) == pytest.approx(step, abs=5e-3)
+                assert r["samples_per_s"]["runs"][i] == pytest.approx(32 / step, rel=1e-2)
+                if mode == "sync":  # waiting on the rollout is generating and scoring it
+                    acting = r["rollout_s"]["generate"]["runs"][i] + r["rollout_s"]["score"]["runs"][i]
+                    assert acting <= r["step_parts_s"]["wait_rollout"]["runs"][i] + 2e-3
+        overlap = layout["overlap"]
+        assert overlap["sync_step_s"] == layout["sync"]["step_s"]
+        assert overlap["async_step_s"] == layout["async"]["step_s"]
+        for i in range(2):
+            assert overlap["sync_generation_s"]["runs"][i] + overlap["sync_training_s"]["runs"][i] == pytest.approx(
+                overlap["sync_step_s"]["runs"][i], abs=2e-3)
+        assert overlap["bound_s"] == max(overlap["sync_generation_s"]["median"], overlap["sync_training_s"]["median"])
+        assert overlap["async_to_bound"] == pytest.approx(overlap["async_step_s"]["median"] / overlap["bound_s"],
+                                                          abs=1e-3)
+        assert overlap["speedup"] == pytest.approx(overlap["sync_step_s"]["median"] / overlap["async_step_s"]["median"],
+                                                   abs=1e-3)
+        assert overlap["met"] == (overlap["async_to_bound"] <= out["target"]["async_to_bound_max"])
+    assert out["target"]["met_split"] == out["layouts"]["split"]["overlap"]["met"]

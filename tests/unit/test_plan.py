@@ -1,0 +1,290 @@
+"""``rlrelay plan``: parameter counts equal the real models', the memory model's terms are the
+documented formulas, the advice follows the ladder, and the command runs on every job config.
+
+The planner-versus-measured comparison (a real forward/backward/AdamW step on CPU) is in
+``tests/integration/test_plan_measured.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main
+from cluster.config import load_config
+from cluster.plan import (GIB, KNOWN_CONFIGS, LOSS_CHUNK_TOKENS, Architecture, LearnerShape, MemoryOptions,
+                          PlanError, activation_bytes, advise, forward_logits_bytes, layer_activation_bytes, logits_bytes,
+                          memory_options, plan_memory, resolve_architecture, trained_state)
+
+REPO = Path(__file__).resolve().parents[2]
+JOB_CONFIGS = sorted((REPO / "deploy" / "jobs").glob("*.yaml"))
+GPU_JOB_CONFIGS = [p for p in JOB_CONFIGS if p.name != "demo.yaml"]
+
+# config.json fields (public numbers for the known models; small ones for bias variants).
+SMALL_CONFIGS = {
+    "llama-untied-gqa": dict(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=96,
+                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                             tie_word_embeddings=False),
+    "llama-tied-biases": dict(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                              attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "qwen2-tied": dict(model_type="qwen2", vocab_size=1000, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2-untied": dict(model_type="qwen2", vocab_size=1000, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
+    "mistral-head-dim": dict(model_type="mistral", vocab_size=1000, hidden_size=64, intermediate_size=96,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                             tie_word_embeddings=False),
+}
+ALL_CONFIGS = SMALL_CONFIGS | KNOWN_CONFIGS
+
+
+def qwen_05b() -> Architecture:
+    return Architecture.from_hf_config(KNOWN_CONFIGS["Qwen2.5-0.5B-Instruct"])
+
+
+def shape(**kw) -> LearnerShape:
+    base = dict(world_size=4, micro_batch_size=8, seq_len=1024, response_len=512, mixed_precision=True,
+                critic=False, reference=False)
+    return LearnerShape(**base | kw)
+
+
+# -- parameter counts ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(ALL_CONFIGS))
+def test_parameter_counts_equal_the_transformers_model_on_meta(name, tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    (tmp_path / "config.json").write_text(json.dumps(ALL_CONFIGS[name]))
+    config = AutoConfig.from_pretrained(tmp_path)
+    arch = Architecture.from_hf_config(json.loads((tmp_path / "config.json").read_text()))
+    with torch.device("meta"):
+        policy = AutoModelForCausalLM.from_config(config)
+        trunk = AutoModel.from_config(config)
+    assert arch.policy_params == sum(p.numel() for p in policy.parameters())  # tied: counted once
+    # The critic is the trunk plus Linear(hidden, 1) (learner/models.py).
+    assert arch.critic_params == sum(p.numel() for p in trunk.parameters()) + config.hidden_size + 1
+    assert arch.block_params == sum(p.numel() for p in policy.model.layers[0].parameters())
+
+
+def test_known_architectures_have_their_published_sizes():
+    sizes = {name: Architecture.from_hf_config(c).policy_params for name, c in KNOWN_CONFIGS.items()}
+    assert sizes == {"Qwen2.5-0.5B-Instruct": 494_032_768, "Qwen2.5-1.5B-Instruct": 1_543_714_304,
+                     "Qwen2.5-7B-Instruct": 7_615_616_512, "Meta-Llama-3-8B-Instruct": 8_030_261_248}
+
+
+def test_demo_architecture_is_the_demo_model():
+    from cluster.demo import ALPHABET, DemoSettings, build_policy
+    from cluster.plan import demo_architecture
+    from learner.tokenizer import build_char_tokenizer
+
+    settings = DemoSettings()
+    model = build_policy(settings, vocab_size=len(build_char_tokenizer(ALPHABET)))
+    assert demo_architecture(settings).policy_params == sum(p.numel() for p in model.parameters())
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(PlanError, match="gpt2"):
+        Architecture.from_hf_config({"model_type": "gpt2"})
+
+
+# -- the memory model ------------------------------------------------------------------------
+
+def test_trained_state_is_fp32_shards_with_master_weights_under_bf16():
+    n = qwen_05b().policy_params
+    fp32 = trained_state(n, 1, mixed=False)
+    assert (fp32.parameters, fp32.gradients, fp32.optimizer) == (4 * n, 4 * n, 8 * n)
+    bf16 = trained_state(n, 4, mixed=True)  # fp32 shard = master weights, under optimizer state
+    shard = math.ceil(n / 4)
+    assert (bf16.parameters, bf16.gradients, bf16.optimizer) == (0, 4 * shard, 12 * shard)
+
+
+def test_activation_formula_by_hand():
+    # Qwen2.5-0.5B, bf16, seq 1024: h 896, q 896 (kv heads repeated, so k and v are q-sized), i 4864.
+    per_layer = 2 * (4 * 896 + 2 * 2 * 896 + 4) + 2 * (4 * 896) + 4 * 14 + 2 * 1024 + 4 * 2 * 4864
+    assert layer_activation_bytes(qwen_05b(), 2, 1024) == per_layer == 62_528
+    outside = 4 * 896 + 2 * 2 * 896 + 4 + 8 + 1024
+    assert activation_bytes(qwen_05b(), 8, 1024, 2, False) == 8 * 1024 * (24 * per_layer + outside)
+    checkpointed = 8 * 1024 * (24 * 2 * 896 + per_layer + outside)
+    assert activation_bytes(qwen_05b(), 8, 1024, 2, True) == checkpointed
+    assert checkpointed < activation_bytes(qwen_05b(), 8, 1024, 2, False) / 10
+
+
+def test_logits_formula_by_hand():
+    v = 151936
+    # 16 x 512 response tokens in bf16: the window's logits, 12 kept fp32 bytes, one chunk of 1024.
+    assert logits_bytes(qwen_05b(), 16, 1024, 512, 2) == 2 * 16 * 513 * v + 12 * 16 * 512 * v + 18 * 1024 * v
+    # One small chunk in fp32: the chunk is all the response tokens.
+    assert logits_bytes(qwen_05b(), 1, 64, 32, 4) == 4 * 33 * v + 12 * 32 * v + 16 * 32 * v
+    assert forward_logits_bytes(qwen_05b(), 1, 64, 32, 2) == 2 * 33 * v + 12 * 32 * v
+
+
+def test_loss_chunk_is_the_learners():
+    from learner import losses
+
+    assert LOSS_CHUNK_TOKENS == losses._CHUNK_TOKENS
+
+
+def test_full_sharding_gathers_root_and_two_blocks_in_backward_grad_op_keeps_all():
+    arch = qwen_05b()
+    job = shape(critic=True, reference=True)
+    full = plan_memory(arch, job, MemoryOptions(sharding="full"))
+    # The critic's peak is its blocks' backward: root (no lm_head) and two blocks gathered in bf16.
+    assert full.active["critic"].parameters == 2 * (arch.critic_root_params + 2 * arch.block_params)
+    # The policy's peak is the loss on the logits, when every block is resharded.
+    assert full.active["policy"].parameters == 0 and full.active["policy"].logits > 0
+    grad_op = plan_memory(arch, job, MemoryOptions(sharding="grad_op"))
+    # Never resharded after a forward: every model's bf16 copy stays, the frozen reference's too.
+    assert grad_op.resident["reference"].parameters == 2 * arch.policy_params + 4 * math.ceil(arch.policy_params / 4)
+    assert grad_op.resident["critic"].parameters == 2 * arch.critic_params
+    assert grad_op.total_bytes > full.total_bytes
+
+
+def test_sharding_divides_the_state_and_none_replicates_it():
+    arch = qwen_05b()
+    full4 = plan_memory(arch, shape(world_size=4), MemoryOptions()).resident["policy"]
+    full8 = plan_memory(arch, shape(world_size=8), MemoryOptions()).resident["policy"]
+    none8 = plan_memory(arch, shape(world_size=8), MemoryOptions(sharding="none")).resident["policy"]
+    assert full8.optimizer == math.ceil(arch.policy_params / 8) * 12
+    assert abs(full4.optimizer - 2 * full8.optimizer) <= 12
+    assert none8.optimizer == 12 * arch.policy_params
+
+
+def test_offloads_move_state_to_the_host():
+    arch = qwen_05b()
+    job = shape(critic=True, reference=True)
+    base = plan_memory(arch, job, MemoryOptions())
+    ref_off = plan_memory(arch, job, MemoryOptions(reference_offload=True))
+    assert ref_off.resident["reference"].total == 0 and ref_off.resident["policy"] == base.resident["policy"]
+    assert ref_off.host_bytes == base.resident["reference"].total
+    cpu = plan_memory(arch, job, MemoryOptions(cpu_offload=True))
+    assert all(fp.total == 0 for fp in cpu.resident.values())
+    assert cpu.host_bytes == sum(fp.total for fp in base.resident.values())
+    assert cpu.total_bytes < base.total_bytes
+
+
+def test_peak_is_the_policy_step_with_critic_and_reference_resident():
+    arch = qwen_05b()
+    result = plan_memory(arch, shape(critic=True, reference=True), MemoryOptions())
+    assert result.peak_model == "policy"  # the logits make the policy's step the larger
+    expected = result.active["policy"] + result.resident["policy"] + result.resident["critic"] \
+        + result.resident["reference"]
+    assert result.peak == expected
+    assert result.total_bytes == result.peak.total + result.overhead_bytes
+
+
+def test_fits_against_the_margin():
+    result = plan_memory(qwen_05b(), shape(), MemoryOptions(gpu_memory_gib=80))
+    assert result.usable_bytes == int(0.9 * 80 * GIB)
+    tight = plan_memory(qwen_05b(), shape(), MemoryOptions(gpu_memory_gib=result.total_bytes / GIB / 0.9 - 0.01))
+    assert result.fits and not tight.fits
+
+
+# -- advice ----------------------------------------------------------------------------------
+
+def test_advice_turns_on_activation_checkpointing_first():
+    arch = Architecture.from_hf_config(KNOWN_CONFIGS["Qwen2.5-7B-Instruct"])
+    job = shape(world_size=8, micro_batch_size=8, critic=True, reference=True)
+    steps = advise(arch, job, MemoryOptions())
+    assert [r.setting for r, _ in steps] == ["learner.activation_checkpointing=true"]
+    assert steps[0][1].fits and not plan_memory(arch, job, MemoryOptions()).fits
+
+
+def test_advice_climbs_the_ladder_in_order_and_skips_what_is_on():
+    arch = Architecture.from_hf_config(KNOWN_CONFIGS["Meta-Llama-3-8B-Instruct"])
+    job = shape(world_size=1, micro_batch_size=4, reference=True)
+    steps = advise(arch, job, MemoryOptions(sharding="grad_op"))
+    assert [r.setting for r, _ in steps] == ["learner.activation_checkpointing=true",
+                                             "learner.reference_offload=true", "learner.sharding=full",
+                                             "learner.cpu_offload=true"]
+    totals = [p.total_bytes for _, p in steps]
+    assert totals == sorted(totals, reverse=True) and steps[-1][1].fits
+    no_reference = advise(arch, shape(world_size=1, micro_batch_size=4), MemoryOptions())
+    assert "learner.reference_offload=true" not in [r.setting for r, _ in no_reference]
+    assert advise(qwen_05b(), shape(), MemoryOptions()) == []  # fits: nothing to do
+
+
+# -- inputs from the config and the command line ---------------------------------------------
+
+def test_memory_options_come_from_the_config_and_flags_override_them():
+    cfg = load_config(REPO / "deploy/jobs/demo.yaml")
+    assert memory_options(cfg.learner) == MemoryOptions()
+    cfg = load_config(REPO / "deploy/jobs/demo.yaml", ["learner.sharding=grad_op", "learner.gpu_memory_gib=40",
+                                                       "learner.activation_checkpointing=true"])
+    assert memory_options(cfg.learner) == MemoryOptions(sharding="grad_op", gpu_memory_gib=40.0,
+                                                        activation_checkpointing=True)
+    options = memory_options(cfg.learner, sharding="none", activation_checkpointing=None, cpu_offload=True)
+    assert options == MemoryOptions(sharding="none", gpu_memory_gib=40.0, activation_checkpointing=True,
+                                    cpu_offload=True)
+    with pytest.raises(PlanError):
+        memory_options(cfg.learner, gpus_per_node=0)
+
+
+def test_learner_shape_from_a_job_config():
+    cfg = load_config(REPO / "deploy/jobs/gsm8k-0.5b-rm-1node.yaml")
+    assert LearnerShape.from_config(cfg) == LearnerShape(
+        world_size=4, micro_batch_size=8, seq_len=1024, response_len=512, mixed_precision=True,
+        critic=True, reference=True)
+
+
+def test_architecture_sources(tmp_path):
+    cfg = load_config(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml")  # /models/... is not here
+    arch, source = resolve_architecture(cfg, None)
+    assert arch == qwen_05b() and "does not exist here" in source and "built-in table" in source
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(SMALL_CONFIGS["qwen2-tied"]))
+    for given in (model_dir, model_dir / "config.json"):
+        arch, source = resolve_architecture(cfg, str(given))
+        assert arch.hidden_size == 64 and "--model-config" in source
+    local = load_config(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml", [f"model.path={model_dir}"])
+    assert resolve_architecture(local, None) == (arch, str(model_dir / "config.json"))
+    unknown = load_config(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml", ["model.path=/models/nope"])
+    with pytest.raises(PlanError, match="--model-config"):
+        resolve_architecture(unknown, None)
+
+
+# -- the command -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", JOB_CONFIGS, ids=lambda p: p.name)
+def test_plan_runs_on_every_job_config(config, capsys):
+    assert main(["plan", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "training step" in out and "optimizer state" in out and "logits" in out
+    assert "verdict: FITS" in out  # every shipped job is sized to fit its GPUs
+    if config in GPU_JOB_CONFIGS:
+        assert "built-in table entry 'Qwen2.5-0.5B-Instruct'" in out and "per GPU" in out
+        assert "vLLM weights 942.29 MiB in bf16 per engine" in out
+    else:
+        assert "demo's own model" in out
+
+
+def test_plan_json_and_a_verdict_that_does_not_fit(capsys):
+    config = str(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml")
+    assert main(["plan", config, "model.path=/models/Qwen2.5-7B-Instruct", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not report["fits"] and report["total_bytes"] > report["usable_bytes"]
+    assert report["advice"][0]["setting"] == "learner.activation_checkpointing=true"
+    assert report["advice"][-1]["fits"]
+    assert set(report["per_gpu"]) == {"policy", "reference", "peak"}
+    assert main(["plan", config, "model.path=/models/Qwen2.5-7B-Instruct", "learner.activation_checkpointing=true",
+                 "--reference-offload", "--cpu-offload"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: FITS" in out and "activation checkpointing on" in out and "cpu offload on" in out
+
+
+def test_plan_names_the_missing_model(capsys):
+    config = str(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml")
+    assert main(["plan", config, "model.path=/models/unknown-model"]) == 2
+    assert "--model-config" in capsys.readouterr().err
+
+
+def test_plan_module_does_not_import_torch():
+    code = "import sys, cluster.plan; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
