@@ -54,7 +54,8 @@ class ActorSet:
 
     def __init__(self, name: str, spawn: Callable[[int], Any], prepare: Callable[[Any], ray.ObjectRef],
                  size: int, *, timeout_s: float, health_timeout_s: float = 30.0, health_interval_s: float = 10.0,
-                 start_timeout_s: float = 600.0, max_restarts: int = 8) -> None:
+                 start_timeout_s: float = 600.0, max_restarts: int = 8,
+                 awaiting_resources: Callable[[], bool] = lambda: False) -> None:
         self.name = name
         self.spawn = spawn
         self.prepare = prepare
@@ -62,6 +63,8 @@ class ActorSet:
         self.health_timeout_s = health_timeout_s
         self.health_interval_s = health_interval_s
         self.start_timeout_s = start_timeout_s
+        self.awaiting_resources = awaiting_resources
+        """True while the cluster lacks the free resources one more member needs."""
         self.max_restarts = max_restarts
         self.restarts = 0
         self.members: dict[int, Member] = {}
@@ -137,8 +140,15 @@ class ActorSet:
             else:
                 self.members[mid].ready = True
         now = time.monotonic()
-        for ref, (mid, since, _) in list(self._joining.items()):
+        for ref, (mid, since, state) in list(self._joining.items()):
             if now - since > self.start_timeout_s:
+                if self.awaiting_resources():
+                    # Not hung: the cluster has no room for it yet (an autoscaling cluster is
+                    # adding a node). Keep waiting; the pool serves with the members it has.
+                    self._joining[ref] = (mid, now, state)
+                    log.warning("%s still waits for cluster resources after %.0f s", self.label(mid),
+                                self.start_timeout_s)
+                    continue
                 self._joining.pop(ref)
                 self._lost(mid, f"did not start within {self.start_timeout_s:.0f} s")
 

@@ -107,6 +107,20 @@ class RolloutConfig:
     """A worker busy this long gets a health ping (answered concurrently with its work)."""
     health_timeout_s: float = 30.0
     """A worker that does not answer a health ping within this is treated as dead."""
+    autoscale: bool = False
+    """Resize the pool by itself (``cluster/autoscale.py``): grow by one worker while the learner
+    waits on rollouts for more than ``autoscale_high`` of each step, shrink by one while it
+    waits less than ``autoscale_low``, within ``[min_workers, max_workers]``."""
+    min_workers: int = 1
+    """Autoscaling never goes below this many workers."""
+    max_workers: int = 4
+    """Autoscaling never goes above this many workers."""
+    autoscale_high: float = 0.5
+    """Grow when the learner's wait on rollouts is above this share of the step..."""
+    autoscale_low: float = 0.2
+    """...shrink when it is below this share."""
+    autoscale_patience: int = 3
+    """Steps a condition must hold before a change, and steps between two changes."""
 
 
 @dataclass(kw_only=True)
@@ -225,6 +239,13 @@ class Config:
                            ("reward.num_workers", self.reward.num_workers)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1 (got {value})")
+        if r.autoscale:
+            if not 1 <= r.min_workers <= r.num_workers <= r.max_workers:
+                raise ConfigError(f"rollout.autoscale needs 1 <= rollout.min_workers ({r.min_workers}) <= "
+                                  f"rollout.num_workers ({r.num_workers}) <= rollout.max_workers ({r.max_workers})")
+            if not 0 <= r.autoscale_low < r.autoscale_high <= 1 or r.autoscale_patience < 1:
+                raise ConfigError(f"rollout.autoscale needs 0 <= autoscale_low ({r.autoscale_low}) < autoscale_high "
+                                  f"({r.autoscale_high}) <= 1 and autoscale_patience >= 1")
         if self.trainer.async_staleness < 0:
             raise ConfigError(f"trainer.async_staleness must be >= 0 (got {self.trainer.async_staleness})")
         if self.trainer.keep_last < 1 or self.trainer.save_every < 0 or self.trainer.max_skipped_updates < 1:

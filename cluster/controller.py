@@ -34,6 +34,7 @@ import ray
 import torch
 
 from actors.types import Prompt, Rollout
+from cluster.autoscale import Autoscaler, AutoscaleRule, wait_share
 from cluster.checkpoints import CheckpointManager, DriverState, read_checkpoint
 from cluster.collect import Batch, Collector, group_ids
 from cluster.config import Config
@@ -98,6 +99,11 @@ class Controller:
         self.eval_before: float | None = None
         self.consecutive_skips = 0
         self.resume_sampler: SamplerState | None = None  # data position a checkpoint records
+        r = cfg.rollout
+        self.autoscaler = Autoscaler(AutoscaleRule(
+            min_workers=r.min_workers, max_workers=r.max_workers, high=r.autoscale_high, low=r.autoscale_low,
+            patience=r.autoscale_patience)) if r.autoscale else None
+        self.autoscale_target: int | None = None  # decided at the end of a step, applied at the next boundary
 
     def run(self) -> RunSummary:
         cfg = self.cfg
@@ -187,6 +193,11 @@ class Controller:
                         "cluster/worker_restarts": float(self.rollout.restarts + self.reward.restarts),
                         "cluster/rollout_workers": float(len(self.rollout.actors.members)),
                         "throughput/samples_per_s": len(batch.rollouts) / self.timings["step"]})
+        if self.autoscaler is not None:
+            share = wait_share({k.removeprefix("timing/"): v for k, v in metrics.items() if k.startswith("timing/")},
+                               self.asynchronous)
+            self.autoscale_target = self.autoscaler.decide(share, self.rollout.actors.target)
+            metrics.update({"cluster/rollout_wait_share": share, "cluster/autoscale_target": float(self.autoscale_target)})
         every = cfg.trainer.eval_every
         if every and self.eval_prompts and step % every == 0 and step < cfg.trainer.steps:
             metrics["eval/accuracy"] = self.evaluate(step=step, log=False)
@@ -205,10 +216,14 @@ class Controller:
     # -- elastic pool and status ----------------------------------------------------------------
 
     def apply_scale_request(self) -> None:
-        """Take a pending ``rlrelay scale`` request at the step boundary."""
-        if self.control is None:
-            return
-        wanted = ray.get(self.control.take_scale_request.remote(), timeout=30)
+        """Resize the pool at the step boundary (it is idle here): a pending ``rlrelay scale``
+        request, else the autoscaler's decision from the last step."""
+        wanted = self.autoscale_target
+        self.autoscale_target = None
+        if self.control is not None:
+            requested = ray.get(self.control.take_scale_request.remote(), timeout=30)
+            if requested is not None:
+                wanted = requested  # an operator's explicit request wins over the rule
         if wanted is not None and wanted != self.rollout.actors.target:
             log.info("scaling the rollout pool from %d to %d workers", self.rollout.actors.target, wanted)
             self.rollout.resize(wanted)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import ray
 import torch
+from ray.autoscaler.sdk import request_resources
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from cluster.actor_set import ActorSet, WorkerFailure
@@ -53,6 +54,11 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
+def fits(free: dict[str, float], bundle: dict[str, float]) -> bool:
+    """Whether ``free`` resources (``ray.available_resources()``) can hold ``bundle`` now."""
+    return all(free.get(name, 0.0) >= amount for name, amount in bundle.items())
+
+
 class RolloutPool:
     """N rollout workers, each a Ray actor holding one vLLM engine.
 
@@ -74,10 +80,13 @@ class RolloutPool:
         actor = ray.remote(worker_cls).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=2)
         self.update_ref: ray.ObjectRef | None = None
         self._nodes: dict[int, ray.ObjectRef] = {}
+        self.bundle = {"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})}
+        """What one worker reserves: a scale-up asks the cluster for this many more."""
         self.actors = ActorSet("rollout worker", spawn=lambda i: actor.remote(i, self.settings),
                                prepare=self._prepare, size=r.num_workers, timeout_s=r.timeout_s,
                                max_restarts=r.max_restarts, health_interval_s=r.health_interval_s,
-                               health_timeout_s=r.health_timeout_s)
+                               health_timeout_s=r.health_timeout_s,
+                               awaiting_resources=lambda: not fits(ray.available_resources(), self.bundle))
 
     def _prepare(self, handle) -> ray.ObjectRef:
         if self.update_ref is None:
@@ -109,6 +118,10 @@ class RolloutPool:
         """Grow or shrink the pool. New workers load the current weights before they serve;
         leaving workers finish the prompts they hold, then stop (nothing is lost or redone)."""
         self.actors.resize(size)
+        # On an autoscaling cluster (KubeRay, the cluster launcher) this asks for nodes that
+        # can hold the whole pool; elsewhere it is recorded and ignored. A worker that cannot
+        # be placed yet waits for room instead of being declared dead.
+        request_resources(bundles=[self.bundle] * size)
 
     def infos(self) -> list[WorkerInfo]:
         """Every member's state, node, weight version and throughput (for ``rlrelay status``).

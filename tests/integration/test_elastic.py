@@ -74,3 +74,26 @@ def test_scale_up_and_down_while_training(tmp_path, tiny_model_dir):
         assert r["rollout/policy_version"] == r["rollout/policy_version_max"] == r["step"] - 1
         assert r["cluster/worker_restarts"] == 0  # leaving workers drain, they are not "lost"
     assert json.loads((run_dir / "summary.json").read_text())["steps_completed"] == STEPS
+
+
+def test_autoscaler_grows_the_pool_while_the_learner_waits(tmp_path, tiny_model_dir):
+    """rollout.autoscale with a threshold every synchronous step exceeds (the learner idles
+    while the pool generates): the pool grows from 1 to max_workers=2 and stays there."""
+    train = write_addition_data(tmp_path / "train.jsonl", 64, seed=0)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent),
+           "RLRELAY_STATE_DIR": str(tmp_path / "jobs")}
+    done = run_cli("train", "deploy/jobs/demo.yaml", "trainer.steps=5", "rollout.num_workers=1",
+                   "rollout.autoscale=true", "rollout.min_workers=1", "rollout.max_workers=2",
+                   "rollout.autoscale_high=0.01", "rollout.autoscale_low=0.005", "rollout.autoscale_patience=1",
+                   f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}",
+                   "model.max_model_len=64", f"model.path={tiny_model_dir}", f"data.train_path={train}",
+                   f"run.dir={run_dir}", "trainer.sample_table_every=0", "trainer.eval_every=0",
+                   "reward.functions=[rewards_for_tests:length]", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in rows(run_dir) if "cluster/autoscale_target" in r]
+    assert len(steps) == 5
+    assert all(0.01 < r["cluster/rollout_wait_share"] <= 1 for r in steps)
+    assert [r["cluster/autoscale_target"] for r in steps] == [2.0] * 5  # decided after step 1, capped at max
+    workers = [r["cluster/rollout_workers"] for r in steps]
+    assert workers[0] == 1.0 and workers[-1] == 2.0 and max(workers) == 2.0

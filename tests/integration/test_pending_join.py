@@ -1,0 +1,53 @@
+"""A scale-up the cluster has no room for waits for resources instead of being declared dead
+(and replaced, and counted) once the start timeout passes; the pool serves meanwhile."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cluster.actor_set import ActorSet
+from cluster.pools import fits
+
+pytestmark = pytest.mark.integration
+
+
+class Echo:
+    def ping(self) -> bool:
+        return True
+
+    def work(self, x: int) -> int:
+        time.sleep(0.2)
+        return 2 * x
+
+
+def pool(ray, awaiting_resources) -> ActorSet:
+    small, huge = ray.remote(Echo).options(num_cpus=0.25), ray.remote(Echo).options(num_cpus=64)
+    # Member 0 fits the 4-CPU test instance; every later member asks for 64 CPUs.
+    actors = ActorSet("echo", spawn=lambda i: (small if i == 0 else huge).remote(),
+                      prepare=lambda h: h.ping.remote(), size=1, timeout_s=30,
+                      awaiting_resources=awaiting_resources)
+    actors.wait_ready()
+    actors.start_timeout_s = 1.0  # short, for the joiner only
+    actors.resize(2)
+    return actors
+
+
+def test_unplaceable_joiner_waits_for_resources_and_the_pool_serves(ray_local):
+    bundle = {"CPU": 64}
+    assert not fits(ray_local.available_resources(), bundle) and fits({"CPU": 64.0}, bundle)
+    actors = pool(ray_local, awaiting_resources=lambda: not fits(ray_local.available_resources(), bundle))
+    out = actors.run(list(range(12)), lambda h, x: h.work.remote(x))  # ~2.4 s: past the start timeout
+    assert out == [2 * x for x in range(12)]
+    assert actors.restarts == 0 and len(actors.members) == 2  # still joining, not replaced
+    assert sum(m.ready for m in actors.members.values()) == 1
+    actors.resize(1)
+    assert len(actors.members) == 1
+
+
+def test_a_joiner_that_never_starts_with_room_to_spare_is_replaced(ray_local):
+    actors = pool(ray_local, awaiting_resources=lambda: False)
+    actors.run(list(range(12)), lambda h, x: h.work.remote(x))
+    assert actors.restarts >= 1  # declared dead after the start timeout, a replacement started
+    actors.resize(1)
