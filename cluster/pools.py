@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import ray
 import torch
 from ray.autoscaler.sdk import request_resources
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actor_set import ActorSet, WorkerFailure
 
@@ -77,7 +80,15 @@ class RolloutPool:
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization)
         # Two concurrent calls: a health ping is answered while generate runs. The pool
         # itself never sends a worker two pieces of work at once.
-        actor = ray.remote(worker_cls).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=2)
+        # vLLM's CPU attention sizes its work split by the calling thread's OpenMP default, read
+        # from OMP_NUM_THREADS when the process starts (Ray sets it from num_cpus), and runs it
+        # with the engine's thread count: when the two differ, any sequence longer than one KV
+        # block (128 tokens) aborts the worker ("thread_num == thread_num" check), because Ray
+        # runs generate on a thread other than the one that set the engine's count. So the
+        # process starts with the engine's count.
+        env = {"env_vars": {"OMP_NUM_THREADS": str(r.num_threads)}} if device == "cpu" else None
+        actor = ray.remote(worker_cls).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=2,
+                                               runtime_env=env)
         self.update_ref: ray.ObjectRef | None = None
         self._nodes: dict[int, ray.ObjectRef] = {}
         self.bundle = {"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})}
@@ -201,6 +212,39 @@ class RewardPool:
         self.actors.shutdown()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LearnerPlacement:
+    """Where the learner ranks run: one bundle each in a placement group.
+
+    Example: ``LearnerPlacement(group=pg, rank_bundles=[2, 0, 1, 3], nodes=["n1", "n1", "n2", "n2"])``
+    """
+
+    group: PlacementGroup
+    rank_bundles: list[int]
+    """Bundle of each rank: ranks on the same node are consecutive (rank 0's node first)."""
+    nodes: list[str]
+    """Node id of each rank."""
+
+
+def learner_placement(world_size: int, num_cpus: float, num_gpus: float, timeout_s: float) -> LearnerPlacement:
+    """Reserve one ``{CPU, GPU}`` bundle per rank, packed onto as few nodes as possible (PACK:
+    fill a node's GPUs, then spill to the next), so that ranks of a node share its fast links
+    and collectives cross the network only between nodes. Raises if the cluster cannot hold
+    it within ``timeout_s`` (an autoscaling cluster adds nodes meanwhile)."""
+    bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+    group = placement_group([bundle] * world_size, strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except GetTimeoutError:
+        remove_placement_group(group)
+        raise WorkerFailure(f"the learner's {world_size} bundle(s) of {bundle} could not be placed within "
+                            f"{timeout_s:.0f} s: the cluster lacks free resources (ray status shows them)") from None
+    node_of = placement_group_table(group)["bundles_to_node_id"]
+    # Group ranks by node so that rank order follows the hardware (NCCL rings, local ranks).
+    order = sorted(range(world_size), key=lambda b: (node_of[b] != node_of[0], node_of[b], b))
+    return LearnerPlacement(group=group, rank_bundles=order, nodes=[node_of[b] for b in order])
+
+
 class LearnerGroup:
     """W learner ranks in one torch.distributed group; every verb runs on all ranks."""
 
@@ -208,9 +252,13 @@ class LearnerGroup:
         lc = cfg.learner
         self.cfg = cfg
         self.timeout_s = lc.timeout_s
-        actor = ray.remote(LearnerRank).options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus)
-        self.ranks = [actor.remote(rank, lc.world_size, model_path, lc, cfg.algorithm,
-                                   cfg.rollout.temperature, total_updates) for rank in range(lc.world_size)]
+        self.placement = learner_placement(lc.world_size, lc.num_cpus, lc.num_gpus, timeout_s=lc.timeout_s)
+        actor = ray.remote(LearnerRank)
+        self.ranks = [actor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
+                                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                        placement_group=self.placement.group, placement_group_bundle_index=bundle))
+                      .remote(rank, lc.world_size, model_path, lc, cfg.algorithm, cfg.rollout.temperature, total_updates)
+                      for rank, bundle in enumerate(self.placement.rank_bundles)]
 
     def ready(self) -> None:
         """Form the process group (rank 0's node is the rendezvous) and load the models."""
@@ -296,3 +344,4 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for r in self.ranks:
             ray.kill(r)
+        remove_placement_group(self.placement.group)
