@@ -169,24 +169,29 @@ class RolloutWorker:
     # -- helpers -------------------------------------------------------------------------------
 
     def _encode(self, prompt: Prompt, sampling: SamplingSettings) -> list[int]:
-        if prompt.messages is not None:
-            if not self._tokenizer.chat_template:
-                raise ValueError(f"prompt {prompt.index} is a chat, but the tokenizer of "
-                                 f"{self.settings.model_path} has no chat template")
-            messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
-            text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            # The template writes the special tokens (BOS, role markers) itself.
-            ids = self._tokenizer.encode(text, add_special_tokens=False)
-        else:
-            if not prompt.text:
-                raise ValueError(f"prompt {prompt.index} is empty")
-            ids = self._tokenizer.encode(prompt.text)
+        ids = encode_prompt(self._tokenizer, prompt, self.settings.model_path)
         limit = self.settings.max_model_len - sampling.max_new_tokens
         if len(ids) > limit:
             raise ValueError(
                 f"prompt {prompt.index} has {len(ids)} tokens; max_model_len "
                 f"{self.settings.max_model_len} - max_new_tokens {sampling.max_new_tokens} leaves {limit}")
         return ids
+
+
+def encode_prompt(tokenizer, prompt: Prompt, model_path: str) -> list[int]:
+    """Token ids of a prompt as the engine sees it: chat messages through the tokenizer's
+    chat template (with the generation prompt), plain text with the tokenizer's special tokens.
+    The driver uses the same function to check prompt lengths before a run starts."""
+    if prompt.messages is not None:
+        if not tokenizer.chat_template:
+            raise ValueError(f"prompt {prompt.index} is a chat, but the tokenizer of {model_path} has no chat template")
+        messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template writes the special tokens (BOS, role markers) itself.
+        return tokenizer.encode(text, add_special_tokens=False)
+    if not prompt.text:
+        raise ValueError(f"prompt {prompt.index} is empty")
+    return tokenizer.encode(prompt.text)
 
 
 def _sampled_logprobs(completion, tokens: tuple[int, ...]) -> tuple[float, ...]:

@@ -70,6 +70,10 @@ class DataConfig:
     """Held-out prompts for ``eval/accuracy``; None uses the demo's, or no eval if train_path is set."""
     eval_limit: int = 0
     """Evaluate on at most this many eval prompts (0 = all)."""
+    too_long: str = "error"
+    """A prompt that leaves fewer than ``rollout.max_new_tokens`` of ``model.max_model_len``:
+    ``error`` stops before anything starts, naming the first such prompt; ``skip`` drops each
+    one, counts them, and logs the count (``data/skipped_too_long`` in the W&B config)."""
 
 
 @dataclass(kw_only=True)
@@ -239,6 +243,8 @@ class Config:
                            ("reward.num_workers", self.reward.num_workers)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1 (got {value})")
+        if self.data.too_long not in ("error", "skip"):
+            raise ConfigError(f"data.too_long must be 'error' or 'skip' (got {self.data.too_long!r})")
         if r.autoscale:
             if not 1 <= r.min_workers <= r.num_workers <= r.max_workers:
                 raise ConfigError(f"rollout.autoscale needs 1 <= rollout.min_workers ({r.min_workers}) <= "

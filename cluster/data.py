@@ -100,3 +100,17 @@ class PromptSampler:
             if self.state.position >= len(order):
                 self.state = SamplerState(epoch=self.state.epoch + 1, position=0)
         return batch
+
+
+def drop_too_long(prompts: list[Prompt], encode, limit: int, policy: str, source: str) -> tuple[list[Prompt], int]:
+    """Prompts whose token count (``encode(prompt)``) is at most ``limit``, and how many were
+    dropped. ``policy="error"`` raises on the first longer one instead, naming it."""
+    kept = []
+    for p in prompts:
+        n = len(encode(p))
+        if n <= limit:
+            kept.append(p)
+        elif policy == "error":
+            raise DataError(f"{source}: prompt {p.index} has {n} tokens, more than the {limit} that "
+                            f"model.max_model_len - rollout.max_new_tokens leaves (data.too_long=skip drops such prompts)")
+    return kept, len(prompts) - len(kept)

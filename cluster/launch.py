@@ -16,7 +16,7 @@ from cluster.collect import Collector
 from cluster.config import Config, ConfigError, to_dict
 from cluster.control import JobControl, control_actor_name, register_job
 from cluster.controller import Controller, RunSummary
-from cluster.data import PromptSampler, load_prompts
+from cluster.data import PromptSampler, drop_too_long, load_prompts
 from cluster.security import check_cluster_auth, require_token_auth
 
 log = logging.getLogger("rlrelay")
@@ -94,14 +94,12 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     import ray
     from transformers import AutoTokenizer
 
+    from actors.rollout_worker import encode_prompt
     from cluster.pools import LearnerGroup, RewardPool, RolloutPool
     from cluster.tracking import Tracker
 
     paths = resolve_paths(cfg)
     train_prompts = load_prompts(paths.train_path)
-    if cfg.rollout.prompts_per_step > len(train_prompts):
-        raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) exceeds the "
-                          f"{len(train_prompts)} prompts of {paths.train_path}")
     eval_prompts = load_prompts(paths.eval_path) if paths.eval_path else []
     if cfg.data.eval_limit:
         eval_prompts = eval_prompts[:cfg.data.eval_limit]
@@ -113,6 +111,20 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     if pad_id is None:
         raise ConfigError(f"the tokenizer of {paths.model_path} has neither a pad nor an eos token")
 
+    # Prompt lengths are checked here, before any actor starts, with the engine's own encoding.
+    limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
+    skipped = {}
+    for name, prompts in (("train", train_prompts), ("eval", eval_prompts)):
+        kept, skipped[name] = drop_too_long(prompts, lambda p: encode_prompt(tokenizer, p, paths.model_path), limit,
+                                            cfg.data.too_long, f"data.{name}_path {getattr(paths, name + '_path')}")
+        prompts[:] = kept
+        if skipped[name]:
+            log.warning("skipped %d %s prompt(s) longer than %d tokens (data.too_long=skip)", skipped[name], name,
+                        limit)
+    if cfg.rollout.prompts_per_step > len(train_prompts):
+        raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) exceeds the "
+                          f"{len(train_prompts)} prompts of {paths.train_path} that fit")
+
     run_dir = cfg.run.path
     checkpoints = CheckpointManager(Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints"),
                                     keep_last=cfg.trainer.keep_last)
@@ -121,7 +133,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     resolved = replace(cfg, model=replace(cfg.model, path=paths.model_path),
                        data=replace(cfg.data, train_path=paths.train_path, eval_path=paths.eval_path))
     tracker = Tracker(run_dir, project=cfg.run.wandb_project, name=cfg.run.name, mode=cfg.run.wandb_mode,
-                      config=to_dict(resolved), tags=cfg.run.wandb_tags, total_steps=cfg.trainer.steps,
+                      config={**to_dict(resolved), "data/skipped_too_long": skipped}, tags=cfg.run.wandb_tags, total_steps=cfg.trainer.steps,
                       run_id=resumed.wandb_run_id if resumed else None,
                       resume_step=resumed.step if resumed else None)
     pools = []

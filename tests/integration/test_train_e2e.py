@@ -64,3 +64,13 @@ def test_unknown_key_fails_at_once_naming_it():
     result = run_cli("train", "deploy/jobs/demo.yaml", "no.such.key=1", timeout=60)
     assert result.returncode == 2
     assert "no.such.key" in result.stderr
+
+
+def test_a_prompt_longer_than_the_context_stops_the_run_before_it_starts(tmp_path, tiny_model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in ["1+1=", "2+2=" * 40, "3+3="]))
+    args = ("train", "deploy/jobs/demo.yaml", f"model.path={tiny_model_dir}", f"data.train_path={data}",
+            "model.max_model_len=64", "rollout.prompts_per_step=2", f"run.dir={tmp_path / 'run'}")
+    result = run_cli(*args, timeout=120)
+    assert result.returncode != 0
+    assert "prompt 1 has" in result.stderr and "data.too_long=skip" in result.stderr

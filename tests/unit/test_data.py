@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cluster.data import DataError, PromptSampler, load_prompts
+from cluster.data import DataError, PromptSampler, drop_too_long, load_prompts
 
 
 def write(path, lines):
@@ -64,3 +64,14 @@ def test_sampler_covers_each_epoch_once_and_is_reproducible(tmp_path):
     d = PromptSampler(prompts, seed=3)
     d.state = c.state
     assert [p.index for p in d.next_batch(4)] == [p.index for p in batches[2]]
+
+
+def test_too_long_prompts_error_by_default_or_are_dropped_and_counted(tmp_path):
+    path = write(tmp_path / "d.jsonl", [json.dumps({"prompt": "x" * n}) for n in (3, 9, 5, 12)])
+    prompts = load_prompts(path)
+    encode = lambda p: list(p.text)  # one token per character  # noqa: E731
+    with pytest.raises(DataError, match=r"data.train_path d.jsonl: prompt 1 has 9 tokens, more than the 6"):
+        drop_too_long(prompts, encode, limit=6, policy="error", source="data.train_path d.jsonl")
+    kept, dropped = drop_too_long(prompts, encode, limit=6, policy="skip", source="x")
+    assert [p.index for p in kept] == [0, 2] and dropped == 2
+    assert drop_too_long(prompts, encode, limit=12, policy="error", source="x") == (prompts, 0)
