@@ -6,10 +6,10 @@ actors. Two paths are measured, ``--pushes`` consecutive pushes each:
 
 - **production**: ``LearnerGroup.export_weights`` (gather, pack, and Ray's put of the
   returned update) then ``RolloutPool.load_weights`` (each worker pulls the update, verifies
-  its CRC32s and reloads the engine), timed from the driver; the workers'
+  its checksums and reloads the engine), timed from the driver; the workers'
   ``WeightLoadReport``s give verify and load, the rest of the broadcast is transport and calls;
 - **instrumented**: the same steps run one by one inside the learner and the workers
-  (``__ray_call__``), so gather, pack (with its CRC32), ``ray.put``, the worker's ``ray.get``,
+  (``__ray_call__``), so gather, pack (with its checksum), ``ray.put``, the worker's ``ray.get``,
   verify and the engine's reload each get a time. The reload is of tensors already in the
   worker's process, so it is vLLM's load and CPU repack alone.
 
@@ -117,7 +117,7 @@ def run(args) -> dict:
         "instrumented": {
             "gather_s": spread(column(instrumented, "gather_s")),
             "pack_s": spread(column(instrumented, "pack_s")),
-            "pack_crc32_s": spread(column(instrumented, "crc_s")),
+            "pack_checksum_s": spread(column(instrumented, "checksum_s")),
             "put_s": spread(column(instrumented, "put_s")),
             "worker_get_s": spread(column(instrumented, "get_s")),
             "worker_verify_s": spread(column(instrumented, "verify_s")),
@@ -134,7 +134,7 @@ def run(args) -> dict:
         "variants": variants,
         "memory": memory,
         "target": {"ours_to_copy_bound_max": TARGET_COPY_RATIO, "met_steady": steady_ratio <= TARGET_COPY_RATIO,
-                   "ours": "gather + pack (incl. CRC32) + ray.put + slowest worker's ray.get"},
+                   "ours": "gather + pack (incl. checksum) + ray.put + slowest worker's ray.get"},
     }
 
 
@@ -189,10 +189,9 @@ def timed_export(rank, version: int, bucket_bytes: int):
     """In a learner rank: gather, pack and put the policy, each timed (collective: every rank)."""
     import ray
     import torch
-    import zlib
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from learner.weight_bucket import pack_state_dict
+    from learner.weight_bucket import checksum, pack_state_dict
 
     t0 = time.perf_counter()
     state = get_model_state_dict(rank.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -200,15 +199,16 @@ def timed_export(rank, version: int, bucket_bytes: int):
     if rank.rank != 0:
         return None
     update = pack_state_dict({k: v.to(torch.float32) for k, v in state.items()}, version=version,
-                             bucket_bytes=bucket_bytes)
+                             bucket_bytes=bucket_bytes, reuse=rank._pack_buffers)
+    rank._pack_buffers = [b.buffer for b in update.buckets]  # as export_weights does
     t2 = time.perf_counter()
     ref = ray.put(update)
     t3 = time.perf_counter()
     for bucket in update.buckets:  # again, to know the checksum's share of pack
-        zlib.crc32(memoryview(bucket.buffer))
-    crc_s = time.perf_counter() - t3
+        checksum(bucket.buffer)
+    checksum_s = time.perf_counter() - t3
     # The ref travels in a list so the workers receive it unresolved and time their own get.
-    return {"gather_s": t1 - t0, "pack_s": t2 - t1, "put_s": t3 - t2, "crc_s": crc_s,
+    return {"gather_s": t1 - t0, "pack_s": t2 - t1, "put_s": t3 - t2, "checksum_s": checksum_s,
             "buckets": len(update.buckets)}, [ref]
 
 
@@ -234,13 +234,14 @@ def timed_get(worker, boxed: list) -> float:
 
 def transport_variants(rank, repeats: int, bucket_sizes: tuple[int, ...]):
     """In the learner: what else the sending side could do, each ``repeats`` times."""
+    import zlib
+
     import numpy as np
     import ray
     import torch
-    import zlib
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from learner.weight_bucket import pack_state_dict
+    from learner.weight_bucket import checksum, pack_state_dict
 
     state = get_model_state_dict(rank.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     tensors = [t.detach().contiguous() for t in state.values()]
@@ -268,6 +269,7 @@ def transport_variants(rank, repeats: int, bucket_sizes: tuple[int, ...]):
 
     timed("pack_into_warm_buffer_no_checksum_s", copy_into_warm)
     timed("checksum_crc32_s", lambda: zlib.crc32(memoryview(warm)))
+    timed("checksum_sum64_s", lambda: checksum(warm))
     timed("checksum_adler32_s", lambda: zlib.adler32(memoryview(warm)))
     words = warm[:total - total % 8].view(np.uint64)
     timed("checksum_numpy_u64_sum_s", lambda: np.add.reduce(words))

@@ -12,6 +12,7 @@ fan-out/fan-in of each step's work with a timeout on every wait.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,20 +36,21 @@ from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
 
 
 def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
-    """``ray.get`` with a timeout, turning Ray's errors into one that names the worker."""
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    if pending:
-        slow = [what[refs.index(r)] for r in pending]
-        raise WorkerFailure(f"no answer within {timeout_s:.0f} s from {', '.join(slow)}")
-    results = []
-    for ref, name in zip(refs, what):
+    """``ray.get`` of every ref with one deadline, turning Ray's errors into one that names the
+    worker. Results are checked as they arrive, so a dead worker is named at once, not after
+    its peers time out waiting for it in a collective."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            slow = [what[refs.index(r)] for r in pending]
+            raise WorkerFailure(f"no answer within {timeout_s:.0f} s from {', '.join(slow)}")
         try:
-            results.append(ray.get(ref, timeout=timeout_s))
+            ray.get(ready[0])
         except RayActorError as e:
-            raise WorkerFailure(f"{name} died: {e}") from e
-        except GetTimeoutError as e:  # cannot happen after ray.wait, kept for clarity of intent
-            raise WorkerFailure(f"no answer from {name}") from e
-    return results
+            raise WorkerFailure(f"{what[refs.index(ready[0])]} died: {e}") from e
+    return ray.get(list(refs))
 
 
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:

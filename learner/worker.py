@@ -114,6 +114,7 @@ class LearnerRank:
         self.total_updates = max(1, total_updates)
         self.device = torch.device("cuda" if learner.num_gpus > 0 else "cpu")
         torch.set_num_threads(learner.num_threads)
+        self._pack_buffers: list[np.ndarray] = []  # reused by export_weights
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -253,7 +254,12 @@ class LearnerRank:
         if self.rank != 0:
             return None
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        return pack_state_dict({k: v.to(dtype) for k, v in state.items()}, version=version)
+        # The previous update's buffers were copied into the object store when that call
+        # returned, so they are free to pack into again.
+        update = pack_state_dict({k: v.to(dtype) for k, v in state.items()}, version=version,
+                                 reuse=self._pack_buffers)
+        self._pack_buffers = [b.buffer for b in update.buckets]
+        return update
 
     def save_checkpoint(self, path: str) -> RankState:
         """Write this rank's shards of every model and optimizer into the DCP directory

@@ -66,7 +66,7 @@ def test_bench_sync_breaks_a_push_into_parts_that_add_up():
     for i in range(2):
         parts = sum(inst[k]["runs"][i] for k in ("gather_s", "pack_s", "put_s", "worker_get_s"))
         assert parts == pytest.approx(inst["ours_s"]["runs"][i], abs=2e-3)
-        assert inst["pack_crc32_s"]["runs"][i] > 0
+        assert inst["pack_checksum_s"]["runs"][i] > 0
     assert inst["buckets"] == 1
     assert "put_unpacked_numpy_dict_s" in out["variants"] and "checksum_crc32_s" in out["variants"]
     assert len(out["memory"]["rollout_workers"]) == 2

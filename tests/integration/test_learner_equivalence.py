@@ -115,3 +115,43 @@ def test_compiled_blocks_give_the_same_update(ray_local, tiny_model_dir):
     delta = torch.cat([(got[k] - initial[k]).flatten() for k in reference])
     rel = float((delta - delta_ref).norm() / delta_ref.norm())
     assert rel < 1e-3, f"compiled blocks: update differs by {rel:.2e} (relative)"
+
+
+def test_a_non_finite_loss_skips_the_update_on_every_rank_and_is_counted(ray_local, tiny_model_dir):
+    cfg = Config()
+    cfg.learner.world_size, cfg.learner.micro_batch_size, cfg.learner.num_cpus = 2, 2, 0.5
+    cfg.learner.num_threads, cfg.learner.lr = 1, 1e-2
+    group = LearnerGroup(cfg, str(tiny_model_dir), total_updates=2)
+    try:
+        group.ready()
+        before = dict(iter_tensors(ray_local.get(group.export_weights(version=0), timeout=300)))
+        batch = make_batch()
+        poisoned = batch.advantages.clone()
+        poisoned[5, 0] = float("nan")  # one token of one row on rank 1: the all-reduced norm is NaN everywhere
+        bad = TrainBatch(rollouts=batch.rollouts, old_logprobs=batch.old_logprobs, advantages=poisoned,
+                         returns=None, old_values=None, ref_logprobs=None, importance_weights=None)
+        metrics = group.update(bad, [torch.arange(8)], train_policy=True)
+        assert metrics["policy/skipped_updates"] == 1.0 and "policy/grad_norm" not in metrics
+        after = dict(iter_tensors(ray_local.get(group.export_weights(version=1), timeout=300)))
+        assert all(torch.equal(before[k], after[k]) for k in before)  # weights untouched
+        # The next finite batch trains normally.
+        metrics = group.update(batch, [torch.arange(8)], train_policy=True)
+        assert metrics["policy/skipped_updates"] == 0.0 and metrics["policy/grad_norm"] > 0
+    finally:
+        group.shutdown()
+
+
+def test_a_dead_learner_rank_stops_the_driver_naming_it(ray_local, tiny_model_dir):
+    from cluster.actor_set import WorkerFailure
+
+    cfg = Config()
+    cfg.learner.world_size, cfg.learner.micro_batch_size, cfg.learner.num_cpus = 2, 2, 0.5
+    cfg.learner.num_threads, cfg.learner.timeout_s = 1, 60
+    group = LearnerGroup(cfg, str(tiny_model_dir), total_updates=2)
+    try:
+        group.ready()
+        ray_local.kill(group.ranks[1], no_restart=True)
+        with pytest.raises(WorkerFailure, match="learner rank 1"):
+            group.update(make_batch(), [torch.arange(8)], train_policy=True)
+    finally:
+        group.shutdown()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.weight_bucket import WeightSyncError, iter_tensors, pack_state_dict, verify
+from learner.weight_bucket import WeightSyncError, checksum, iter_tensors, pack_state_dict, verify
 
 
 def state():
@@ -54,3 +54,25 @@ def test_read_only_buffers_unpack_without_copy():
     name, tensor = next(iter_tensors(update))
     assert tensor.data_ptr() == update.buckets[0].buffer.ctypes.data
     assert np.shares_memory(update.buckets[0].buffer, tensor.numpy())
+
+
+def test_packing_into_reused_buffers_equals_a_fresh_pack_and_writes_in_place():
+    first = pack_state_dict(state(), version=1, bucket_bytes=64)
+    buffers = [b.buffer for b in first.buckets]
+    for b in buffers:
+        b[:] = 0xAB  # garbage, padding included: a reused buffer must come out identical anyway
+    again = pack_state_dict(state(), version=2, bucket_bytes=64, reuse=buffers)
+    fresh = pack_state_dict(state(), version=2, bucket_bytes=64)
+    assert [b.buffer.ctypes.data for b in again.buckets] == [b.ctypes.data for b in buffers]
+    for a, f in zip(again.buckets, fresh.buckets):
+        assert np.array_equal(a.buffer, f.buffer) and a.checksum == f.checksum
+    verify(again, current_version=1)
+
+
+def test_checksum_sees_a_zeroed_tail_and_a_changed_length():
+    buf = np.arange(37, dtype=np.uint8)  # 4 words and 5 tail bytes
+    assert checksum(buf) != checksum(buf[:-1])
+    cut = buf.copy()
+    cut[-3:] = 0
+    assert checksum(cut) != checksum(buf)
+    assert checksum(np.zeros(0, np.uint8)) == 0
