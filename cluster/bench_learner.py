@@ -47,6 +47,9 @@ PRESETS = {
     # Qwen2.5-1.5B's shape.
     "1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    # The demo's policy (cluster/demo.py): for profiling the CPU demo's learner.
+    "demo": dict(model_type="llama", vocab_size=16, hidden_size=256, intermediate_size=512,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
     "tiny": dict(model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }

@@ -4,7 +4,7 @@
   PromptSampler ──prompts──▶ RolloutPool (N × vLLM) ──rollouts──▶ RewardPool (M) ──scores──┐
         ▲                          ▲                                                     │
         │                          │ WeightUpdate vN+1 (object store, pulled by every     ▼
-        │                          │ worker, version + CRC checked)        collate → LearnerGroup.forward
+        │                          │ worker, version + checksum checked)        collate → LearnerGroup.forward
         │                          │                                       (old/ref log-probs, values)
         │                   LearnerGroup.export_weights ◀── LearnerGroup.update ◀── advantages (here,
         │                                                   (PPO epochs ×           whole batch visible)
