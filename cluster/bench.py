@@ -61,10 +61,11 @@ def register(sub) -> None:
     _model_args(s, hidden=1024, layers=8, intermediate=2816)
     s.add_argument("--workers", type=int, default=2, help="rollout workers (real vLLM engines) receiving the push")
     s.add_argument("--pushes", type=int, default=5, help="consecutive pushes measured on each path")
-    s.add_argument("--bucket-mib", type=int, default=512, help="bucket size of pack_state_dict, MiB")
+    s.add_argument("--bucket-mib", type=int, default=0,
+                   help="0: share the gathered tensors as the learner does; N: copy into flat N-MiB buckets instead")
     s.add_argument("--kv-cache-gib", type=float, default=0.25, help="KV cache per vLLM engine")
     s.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure transport variants (bucket size, warm pack buffer, no pack, checksums)")
+                   help="also measure transport variants (flat bucket sizes, warm pack buffer, no pack, checksums)")
     _common_args(s)
     s.set_defaults(handler=bench_command, bench_module="cluster.bench_sync")
 
@@ -91,6 +92,9 @@ def register(sub) -> None:
     st = bench.add_parser("step", help="one PPO step of the demo job taken apart; synchronous vs asynchronous")
     st.add_argument("--steps", type=int, default=5, help="timed steps per run (after the warm-up)")
     st.add_argument("--warmup", type=int, default=1, help="steps run first and not timed (at least 1)")
+    st.add_argument("--layouts", default="split,default",
+                    help="thread layouts to run, comma-separated: split (rollout and learner on a core each), "
+                         "default (the demo's own); each runs once synchronous and once asynchronous")
     st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override of deploy/jobs/demo.yaml for every run, e.g. rollout.prompts_per_step=16 "
                          "(repeatable; the bench's own keys win)")

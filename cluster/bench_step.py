@@ -72,10 +72,14 @@ def run(args) -> dict:
     if args.steps < 1 or args.warmup < 1:
         raise SystemExit("rlrelay: --steps and --warmup must be >= 1 (the first step of an asynchronous run "
                          "generates its batch without overlap)")
+    chosen = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(LAYOUTS))
+    if unknown or not chosen:
+        raise SystemExit(f"rlrelay: --layouts: unknown {unknown or chosen}; choose from {', '.join(LAYOUTS)}")
     with tempfile.TemporaryDirectory(prefix="rlrelay-bench-step-") as tmp:
         # Every config is built (and validated) before the first run starts.
         configs = {(layout, mode): _config(args, layout, mode, Path(tmp) / f"{layout}-{mode}")
-                   for layout in LAYOUTS for mode in MODES}
+                   for layout in chosen for mode in MODES}
         runs = {}
         for (layout, mode), cfg in configs.items():
             runs[layout, mode] = _measure(cfg, args)
@@ -83,7 +87,7 @@ def run(args) -> dict:
                      runs[layout, mode]["step_s"]["median"], runs[layout, mode]["samples_per_s"]["median"])
 
     layouts = {}
-    for layout in LAYOUTS:
+    for layout in chosen:
         cfg = configs[layout, "sync"]
         layouts[layout] = {
             "resources": {"rollout_workers": cfg.rollout.num_workers,
@@ -93,14 +97,14 @@ def run(args) -> dict:
             "async": runs[layout, "async"],
             "overlap": _overlap(runs[layout, "sync"], runs[layout, "async"]),
         }
-    demo = configs["default", "sync"]
+    demo = configs[chosen[0], "sync"]
     return {
         "bench": "step",
         "settings": {"job": "deploy/jobs/demo.yaml", "overrides": list(args.overrides), "warmup": args.warmup,
                      "steps": args.steps, "samples_per_step": demo.rollout.prompts_per_step
                      * demo.rollout.samples_per_prompt, "max_new_tokens": demo.rollout.max_new_tokens},
         "layouts": layouts,
-        "target": {"async_to_bound_max": TARGET_OVERLAP_RATIO, "met_split": layouts["split"]["overlap"]["met"],
+        "target": {"async_to_bound_max": TARGET_OVERLAP_RATIO, "met_split": layouts["split"]["overlap"]["met"] if "split" in layouts else None,
                    "bound": "max(generation, training) of the synchronous run: generation = its wait_rollout, "
                             "training = the rest of its step"},
     }

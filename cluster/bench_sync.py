@@ -4,12 +4,12 @@ A random Llama (``--hidden/--layers/--intermediate``; default ~103M parameters, 
 fp32) sits in a one-rank FSDP2 ``LearnerGroup`` (gloo) and in W real vLLM ``RolloutWorker``
 actors. Two paths are measured, ``--pushes`` consecutive pushes each:
 
-- **production**: ``LearnerGroup.export_weights`` (gather, pack, and Ray's put of the
-  returned update) then ``RolloutPool.load_weights`` (each worker pulls the update, verifies
+- **production**: ``LearnerGroup.export_weights`` (gather, wrap the gathered tensors with
+  their checksums, and Ray's put of the returned update) then ``RolloutPool.load_weights`` (each worker pulls the update, verifies
   its checksums and reloads the engine), timed from the driver; the workers'
   ``WeightLoadReport``s give verify and load, the rest of the broadcast is transport and calls;
 - **instrumented**: the same steps run one by one inside the learner and the workers
-  (``__ray_call__``), so gather, pack (with its checksum), ``ray.put``, the worker's ``ray.get``,
+  (``__ray_call__``), so gather, wrap (with the checksums; ``--bucket-mib N``: copy into flat buckets), ``ray.put``, the worker's ``ray.get``,
   verify and the engine's reload each get a time. The reload is of tensors already in the
   worker's process, so it is vLLM's load and CPU repack alone.
 
@@ -17,8 +17,8 @@ The bound is one memory copy of the payload at the copy bandwidth measured in th
 (numpy copy of a warm buffer, one thread): on one host the update has to be written once
 into shared memory, and the workers can read it in place.
 
-``--variants`` also measures what the transport could do instead: smaller buckets, packing
-into a warm (reused) buffer, putting the tensors without packing, and cheaper checksums.
+``--variants`` also measures what the transport could do instead: flat buckets of two sizes,
+packing into a warm (reused) buffer, putting the tensors without packing, other checksums.
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ def run(args) -> dict:
             "ours_with_verify_to_copy_bound": spread(
                 [(r["ours_s"] + r["verify_s"]) / bound_s for r in instrumented]),
             "buckets": instrumented[0]["buckets"],
+            "tensors": instrumented[0]["tensors"],
         },
         "variants": variants,
         "memory": memory,
@@ -186,21 +187,22 @@ def _instrumented_push(ray, learner, workers: list, version: int, bucket_bytes: 
 # -- run inside the actors (module-level, so Ray pickles them by reference) -------------------
 
 def timed_export(rank, version: int, bucket_bytes: int):
-    """In a learner rank: gather, pack and put the policy, each timed (collective: every rank)."""
+    """In a learner rank: gather, wrap (with checksums) and put the policy, each timed
+    (collective: every rank). ``bucket_bytes`` > 0 copies into flat buckets instead of
+    wrapping, as the learner did before it shared the gathered tensors."""
     import ray
-    import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from learner.weight_bucket import checksum, pack_state_dict
+    from learner.weight_bucket import checksum, pack_state_dict, share_state_dict
 
     t0 = time.perf_counter()
-    state = get_model_state_dict(rank.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = rank.full_policy_state()
     t1 = time.perf_counter()
-    if rank.rank != 0:
+    if state is None:
         return None
-    update = pack_state_dict({k: v.to(torch.float32) for k, v in state.items()}, version=version,
-                             bucket_bytes=bucket_bytes, reuse=rank._pack_buffers)
-    rank._pack_buffers = [b.buffer for b in update.buckets]  # as export_weights does
+    if bucket_bytes > 0:
+        update = pack_state_dict(state, version=version, bucket_bytes=bucket_bytes)
+    else:  # as export_weights does
+        update = share_state_dict(state, version=version)
     t2 = time.perf_counter()
     ref = ray.put(update)
     t3 = time.perf_counter()
@@ -209,7 +211,7 @@ def timed_export(rank, version: int, bucket_bytes: int):
     checksum_s = time.perf_counter() - t3
     # The ref travels in a list so the workers receive it unresolved and time their own get.
     return {"gather_s": t1 - t0, "pack_s": t2 - t1, "put_s": t3 - t2, "checksum_s": checksum_s,
-            "buckets": len(update.buckets)}, [ref]
+            "buckets": len(update.buckets), "tensors": len(state)}, [ref]
 
 
 def timed_receive(worker, boxed: list) -> dict:
@@ -293,7 +295,7 @@ def transport_variants(rank, repeats: int, bucket_sizes: tuple[int, ...]):
 
 
 def _variants(ray, learner, workers: list, args) -> dict:
-    sizes = tuple(sorted({64 * 2**20, args.bucket_mib * 2**20}))
+    sizes = (64 * 2**20, 512 * 2**20)
     times, (packed, unpacked) = ray.get(learner.ranks[0].__ray_call__.remote(transport_variants, args.pushes, sizes),
                                         timeout=600)
     result = {name: spread(runs) for name, runs in times.items()}

@@ -35,7 +35,7 @@ from learner.config import AlgorithmConfig, LearnerConfig
 from learner.fsdp import ShardingPlan, cat_rows, init_optimizer_state, micro_batches, shard_model, to_device
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import load_critic, load_policy, sequence_logprobs, sequence_values
-from learner.weight_bucket import WeightUpdate, pack_state_dict
+from learner.weight_bucket import WeightUpdate, share_state_dict
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,7 +114,6 @@ class LearnerRank:
         self.total_updates = max(1, total_updates)
         self.device = torch.device("cuda" if learner.num_gpus > 0 else "cpu")
         torch.set_num_threads(learner.num_threads)
-        self._pack_buffers: list[np.ndarray] = []  # reused by export_weights
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -248,18 +247,27 @@ class LearnerRank:
         return UpdateResult(metric_sums=sums, metric_weights=weights, skipped_updates=skipped)
 
     def export_weights(self, version: int) -> WeightUpdate | None:
-        """Gather the full policy weights (collective); rank 0 returns them packed as ``version``."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.policy, options=options)
+        """Gather the full policy weights (collective); rank 0 returns them as ``version``."""
+        state = self.full_policy_state()
+        # The update wraps the tensors without a copy; Ray copies them into the object store
+        # once, when this call returns (this actor runs one call at a time, so no update can
+        # change them before that).
+        return None if state is None else share_state_dict(state, version=version)
+
+    def full_policy_state(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full weights as contiguous CPU tensors under their checkpoint names
+        (collective); rank 0 gets them, the other ranks None. Sent in bf16 from a GPU."""
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if self.world_size == 1 and self.device.type == "cpu":
+            # One CPU rank holds every parameter whole: its local tensors are the full weights,
+            # and gathering them would be a full copy for nothing (half a copy bound, measured).
+            state = get_model_state_dict(self.policy)
+            return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().to(dtype).contiguous()
+                    for k, v in state.items()}
+        state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
             return None
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        # The previous update's buffers were copied into the object store when that call
-        # returned, so they are free to pack into again.
-        update = pack_state_dict({k: v.to(dtype) for k, v in state.items()}, version=version,
-                                 reuse=self._pack_buffers)
-        self._pack_buffers = [b.buffer for b in update.buckets]
-        return update
+        return {k: v.to(dtype).contiguous() for k, v in state.items()}
 
     def save_checkpoint(self, path: str) -> RankState:
         """Write this rank's shards of every model and optimizer into the DCP directory

@@ -7,6 +7,9 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
+import time
+from typing import Any
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +32,45 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     full_env.pop("WANDB_API_KEY", None)
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli_many(commands: dict[str, list[str]], parallel: int, timeout: float = 900,
+                 env: dict | None = None) -> dict[str, subprocess.CompletedProcess]:
+    """Run several ``rlrelay`` commands, ``parallel`` at a time (each its own process, so a
+    ``train`` starts its own local Ray instance); results by name, in ``commands``' order.
+    Output goes to files, not pipes: a run blocked on a full pipe nobody reads would hang."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None)
+    pending = list(commands.items())
+    running: dict[str, tuple[subprocess.Popen, float, Any, Any]] = {}
+    done: dict[str, subprocess.CompletedProcess] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                name, args = pending.pop(0)
+                out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+                proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, env=full_env,
+                                        stdout=out, stderr=err, text=True)
+                running[name] = (proc, time.monotonic() + timeout, out, err)
+            for name, (proc, deadline, out, err) in list(running.items()):
+                if proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"rlrelay {' '.join(commands[name][:2])} ({name}) ran past {timeout} s")
+                    continue
+                out.seek(0)
+                err.seek(0)
+                done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+                out.close()
+                err.close()
+                del running[name]
+            time.sleep(0.2)
+    finally:
+        for proc, _, out, err in running.values():
+            proc.kill()
+            proc.wait()
+            out.close()
+            err.close()
+    return {name: done[name] for name in commands}
 
 
 def read_wandb_history(run_dir: Path) -> list[dict[str, float]]:

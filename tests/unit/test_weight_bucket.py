@@ -1,12 +1,14 @@
-"""Packing weights into flat checksummed buckets, and the receiver's checks."""
+"""Building weight updates (shared views and flat buckets), and the receiver's checks."""
 
 import dataclasses
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from learner.weight_bucket import WeightSyncError, checksum, iter_tensors, pack_state_dict, verify
+from learner.weight_bucket import (WeightSyncError, checksum, iter_tensors, pack_state_dict,
+                                  share_state_dict, verify)
 
 
 def state():
@@ -56,17 +58,43 @@ def test_read_only_buffers_unpack_without_copy():
     assert np.shares_memory(update.buckets[0].buffer, tensor.numpy())
 
 
-def test_packing_into_reused_buffers_equals_a_fresh_pack_and_writes_in_place():
-    first = pack_state_dict(state(), version=1, bucket_bytes=64)
-    buffers = [b.buffer for b in first.buckets]
-    for b in buffers:
-        b[:] = 0xAB  # garbage, padding included: a reused buffer must come out identical anyway
-    again = pack_state_dict(state(), version=2, bucket_bytes=64, reuse=buffers)
-    fresh = pack_state_dict(state(), version=2, bucket_bytes=64)
-    assert [b.buffer.ctypes.data for b in again.buckets] == [b.ctypes.data for b in buffers]
-    for a, f in zip(again.buckets, fresh.buckets):
-        assert np.array_equal(a.buffer, f.buffer) and a.checksum == f.checksum
-    verify(again, current_version=1)
+def test_a_shared_update_is_views_of_the_tensors_and_round_trips_exactly():
+    original = state()
+    update = share_state_dict(original, version=4)
+    assert len(update.buckets) == len(original)
+    for bucket, t in zip(update.buckets, original.values()):
+        assert bucket.buffer.ctypes.data == t.data_ptr()  # no copy on the sending side
+        assert bucket.checksum == checksum(bucket.buffer.copy())
+    got = dict(iter_tensors(update))
+    assert list(got) == list(original)
+    for name, t in original.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+    # The same weights packed flat carry the same tensors; checksums are per buffer, so they differ.
+    assert {k: v.tolist() for k, v in iter_tensors(pack_state_dict(original, 4))} == \
+        {k: v.tolist() for k, v in got.items()}
+    verify(update, current_version=3)
+
+
+def test_a_shared_update_travels_through_pickle_out_of_band_and_is_checked():
+    update = share_state_dict(state(), version=1)
+    buffers = []
+    data = pickle.dumps(update, protocol=5, buffer_callback=buffers.append)
+    # Every tensor's bytes leave as an out-of-band buffer (what Ray writes into shared memory).
+    assert len(buffers) == len(update.buckets) and len(data) < 4096
+    received = pickle.loads(data, buffers=buffers)
+    verify(received, current_version=0)
+    raw = bytearray(buffers[0].raw())
+    raw[0] ^= 0x01
+    torn = pickle.loads(data, buffers=[raw, *buffers[1:]])
+    with pytest.raises(WeightSyncError, match="bucket 0 checksum"):
+        verify(torn, current_version=0)
+
+
+def test_only_contiguous_cpu_tensors_of_known_dtypes_are_shared():
+    with pytest.raises(ValueError, match="a.weight.*contiguous"):
+        share_state_dict({"a.weight": torch.zeros(4, 3).t()}, version=1)
+    with pytest.raises(TypeError, match="b.*complex"):
+        share_state_dict({"b": torch.zeros(2, dtype=torch.complex64)}, version=1)
 
 
 def test_checksum_sees_a_zeroed_tail_and_a_changed_length():
@@ -76,3 +104,21 @@ def test_checksum_sees_a_zeroed_tail_and_a_changed_length():
     cut[-3:] = 0
     assert checksum(cut) != checksum(buf)
     assert checksum(np.zeros(0, np.uint8)) == 0
+
+
+def test_checksum_is_the_unsigned_word_sum_modulo_2_64_whatever_the_threads():
+    # Words near 2**64 overflow the signed sum many times over; the reference is Python ints.
+    rng = np.random.default_rng(0)
+    words = rng.integers(2**63, 2**64, size=100_003, dtype=np.uint64, endpoint=False)
+    buf = np.concatenate([words.view(np.uint8), np.array([7, 1, 2], np.uint8)])  # 3 tail bytes
+    want = (sum(int(w) for w in words) + int.from_bytes(bytes([7, 1, 2]), "little") + buf.nbytes) % 2**64
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert checksum(buf) == want
+    finally:
+        torch.set_num_threads(threads)
+    read_only = buf.copy()
+    read_only.setflags(write=False)  # as out of Ray's object store
+    assert checksum(read_only) == want
