@@ -76,7 +76,8 @@ def train_command(args) -> int:
         print(f"rlrelay: refused: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"run_dir": str(cfg.run.path), "steps_completed": summary.steps_completed,
-                      "eval_before": summary.eval_before, "eval_after": summary.eval_after}))
+                      "eval_before": summary.eval_before, "eval_after": summary.eval_after,
+                      "stopped_early": summary.stopped_early}))
     return 0
 
 

@@ -68,7 +68,10 @@ class RunSummary:
     eval_before: float | None
     """Held-out exact-match accuracy of the starting policy (None without an eval set)."""
     eval_after: float | None
-    """Held-out exact-match accuracy of the final policy."""
+    """Held-out exact-match accuracy of the final policy (None when stopped early)."""
+    stopped_early: bool = False
+    """Stopped by ``request_stop`` (SIGTERM/SIGINT) after ``steps_completed`` steps, with a
+    checkpoint of that step; ``--resume auto`` continues it."""
 
 
 class Controller:
@@ -104,6 +107,11 @@ class Controller:
             min_workers=r.min_workers, max_workers=r.max_workers, high=r.autoscale_high, low=r.autoscale_low,
             patience=r.autoscale_patience)) if r.autoscale else None
         self.autoscale_target: int | None = None  # decided at the end of a step, applied at the next boundary
+        self.stop_requested = False  # set from a signal handler; honoured at the next step boundary
+
+    def request_stop(self) -> None:
+        """Finish the step in progress, checkpoint it, and end the run (safe from a signal handler)."""
+        self.stop_requested = True
 
     def run(self) -> RunSummary:
         cfg = self.cfg
@@ -139,6 +147,14 @@ class Controller:
                                        else replace(self.collector.sampler.state))
                 # 7. record, evaluate, checkpoint
                 self.record(step + 1, batch, metrics, started)
+                if self.stop_requested and step + 1 < cfg.trainer.steps:
+                    # The checkpoint's data position is before any batch in flight, so a resume
+                    # regenerates it: nothing is lost or used twice.
+                    path = self.save(step + 1)
+                    log.warning("stopped on request after step %d; checkpoint %s (`--resume auto` continues)",
+                                step + 1, path)
+                    return RunSummary(steps_completed=step + 1, eval_before=self.eval_before, eval_after=None,
+                                      stopped_early=True)
                 if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0 \
                         and step + 1 < cfg.trainer.steps:
                     self.save(step + 1)

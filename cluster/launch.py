@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -48,6 +52,30 @@ def resolve_paths(cfg: Config) -> ResolvedPaths:
             train = str(assets.train_path)
             evals = evals or str(assets.eval_path)
     return ResolvedPaths(model_path=model, train_path=train, eval_path=evals)
+
+
+@contextmanager
+def stop_on_signal(controller: Controller) -> Iterator[None]:
+    """While the loop runs, a first SIGTERM or SIGINT (Ctrl-C, a scheduler's preemption) asks
+    the controller to stop after the step in progress, with a checkpoint; a second one
+    interrupts at once (KeyboardInterrupt), as without this."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread; a run driven elsewhere keeps its own
+        return
+
+    def handler(signum, frame) -> None:
+        if controller.stop_requested:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        log.warning("%s: stopping after the step in progress (again to interrupt at once)",
+                    signal.Signals(signum).name)
+        controller.request_stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def init_ray(cfg: Config) -> None:
@@ -161,7 +189,8 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         controller = Controller(cfg, control=control, collector=collector, eval_prompts=eval_prompts,
                                 learner=learner, tracker=tracker, checkpoints=checkpoints,
                                 model_path=paths.model_path, pad_token_id=pad_id, resume_from=resume_from)
-        summary = controller.run()
+        with stop_on_signal(controller):
+            summary = controller.run()
         tracker.finish(asdict(summary))
         return summary
     except BaseException:

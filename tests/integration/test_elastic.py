@@ -1,12 +1,14 @@
 """Elastic rollout pool: during `rlrelay train ... rollout.num_workers=1`, `rlrelay scale
 --rollout 2` from another process makes `rlrelay status` show two workers serving the current
-weights, `--rollout 1` drains one again, and the run completes with every prompt generated
-exactly once by the weights of its step."""
+weights, `--rollout 1` drains one again, and the run, stopped with SIGTERM once scaling is
+over, ends cleanly after the step in progress with every prompt generated exactly once by the
+weights of its step."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +42,7 @@ def test_scale_up_and_down_while_training(tmp_path, tiny_model_dir):
          "model.max_model_len=64", f"model.path={tiny_model_dir}", f"data.train_path={train}", f"run.dir={run_dir}",
          "run.name=elastic-test", "trainer.sample_table_every=0", "trainer.eval_every=0",
          "reward.functions=[rewards_for_tests:slow_length]"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 300
         while not any(r.get("step", 0) >= 2 and "reward/mean" in r for r in rows(run_dir)):
@@ -58,14 +60,23 @@ def test_scale_up_and_down_while_training(tmp_path, tiny_model_dir):
         status = json.loads(run_cli("status", "--job", "elastic-test", "--json", env=env).stdout)
         assert len(status["rollout_workers"]) == 1
 
-        _, err = job.communicate(timeout=600)
+        # The job needs no more steps: a first SIGTERM ends it after the step in progress.
+        at_stop = len([r for r in rows(run_dir) if "reward/mean" in r])
+        job.send_signal(signal.SIGTERM)
+        out, err = job.communicate(timeout=300)
         assert job.returncode == 0, err[-4000:]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, 9)
 
     steps = [r for r in rows(run_dir) if "reward/mean" in r]
-    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    n = len(steps)
+    assert at_stop <= n < STEPS and [r["step"] for r in steps] == list(range(1, n + 1))
+    assert json.loads(out.strip().splitlines()[-1])["stopped_early"] is True
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_completed"] == n and summary["stopped_early"] is True
+    assert (run_dir / "checkpoints" / f"step-{n:06d}").is_dir()  # the stop wrote its step's checkpoint
+    assert "stopping after the step in progress" in err
     sizes = [int(r["cluster/rollout_workers"]) for r in steps]
     assert 2 in sizes and sizes[0] == 1 and sizes[-1] == 1  # 1 -> 2 -> 1
     for r in steps:
@@ -73,7 +84,6 @@ def test_scale_up_and_down_while_training(tmp_path, tiny_model_dir):
         # In synchronous mode every sample of step k comes from the weights after k-1 updates.
         assert r["rollout/policy_version"] == r["rollout/policy_version_max"] == r["step"] - 1
         assert r["cluster/worker_restarts"] == 0  # leaving workers drain, they are not "lost"
-    assert json.loads((run_dir / "summary.json").read_text())["steps_completed"] == STEPS
 
 
 def test_autoscaler_grows_the_pool_while_the_learner_waits(tmp_path, tiny_model_dir):
