@@ -34,9 +34,24 @@ def make_batch(rows: int = 8, seed: int = 0) -> TrainBatch:
                       ref_logprobs=None, importance_weights=None)
 
 
+_RESULTS: dict[tuple, tuple[dict, float]] = {}
+"""updated_weights by its arguments: the 2-rank, micro-batch-3 reference is the baseline of
+several tests, and each run starts a learner group (~10 s); a run is deterministic."""
+
+
 def updated_weights(ray, model_dir, *, world_size: int, micro_batch_size: int, loss_agg: str = "token_mean",
                     **learner) -> tuple[dict, float]:
-    """Weights after two optimizer steps, and the mean gradient norm before clipping."""
+    """Weights after two optimizer steps, and the mean gradient norm before clipping (the
+    result is shared between callers with the same arguments: do not modify it)."""
+    key = (str(model_dir), world_size, micro_batch_size, loss_agg, tuple(sorted(learner.items())))
+    if key not in _RESULTS:
+        _RESULTS[key] = _train_twice(ray, model_dir, world_size=world_size, micro_batch_size=micro_batch_size,
+                                     loss_agg=loss_agg, **learner)
+    return _RESULTS[key]
+
+
+def _train_twice(ray, model_dir, *, world_size: int, micro_batch_size: int, loss_agg: str,
+                 **learner) -> tuple[dict, float]:
     cfg = Config()
     for key, value in learner.items():
         setattr(cfg.learner, key, value)
