@@ -153,7 +153,7 @@ def build_model(out_dir: Path, shape: dict) -> dict:
 
 
 def architecture(shape: dict):
-    from cluster.plan import Architecture
+    from cluster.memory_model import Architecture
 
     return Architecture.from_hf_config(shape)
 
@@ -174,7 +174,7 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
     import torch
 
     from cluster.bench import bench_config
-    from cluster.plan import LearnerShape, memory_options, plan_memory
+    from cluster.memory_model import LearnerShape, memory_options, plan_memory
     from learner.batch import RolloutBatch, TrainBatch
     from learner.worker import LearnerRank, Minibatch
 

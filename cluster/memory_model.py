@@ -1,0 +1,473 @@
+"""The learner's memory model: bytes per GPU of a job, before anything starts (``rlrelay plan``).
+
+From the policy's architecture and the job's shape it estimates, per learner rank, the
+bytes of parameters, gradients, optimizer state, activations and the logits working set of
+the policy, the critic and the reference, under the memory options (sharding, CPU offload,
+activation checkpointing, reference offload), says whether that fits the GPU with a safety
+margin, and if not, which option to turn on first. The model follows what the learner does
+(``learner/worker.py``, ``learner/fsdp.py``, ``learner/models.py``, ``learner/losses.py``):
+
+- **Weights and optimizer.** FSDP2 ``fully_shard`` per transformer block, then the root
+  (embeddings, final norm, lm_head or value head). Each rank holds a 1/W shard of the fp32
+  weights, of the fp32 gradients (reduced in fp32) and of AdamW's two fp32 moments. On GPU
+  compute runs in bf16: the fp32 shard is then the *master* copy (counted under optimizer
+  state) and the bf16 weights gathered for compute are the ``parameters`` row.
+  ``sharding=full`` gathers a block for its forward and again for its backward: the root and
+  two blocks (the one computing, the one prefetched) are gathered at once, during the
+  blocks' backward, not while the loss works on the logits (everything is resharded after
+  forward). ``grad_op`` and ``none`` (replicated: shard groups of one, still a separate
+  compute copy) do not reshard after forward, and a no-grad forward has no backward to
+  reshard after, so every model's full compute copy stays gathered between uses.
+  Gradients in flight during backward: the root's and two blocks' unsharded gradients
+  (compute dtype, plus the fp32 copy that is reduce-scattered). CPU offload moves the fp32
+  shards (and the optimizer step) to the host; gathered weights still live on the GPU.
+  AdamW's step counters live in host memory (not counted).
+- **Activations** (saved for backward), bytes per token per transformer block, ``c`` = 2 for
+  bf16 and 4 for fp32, SDPA attention (flash / memory-efficient: no ``seq x seq`` scores are
+  kept), a padding mask present (so transformers repeats grouped key/value heads to all query
+  heads before attention)::
+
+      2 RMSNorms    2 (4h + 2ch + 4)        fp32 input, normalised, weighted output, rsqrt
+      attention     c (2q + 2kv') + 4 heads + c L
+                                            roped q, k' and v' as SDPA takes them (kv' = q when
+                                            2+ k/v heads are repeated, a copy; else kv), its
+                                            output (also o_proj's input), log-sum-exp, the
+                                            mask as a bias
+      MLP           4 c i                   gate, up, silu(gate), silu(gate) * up
+
+  with h hidden, q = heads x head_dim, kv = kv_heads x head_dim, i intermediate, L the
+  sequence length (rotary embedding saves nothing per token: cos and sin need no gradient).
+  Outside the blocks: the final norm (4h + 2ch + 4), the token ids (8), the boolean mask
+  (L). With activation checkpointing each block keeps only its input (c h) and one block's
+  activations exist again during its backward (after the logits are freed). Tokens = ``learner.micro_batch_size`` x
+  ``model.max_model_len`` (the longest sequence the config allows). Only one model's
+  activations exist at a time: the update runs the policy's forward and backward, then the
+  critic's, per micro-batch.
+- **Logits.** The policy computes logits only for the window of positions that predict
+  response tokens (``logits_to_keep``; T + 1 positions when a micro-batch's prompts have equal
+  length, wider when they differ: up to L when one prompt has a single token), ``[B, T+1, V]``
+  in the compute dtype. The loss works on them in fp32 in chunks of N = min(B T, 1024) tokens
+  (T = ``rollout.max_new_tokens``), logprobs and entropy sharing one upcast per chunk; kept
+  for backward: the scaled logits (4), the entropy's shifted logits and softmax (8); plus a
+  chunk's temporaries (k = 16 bytes in fp32, 18 in bf16, fitted to the peaks measured with
+  the learner's own functions in ``tests/integration/test_plan_measured.py``)::
+
+      logits = c B (T + 1) V + 12 B T V + k N V
+
+  (for a 150k vocabulary this term, not the model, often decides the micro-batch.) The critic's value head has no vocabulary term.
+- **Overhead**: 1.5 GiB fixed (CUDA context, NCCL communicators, cuBLAS workspaces) plus 5 %
+  of the tensors for caching-allocator fragmentation. **Fits** means the total is within
+  90 % of the GPU's memory (a 10 % safety margin for what this model does not see).
+
+The learner's peak is the training step (policy trains while critic and reference hold
+their resident state); the no-grad forward pass (old/ref log-probs, values) and the optimizer
+step (AdamW's foreach update allocates one more fp32 buffer of the shard's size) are also
+planned, and the largest of the three is checked.
+
+torch is not imported here: ``rlrelay --help`` stays instant and the arithmetic is plain;
+``cluster/plan.py`` is the command around it (where the architecture comes from, the report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.config import Config
+    from learner.config import LearnerConfig
+
+GIB = 1024**3
+FIXED_OVERHEAD_BYTES = int(1.5 * GIB)
+FRAGMENTATION = 0.05
+SAFETY_MARGIN = 0.10
+SHARDING_MODES = ("full", "grad_op", "none")
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+LOSS_CHUNK_TOKENS = 1024  # learner/losses.py processes [N, V] logits this many tokens at a time
+
+class PlanError(ValueError):
+    """The planner cannot describe this model or job; the message says why."""
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Architecture:
+    """A decoder-only transformer (Llama, Mistral, Qwen2), as much of it as memory depends on.
+
+    Example: ``Architecture.from_hf_config(json.load(open("model/config.json")))``
+    """
+
+    model_type: str
+    """``llama``, ``mistral`` or ``qwen2``."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    """Key/value heads (fewer than ``num_heads`` with grouped-query attention)."""
+    head_dim: int
+    tie_word_embeddings: bool
+    """lm_head shares the embedding matrix (counted once)."""
+    qkv_bias: bool
+    """q/k/v projections have biases (Qwen2; Llama with ``attention_bias``)."""
+    o_bias: bool
+    """o_proj has a bias (Llama with ``attention_bias``)."""
+    mlp_bias: bool
+    """gate/up/down projections have biases (Llama with ``mlp_bias``)."""
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "Architecture":
+        """From a Hugging Face ``config.json`` mapping."""
+        kind = config.get("model_type")
+        if kind not in ARCHITECTURES:
+            raise PlanError(f"model_type {kind!r}: the planner knows {', '.join(ARCHITECTURES)}")
+        try:
+            heads = config["num_attention_heads"]
+            attention_bias = bool(config.get("attention_bias", False))
+            return cls(model_type=kind, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+                       intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
+                       num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
+                       head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                       tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                       qkv_bias=kind == "qwen2" or attention_bias, o_bias=kind != "qwen2" and attention_bias,
+                       mlp_bias=kind != "qwen2" and bool(config.get("mlp_bias", False)))
+        except KeyError as e:
+            raise PlanError(f"config.json has no {e.args[0]!r}") from None
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def block_params(self) -> int:
+        """One transformer block (the FSDP2 unit): attention, MLP, two norms."""
+        h, q, kv, i = self.hidden_size, self.q_dim, self.kv_dim, self.intermediate_size
+        attention = h * q + 2 * h * kv + q * h + self.qkv_bias * (q + 2 * kv) + self.o_bias * h
+        mlp = 3 * h * i + self.mlp_bias * (2 * i + h)
+        return attention + mlp + 2 * h
+
+    @property
+    def policy_root_params(self) -> int:
+        """Outside the blocks: embeddings, final norm, lm_head unless tied."""
+        embed = self.vocab_size * self.hidden_size
+        return embed + self.hidden_size + (0 if self.tie_word_embeddings else embed)
+
+    @property
+    def critic_root_params(self) -> int:
+        """The critic's trunk has no lm_head; its value head is ``Linear(hidden, 1)``."""
+        return self.vocab_size * self.hidden_size + self.hidden_size + self.hidden_size + 1
+
+    @property
+    def policy_params(self) -> int:
+        return self.policy_root_params + self.num_layers * self.block_params
+
+    @property
+    def critic_params(self) -> int:
+        return self.critic_root_params + self.num_layers * self.block_params
+
+    def describe(self) -> str:
+        tied = "tied" if self.tie_word_embeddings else "untied"
+        return (f"{self.model_type}, {self.policy_params / 1e6:,.1f}M parameters ({self.num_layers} layers, "
+                f"hidden {self.hidden_size}, {self.num_heads} heads / {self.num_kv_heads} kv heads x "
+                f"{self.head_dim}, MLP {self.intermediate_size}, vocab {self.vocab_size}, {tied} embeddings)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryOptions:
+    """The learner's memory options and GPU shape: the planner's inputs besides the job.
+
+    The ``LearnerConfig`` fields of the same names; ``memory_options`` reads them (and lets
+    command-line flags override them, to compare options without editing the config).
+
+    Example: ``MemoryOptions(sharding="full", activation_checkpointing=True, gpu_memory_gib=80.0)``
+    """
+
+    sharding: str = "full"
+    """``full`` (ZeRO-3-like), ``grad_op`` (ZeRO-2-like: not resharded after forward), ``none`` (replicated)."""
+    cpu_offload: bool = False
+    """FSDP2 CPUOffloadPolicy: sharded params, gradients and optimizer state live on the host."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's forward in backward; only block inputs are kept."""
+    reference_offload: bool = False
+    """The reference model stays on the host between its forward passes."""
+    gpus_per_node: int = 8
+    """GPUs per node (how many nodes the learner ranks span)."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU, GiB."""
+
+    def __post_init__(self) -> None:
+        if self.sharding not in SHARDING_MODES:
+            raise PlanError(f"sharding {self.sharding!r} is not one of {', '.join(SHARDING_MODES)}")
+        if self.gpus_per_node < 1 or self.gpu_memory_gib <= 0:
+            raise PlanError("gpus_per_node must be >= 1 and gpu_memory_gib > 0")
+
+
+def memory_options(learner: "LearnerConfig", **flags) -> MemoryOptions:
+    """The job's memory options: ``learner.*``, overridden by each command-line flag given (not None)."""
+    from_config = MemoryOptions(sharding=learner.sharding, cpu_offload=learner.cpu_offload,
+                                activation_checkpointing=learner.activation_checkpointing,
+                                reference_offload=learner.reference_offload,
+                                gpus_per_node=learner.gpus_per_node, gpu_memory_gib=learner.gpu_memory_gib)
+    return dataclasses.replace(from_config, **{k: v for k, v in flags.items() if v is not None})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LearnerShape:
+    """What the job asks of each learner rank.
+
+    Example: ``LearnerShape(world_size=4, micro_batch_size=8, seq_len=1024, response_len=512,
+    mixed_precision=True, critic=True, reference=True)``
+    """
+
+    world_size: int
+    micro_batch_size: int
+    seq_len: int
+    """Longest prompt + response (``model.max_model_len``)."""
+    response_len: int
+    """Longest response (``rollout.max_new_tokens``): the width of the loss's logits."""
+    mixed_precision: bool
+    """bf16 compute with fp32 master weights (GPU); False: fp32 throughout (CPU)."""
+    critic: bool
+    reference: bool
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "LearnerShape":
+        return cls(world_size=cfg.learner.world_size, micro_batch_size=cfg.learner.micro_batch_size,
+                   seq_len=cfg.model.max_model_len, response_len=cfg.rollout.max_new_tokens,
+                   mixed_precision=cfg.learner.num_gpus > 0, critic=cfg.algorithm.uses_critic,
+                   reference=cfg.algorithm.uses_reference)
+
+
+# -- the memory model ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Footprint:
+    """Bytes on one GPU, by kind."""
+
+    parameters: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    logits: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.logits
+
+    def __add__(self, other: "Footprint") -> "Footprint":
+        return Footprint(parameters=self.parameters + other.parameters, gradients=self.gradients + other.gradients,
+                         optimizer=self.optimizer + other.optimizer, activations=self.activations + other.activations,
+                         logits=self.logits + other.logits)
+
+
+ROWS = tuple(f.name for f in dataclasses.fields(Footprint))
+
+
+LOGITS_CHUNK_TEMPORARIES = {4: 16, 2: 18}
+"""Bytes per vocabulary entry of one loss chunk's temporaries, by compute dtype size: fitted to
+the peaks measured in ``tests/integration/test_plan_measured.py`` (fp32 and bf16)."""
+
+
+def layer_activation_bytes(arch: Architecture, c: int, seq: int) -> int:
+    """Bytes one transformer block keeps for backward, per token (module docstring)."""
+    h, q = arch.hidden_size, arch.q_dim
+    # transformers repeats grouped k/v heads (a copy) before SDPA; one k/v head repeats as a view.
+    kv = q if 1 < arch.num_kv_heads < arch.num_heads else arch.kv_dim
+    norms = 2 * (4 * h + 2 * c * h + 4)
+    attention = c * (2 * q + 2 * kv) + 4 * arch.num_heads + c * seq
+    return norms + attention + 4 * c * arch.intermediate_size
+
+
+def activation_bytes(arch: Architecture, batch: int, seq: int, c: int, checkpointing: bool) -> int:
+    """Bytes saved for backward by one forward of ``batch`` sequences of ``seq`` tokens."""
+    per_layer = layer_activation_bytes(arch, c, seq)
+    outside = 4 * arch.hidden_size + 2 * c * arch.hidden_size + 4 + 8 + seq
+    blocks = arch.num_layers * c * arch.hidden_size + per_layer if checkpointing else arch.num_layers * per_layer
+    return batch * seq * (blocks + outside)
+
+
+def logits_bytes(arch: Architecture, batch: int, seq: int, response: int, c: int) -> int:
+    """Peak of the policy's logits working set in a training micro-batch (module docstring)."""
+    v, bt = arch.vocab_size, batch * response
+    chunk = min(bt, LOSS_CHUNK_TOKENS) * v
+    return c * batch * (response + 1) * v + 12 * bt * v + LOGITS_CHUNK_TEMPORARIES[c] * chunk
+
+
+def forward_logits_bytes(arch: Architecture, batch: int, seq: int, response: int, c: int) -> int:
+    """The same without gradients or entropy (old/ref log-probs): the window's logits and one
+    chunk's fp32 temporaries (its upcast on GPU, the scaled copy, logsumexp's work)."""
+    v, bt = arch.vocab_size, batch * response
+    return c * batch * (response + 1) * v + (12 if c < 4 else 8) * min(bt, LOSS_CHUNK_TOKENS) * v
+
+
+def trained_state(params: int, shards: int, mixed: bool) -> Footprint:
+    """Weights, gradients and AdamW moments of a trained model on one rank (fp32 shards)."""
+    shard = math.ceil(params / shards)
+    return Footprint(parameters=0 if mixed else 4 * shard, gradients=4 * shard,
+                     optimizer=8 * shard + (4 * shard if mixed else 0))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryPlan:
+    """Per-GPU memory of one learner rank.
+
+    ``resident``: what a model holds throughout the step; ``active``: what it adds while it
+    computes. A model's column is the sum; the peak is everyone's resident state plus the
+    active part of the model computing at the peak.
+    """
+
+    resident: dict[str, Footprint]
+    active: dict[str, Footprint]
+    peak_model: str
+    """The model whose training micro-batch makes the peak."""
+    peak: Footprint
+    """Each row at the peak of the training step."""
+    forward_bytes: int
+    """Peak of the no-grad forward pass (old/ref log-probs, values), overhead included."""
+    overhead_bytes: int
+    total_bytes: int
+    """max(training step, forward pass) + overhead: what must fit."""
+    usable_bytes: int
+    """GPU memory less the safety margin."""
+    host_bytes: int
+    """Host memory per rank for offloaded state."""
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.usable_bytes
+
+    def column(self, name: str) -> Footprint:
+        return self.resident[name] + self.active[name]
+
+
+def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions) -> MemoryPlan:
+    """The per-GPU memory plan of one learner rank (module docstring for the model).
+
+    A training micro-batch has two candidate peaks: the loss (all activations saved and the
+    logits working set; with full sharding nothing gathered) and the blocks' backward
+    (activations still saved, the root and two blocks gathered, their gradients in flight,
+    the logits freed). The larger is the model's active footprint.
+    """
+    c = 2 if shape.mixed_precision else 4
+    mixed, ckpt = shape.mixed_precision, options.activation_checkpointing
+    shards = shape.world_size if options.sharding != "none" else 1
+    b, seq, resp = shape.micro_batch_size, shape.seq_len, shape.response_len
+    models = {"policy": (arch.policy_params, arch.policy_root_params)}
+    if shape.critic:
+        models["critic"] = (arch.critic_params, arch.critic_root_params)
+    if shape.reference:
+        models["reference"] = (arch.policy_params, arch.policy_root_params)
+    keeps_gathered = options.sharding != "full"
+    one_layer = b * seq * layer_activation_bytes(arch, c, seq)
+
+    resident, active, host, forward_resident, forward_active = {}, {}, 0, 0, 0
+    for name, (params, root) in models.items():
+        trained = name != "reference"
+        state = trained_state(params, shards, mixed) if trained else \
+            Footprint(parameters=4 * math.ceil(params / shards))
+        offloaded = options.cpu_offload or (not trained and options.reference_offload)
+        host += state.total if offloaded else 0
+        gathered = Footprint(parameters=c * params if keeps_gathered else 0)
+        resident[name] = gathered + (Footprint() if offloaded else state)
+        # The forward pass (old/ref log-probs, values) runs before the update: no gradients yet.
+        forward_resident += resident[name].total - (0 if offloaded else state.gradients)
+        blocks_gathered = 0 if keeps_gathered else c * (root + 2 * arch.block_params)
+        forward_logits = forward_logits_bytes(arch, b, seq, resp, c) if name != "critic" else 0
+        forward_active = max(forward_active, blocks_gathered + one_layer, forward_logits)
+        if not trained:
+            active[name] = Footprint()
+            continue
+        saved = activation_bytes(arch, b, seq, c, ckpt)
+        blocks = Footprint(parameters=blocks_gathered,
+                           gradients=c * root + 2 * arch.block_params * (c + (4 if mixed else 0)),
+                           activations=saved)
+        # With checkpointing the loss sees only the block inputs; a block is recomputed later.
+        loss = Footprint(activations=saved - (one_layer if ckpt else 0),
+                         logits=logits_bytes(arch, b, seq, resp, c) if name == "policy" else 0)
+        active[name] = max(loss, blocks, key=lambda fp: fp.total)
+
+    peak_model = max(active, key=lambda n: active[n].total)
+    peak = active[peak_model]
+    for fp in resident.values():
+        peak = peak + fp
+    # AdamW's foreach step needs one more fp32 buffer the size of the shard (sqrt of the second moment).
+    step = 0 if options.cpu_offload else sum(fp.total for fp in resident.values()) + 4 * max(
+        math.ceil(params / shards) for name, (params, _) in models.items() if name != "reference")
+    tensors = max(peak.total, forward_resident + forward_active, step)
+    overhead = FIXED_OVERHEAD_BYTES + int(FRAGMENTATION * tensors)
+    return MemoryPlan(resident=resident, active=active, peak_model=peak_model, peak=peak,
+                      forward_bytes=forward_resident + forward_active + overhead, overhead_bytes=overhead,
+                      total_bytes=tensors + overhead,
+                      usable_bytes=int(options.gpu_memory_gib * GIB * (1 - SAFETY_MARGIN)), host_bytes=host)
+
+
+# -- advice ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Remedy:
+    """One rung of the ladder of memory options, cheapest first."""
+
+    change: dict
+    """MemoryOptions fields this rung sets (on top of the rungs before it)."""
+    setting: str
+    """How to ask for it."""
+    cost: str
+    """What it costs."""
+
+
+LADDER = (
+    Remedy(change={"activation_checkpointing": True}, setting="learner.activation_checkpointing=true",
+           cost="recomputes each block's forward in backward: about +30 % learner compute"),
+    Remedy(change={"reference_offload": True}, setting="learner.reference_offload=true",
+           cost="copies the reference to the GPU and back for its forward pass each step"),
+    Remedy(change={"sharding": "full"}, setting="learner.sharding=full",
+           cost="all-gathers each block's weights again in backward: more communication"),
+    Remedy(change={"cpu_offload": True}, setting="learner.cpu_offload=true",
+           cost="optimizer step on the CPU, weights and gradients over PCIe: several times slower steps"),
+)
+
+
+def advise(arch: Architecture, shape: LearnerShape, options: MemoryOptions) -> list[tuple[Remedy, MemoryPlan]]:
+    """Rungs to turn on, in order, each with the plan it gives, up to the first that fits.
+
+    Rungs already on, and reference offload without a reference, are skipped. Empty when
+    the job fits as it is."""
+    steps = []
+    if plan_memory(arch, shape, options).fits:
+        return steps
+    for remedy in LADDER:
+        turned_on = dataclasses.replace(options, **remedy.change)
+        if turned_on == options or ("reference_offload" in remedy.change and not shape.reference):
+            continue
+        options = turned_on
+        result = plan_memory(arch, shape, options)
+        steps.append((remedy, result))
+        if result.fits:
+            break
+    return steps
+
+
+def largest_micro_batch(arch: Architecture, shape: LearnerShape, options: MemoryOptions) -> int:
+    """The largest micro-batch (<= the job's) that fits with these options; 0 if none does."""
+    for mb in range(shape.micro_batch_size, 0, -1):
+        if plan_memory(arch, dataclasses.replace(shape, micro_batch_size=mb), options).fits:
+            return mb
+    return 0
+
+
+def smallest_world_size(arch: Architecture, shape: LearnerShape, options: MemoryOptions, limit: int = 1024) -> int:
+    """The fewest learner ranks (>= the job's) that fit with these options; 0 if none up to ``limit``."""
+    for world in range(shape.world_size, limit + 1):
+        if plan_memory(arch, dataclasses.replace(shape, world_size=world), options).fits:
+            return world
+    return 0
+
+
