@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
+from learner.shared_weights import SharedWeightReader, SharedWeights
 from learner.weight_bucket import WeightUpdate, iter_tensors, verify
 
 
@@ -106,6 +107,8 @@ class RolloutWorker:
         self.policy_version = 0
         self._tokens = 0
         self._generate_seconds = 0.0
+        self.shared = SharedWeightReader()
+        """Mappings of the learner's shared-memory weight slots (same-host pushes)."""
         self._llm = _build_engine(settings)
         self._tokenizer = self._llm.get_tokenizer()
 
@@ -145,12 +148,22 @@ class RolloutWorker:
         self._generate_seconds += time.perf_counter() - started
         return rollouts
 
-    def load_weights(self, update: WeightUpdate) -> WeightLoadReport:
-        """Verify and load a weight update; the engine keeps its old weights if it fails."""
+    def load_weights(self, update: WeightUpdate | SharedWeights) -> WeightLoadReport:
+        """Check and load a weight update (the bytes, or where they lie in the learner's shared
+        memory on this host); the engine keeps its old weights if the check fails."""
         t0 = time.perf_counter()
-        verify(update, self.policy_version)
+        if isinstance(update, SharedWeights):
+            tensors = self.shared.open(update, self.policy_version)
+        else:
+            verify(update, self.policy_version)
+            tensors = list(iter_tensors(update))
         t1 = time.perf_counter()
-        self._llm.collective_rpc("rlrelay_load_weights", args=(list(iter_tensors(update)),))
+        self._llm.collective_rpc("rlrelay_load_weights", args=(tensors,))
+        if isinstance(update, SharedWeights):
+            # The controller never rewrites a slot while a worker reads it; this proves it.
+            # Were it to happen, the engine would hold torn weights: the error stops the run
+            # naming this worker rather than let it sample from them.
+            self.shared.check(update)
         # A reload does not invalidate cached prefixes: a repeated prompt (every GRPO group)
         # would reuse KV computed with the old weights (measured: mean log-prob error 0.85).
         self._llm.reset_prefix_cache()

@@ -132,6 +132,12 @@ class ActorSet:
                 self._lost(mid, f"died while starting ({type(e).__name__})")
                 continue
             except RayTaskError as e:
+                if mid in self.members and state != self.state:
+                    # Prepared with state a broadcast has since replaced (a joiner that waited
+                    # for room while two weight pushes went by finds its shared-memory slot
+                    # rewritten): judge it on the current state.
+                    self._prepare(mid, since)
+                    continue
                 raise WorkerFailure(f"{self.label(mid)} could not start: {e.cause!r}") from e
             if mid not in self.members:
                 continue

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.config import WEIGHT_TRANSPORTS
+
 BENCH_ALPHABET = "0123456789+=-? abcdefghijklmnopqrstuvwxyz"
 """Characters of the bench models' char tokenizer (44 tokens with the 4 specials)."""
 
@@ -64,6 +66,8 @@ def register(sub) -> None:
     s.add_argument("--bucket-mib", type=int, default=0,
                    help="0: share the gathered tensors as the learner does; N: copy into flat N-MiB buckets instead")
     s.add_argument("--kv-cache-gib", type=float, default=0.25, help="KV cache per vLLM engine")
+    s.add_argument("--transport", choices=WEIGHT_TRANSPORTS, default="auto",
+                   help="transport of the production pushes (rollout.weight_transport); both are instrumented")
     s.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure transport variants (flat bucket sizes, warm pack buffer, no pack, checksums)")
     _common_args(s)

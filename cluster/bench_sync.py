@@ -4,21 +4,24 @@ A random Llama (``--hidden/--layers/--intermediate``; default ~103M parameters, 
 fp32) sits in a one-rank FSDP2 ``LearnerGroup`` (gloo) and in W real vLLM ``RolloutWorker``
 actors. Two paths are measured, ``--pushes`` consecutive pushes each:
 
-- **production**: ``LearnerGroup.export_weights`` (gather, wrap the gathered tensors with
-  their checksums, and Ray's put of the returned update) then ``RolloutPool.load_weights`` (each worker pulls the update, verifies
-  its checksums and reloads the engine), timed from the driver; the workers'
-  ``WeightLoadReport``s give verify and load, the rest of the broadcast is transport and calls;
-- **instrumented**: the same steps run one by one inside the learner and the workers
-  (``__ray_call__``), so gather, wrap (with the checksums; ``--bucket-mib N``: copy into flat buckets), ``ray.put``, the worker's ``ray.get``,
-  verify and the engine's reload each get a time. The reload is of tensors already in the
-  worker's process, so it is vLLM's load and CPU repack alone.
+- **production**: ``LearnerGroup.export_weights`` then ``RolloutPool.load_weights``, timed
+  from the driver, over the transport the controller would pick (``--transport``, default
+  ``auto``: shared memory on a one-node cluster). The workers' ``WeightLoadReport``s give
+  verify and load; the rest of the broadcast is transport and calls;
+- **instrumented**, for each transport: the same steps run one by one inside the learner and
+  the workers (``__ray_call__``), so gather, wrap (object store: wrap the tensors with their
+  checksums, or ``--bucket-mib N``: copy into flat buckets; shared memory: copy into the
+  slot, whose version header replaces the checksums), ``ray.put`` (shared memory: of the small descriptor), the worker's
+  ``ray.get`` (shared memory: and mapping the slot), verify and the engine's reload each get a
+  time. The reload is of tensors already in the worker's process, so it is vLLM's load and
+  CPU repack alone.
 
 The bound is one memory copy of the payload at the copy bandwidth measured in this run
 (numpy copy of a warm buffer, one thread): on one host the update has to be written once
 into shared memory, and the workers can read it in place.
 
-``--variants`` also measures what the transport could do instead: flat buckets of two sizes,
-packing into a warm (reused) buffer, putting the tensors without packing, other checksums.
+``--variants`` also measures what the object-store transport could do instead: flat bucket
+sizes, packing into a warm (reused) buffer, putting the tensors without packing, other checksums.
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from cluster.bench import bench_config, build_model, process_memory_mib, shape_from_args, spread
+
+TRANSPORTS = ("shared_memory", "object_store")
+"""Both are measured step by step whatever ``--transport`` the production pushes use."""
 
 TARGET_COPY_RATIO = 2.0
 """Issue 9: our transport (gather + transport) within 2x the memory-copy bound."""
@@ -43,7 +51,7 @@ def run(args) -> dict:
     import ray
 
     from cluster.launch import init_ray
-    from cluster.pools import LearnerGroup, RolloutPool
+    from cluster.pools import LearnerGroup, RolloutPool, alive_nodes, weight_transport
 
     shape = shape_from_args(args)
     w = args.workers
@@ -68,14 +76,19 @@ def run(args) -> dict:
             start_s = time.perf_counter() - started
             workers = pool.actors.handles()
 
+            transport = weight_transport(args.transport, alive_nodes(), autoscale=False)
             production = []
             for version in range(1, args.pushes + 1):
-                production.append(_production_push(ray, learner, pool, version))
-                log.info("bench sync: production push %d: %s", version, _fmt(production[-1]))
-            instrumented = []
-            for version in range(args.pushes + 1, 2 * args.pushes + 1):
-                instrumented.append(_instrumented_push(ray, learner, workers, version, bucket_bytes))
-                log.info("bench sync: instrumented push %d: %s", version, _fmt(instrumented[-1]))
+                production.append(_production_push(ray, learner, pool, version, transport))
+                log.info("bench sync: production push %d (%s): %s", version, transport, _fmt(production[-1]))
+            instrumented: dict[str, list[dict]] = {}
+            version = args.pushes
+            for path in TRANSPORTS:
+                for _ in range(args.pushes):
+                    version += 1
+                    instrumented.setdefault(path, []).append(
+                        _instrumented_push(ray, learner, workers, version, bucket_bytes, path))
+                    log.info("bench sync: instrumented %s push %d: %s", path, version, _fmt(instrumented[path][-1]))
             variants = _variants(ray, learner, workers, args) if args.variants else None
             memory = _memory(ray, learner, workers)
         finally:
@@ -91,20 +104,43 @@ def run(args) -> dict:
     def column(rows: list[dict], key: str) -> list[float]:
         return [r[key] for r in rows]
 
-    ours = column(instrumented, "ours_s")
-    ours_ratio = [s / bound_s for s in ours]
-    steady_ratio = statistics.median(ours_ratio[steady])
+    def parts(rows: list[dict]) -> dict:
+        ours = column(rows, "ours_s")
+        ratio = [s / bound_s for s in ours]
+        return {
+            "gather_s": spread(column(rows, "gather_s")),
+            "pack_s": spread(column(rows, "pack_s")),
+            # One checksum pass over the payload: inside pack on the object store; not paid by
+            # shared memory (a version header instead), shown for comparison.
+            "checksum_pass_s": spread(column(rows, "checksum_s")),
+            "put_s": spread(column(rows, "put_s")),
+            "worker_get_s": spread(column(rows, "get_s")),
+            "worker_verify_s": spread(column(rows, "verify_s")),
+            "worker_load_s": spread(column(rows, "load_s")),
+            "ours_s": spread(ours),
+            "ours_gbps": spread([nbytes / s / 1e9 for s in ours]),
+            "ours_to_copy_bound": spread(ratio),
+            "ours_first_to_copy_bound": round(ratio[0], 2),
+            "ours_steady_to_copy_bound": round(statistics.median(ratio[steady]), 2),
+            "ours_with_verify_to_copy_bound": spread([(r["ours_s"] + r["verify_s"]) / bound_s for r in rows]),
+            "buckets": rows[0]["buckets"],
+            "tensors": rows[0]["tensors"],
+        }
+
+    by_transport = {path: parts(rows) for path, rows in instrumented.items()}
+    steady_ratio = by_transport[transport]["ours_steady_to_copy_bound"]
     return {
         "bench": "sync",
         "model": {"params": params, "bytes": nbytes, "hidden": shape.hidden, "layers": shape.layers,
                   "intermediate": shape.intermediate, "dtype": "float32"},
-        "settings": {"workers": w, "pushes": args.pushes, "bucket_mib": args.bucket_mib,
+        "settings": {"workers": w, "pushes": args.pushes, "bucket_mib": args.bucket_mib, "transport": args.transport,
                      "kv_cache_gib": args.kv_cache_gib, "learner": "1 FSDP2 rank over gloo, 2 threads",
                      "rollout_worker_threads": 1},
         "copy_bandwidth_gbps": spread(copy_gbps),
         "copy_bound_s": round(bound_s, 4),
         "actors_start_s": round(start_s, 2),
         "production": {
+            "transport": transport,
             "push_s": spread(column(production, "push_s")),
             "push_first_s": round(production[0]["push_s"], 4),
             "export_s": spread(column(production, "export_s")),
@@ -114,28 +150,13 @@ def run(args) -> dict:
             "transport_and_calls_s": spread(column(production, "transport_s")),
             "push_gbps": spread([nbytes / r["push_s"] / 1e9 for r in production]),
         },
-        "instrumented": {
-            "gather_s": spread(column(instrumented, "gather_s")),
-            "pack_s": spread(column(instrumented, "pack_s")),
-            "pack_checksum_s": spread(column(instrumented, "checksum_s")),
-            "put_s": spread(column(instrumented, "put_s")),
-            "worker_get_s": spread(column(instrumented, "get_s")),
-            "worker_verify_s": spread(column(instrumented, "verify_s")),
-            "worker_load_s": spread(column(instrumented, "load_s")),
-            "ours_s": spread(ours),
-            "ours_gbps": spread([nbytes / s / 1e9 for s in ours]),
-            "ours_to_copy_bound": spread(ours_ratio),
-            "ours_first_to_copy_bound": round(ours_ratio[0], 2),
-            "ours_steady_to_copy_bound": round(steady_ratio, 2),
-            "ours_with_verify_to_copy_bound": spread(
-                [(r["ours_s"] + r["verify_s"]) / bound_s for r in instrumented]),
-            "buckets": instrumented[0]["buckets"],
-            "tensors": instrumented[0]["tensors"],
-        },
+        "instrumented": by_transport,
         "variants": variants,
         "memory": memory,
-        "target": {"ours_to_copy_bound_max": TARGET_COPY_RATIO, "met_steady": steady_ratio <= TARGET_COPY_RATIO,
-                   "ours": "gather + pack (incl. checksum) + ray.put + slowest worker's ray.get"},
+        "target": {"ours_to_copy_bound_max": TARGET_COPY_RATIO, "transport": transport,
+                   "ours_steady_to_copy_bound": steady_ratio, "met_steady": steady_ratio <= TARGET_COPY_RATIO,
+                   "ours": "gather + pack (object store: with the checksums; shared memory: the copy into the "
+                           "slot) + ray.put + slowest worker's ray.get (shared memory: and opening the slot)"},
     }
 
 
@@ -155,9 +176,9 @@ def _copy_gbps(nbytes: int) -> float:
     return nbytes / (time.perf_counter() - started) / 1e9
 
 
-def _production_push(ray, learner, pool, version: int) -> dict:
+def _production_push(ray, learner, pool, version: int, transport: str) -> dict:
     started = time.perf_counter()
-    ref = learner.export_weights(version)
+    ref = learner.export_weights(version, transport)
     # Wait for the put without pulling the update into the driver.
     ray.wait([ref], timeout=600, fetch_local=False)
     exported = time.perf_counter()
@@ -170,10 +191,10 @@ def _production_push(ray, learner, pool, version: int) -> dict:
             "transport_s": broadcast - slowest.verify_seconds - slowest.load_seconds}
 
 
-def _instrumented_push(ray, learner, workers: list, version: int, bucket_bytes: int) -> dict:
+def _instrumented_push(ray, learner, workers: list, version: int, bucket_bytes: int, transport: str) -> dict:
     from cluster.pools import wait
 
-    parts = wait([r.__ray_call__.remote(timed_export, version, bucket_bytes) for r in learner.ranks], 600,
+    parts = wait([r.__ray_call__.remote(timed_export, version, bucket_bytes, transport) for r in learner.ranks], 600,
                  [f"learner rank {i}" for i in range(len(learner.ranks))])
     sent, boxed = parts[0]
     received = wait([h.__ray_call__.remote(timed_receive, boxed) for h in workers], 600,
@@ -186,10 +207,12 @@ def _instrumented_push(ray, learner, workers: list, version: int, bucket_bytes: 
 
 # -- run inside the actors (module-level, so Ray pickles them by reference) -------------------
 
-def timed_export(rank, version: int, bucket_bytes: int):
+def timed_export(rank, version: int, bucket_bytes: int, transport: str):
     """In a learner rank: gather, wrap (with checksums) and put the policy, each timed
     (collective: every rank). ``bucket_bytes`` > 0 copies into flat buckets instead of
-    wrapping, as the learner did before it shared the gathered tensors."""
+    wrapping, as the learner did before it shared the gathered tensors. With
+    ``transport="shared_memory"`` the wrap is the copy into the shared slot and only its
+    small descriptor is put."""
     import ray
 
     from learner.weight_bucket import checksum, pack_state_dict, share_state_dict
@@ -199,27 +222,35 @@ def timed_export(rank, version: int, bucket_bytes: int):
     t1 = time.perf_counter()
     if state is None:
         return None
-    if bucket_bytes > 0:
+    if transport == "shared_memory":
+        update = rank.write_shared(state, version)
+    elif bucket_bytes > 0:
         update = pack_state_dict(state, version=version, bucket_bytes=bucket_bytes)
     else:  # as export_weights does
         update = share_state_dict(state, version=version)
     t2 = time.perf_counter()
     ref = ray.put(update)
     t3 = time.perf_counter()
-    for bucket in update.buckets:  # again, to know the checksum's share of pack
-        checksum(bucket.buffer)
+    for tensor in state.values():  # what a checksum pass costs (object store: its share of pack)
+        checksum(tensor.reshape(-1).view(torch.uint8).numpy())
     checksum_s = time.perf_counter() - t3
     # The ref travels in a list so the workers receive it unresolved and time their own get.
     return {"gather_s": t1 - t0, "pack_s": t2 - t1, "put_s": t3 - t2, "checksum_s": checksum_s,
-            "buckets": len(update.buckets), "tensors": len(state)}, [ref]
+            "buckets": len(state) if transport == "shared_memory" else len(update.buckets),
+            "tensors": len(state)}, [ref]
 
 
 def timed_receive(worker, boxed: list) -> dict:
-    """In a rollout worker: pull the update, then load it (verify + reload + repack), timed."""
+    """In a rollout worker: pull the update (shared memory: the descriptor, then map the
+    slot), then load it (verify + reload + repack), timed."""
     import ray
+
+    from learner.shared_weights import SharedWeights
 
     started = time.perf_counter()
     update = ray.get(boxed[0])
+    if isinstance(update, SharedWeights):
+        worker.shared.open(update, worker.policy_version)  # maps the slot once; load_weights reuses it
     got = time.perf_counter()
     report = worker.load_weights(update)
     return {"get_s": got - started, "verify_s": report.verify_seconds, "load_s": report.load_seconds}

@@ -76,6 +76,9 @@ class DataConfig:
     one, counts them, and logs the count (``data/skipped_too_long`` in the W&B config)."""
 
 
+WEIGHT_TRANSPORTS = ("auto", "shared_memory", "object_store")
+
+
 @dataclass(kw_only=True)
 class RolloutConfig:
     """The rollout pool: vLLM engines as Ray actors."""
@@ -111,6 +114,11 @@ class RolloutConfig:
     """A worker busy this long gets a health ping (answered concurrently with its work)."""
     health_timeout_s: float = 30.0
     """A worker that does not answer a health ping within this is treated as dead."""
+    weight_transport: str = "auto"
+    """How a weight push reaches the workers: ``shared_memory`` (the learner writes it once into
+    shared memory; workers on its host read it in place), ``object_store`` (Ray's object store:
+    any host), or ``auto``: shared memory when the Ray cluster has one node and
+    ``rollout.autoscale`` is off, the object store otherwise (decided at every push)."""
     autoscale: bool = False
     """Resize the pool by itself (``cluster/autoscale.py``): grow by one worker while the learner
     waits on rollouts for more than ``autoscale_high`` of each step, shrink by one while it
@@ -243,6 +251,9 @@ class Config:
                            ("reward.num_workers", self.reward.num_workers)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1 (got {value})")
+        if r.weight_transport not in WEIGHT_TRANSPORTS:
+            raise ConfigError(f"rollout.weight_transport: {r.weight_transport!r} is not one of "
+                              f"{', '.join(WEIGHT_TRANSPORTS)}")
         if self.data.too_long not in ("error", "skip"):
             raise ConfigError(f"data.too_long must be 'error' or 'skip' (got {self.data.too_long!r})")
         if r.autoscale:

@@ -40,7 +40,7 @@ from cluster.collect import Batch, Collector, group_ids
 from cluster.config import Config
 from cluster.control import JobStatus
 from cluster.data import SamplerState
-from cluster.pools import LearnerGroup
+from cluster.pools import LearnerGroup, alive_nodes, weight_transport
 from cluster.tracking import Tracker
 from learner.advantages import masked_mean
 from learner.batch import TrainBatch, collate
@@ -316,14 +316,16 @@ class Controller:
 
     def push_weights(self, version: int) -> dict[str, float]:
         t = time.perf_counter()
-        update_ref = self.learner.export_weights(version)
+        transport = weight_transport(self.cfg.rollout.weight_transport, alive_nodes(), self.cfg.rollout.autoscale)
+        update_ref = self.learner.export_weights(version, transport)
         exported = time.perf_counter()
         # Every worker must hold version N+1 before the next generate: samples are then
         # on-policy and each records the version that produced it.
         reports = self.rollout.load_weights(update_ref)
         self.version = version
         return {"timing/weight_export": exported - t, "timing/weight_load_max": max(r.load_seconds for r in reports),
-                "sync/megabytes": reports[0].nbytes / 1e6, "sync/version": float(version)}
+                "sync/megabytes": reports[0].nbytes / 1e6, "sync/version": float(version),
+                "sync/shared_memory": float(transport == "shared_memory")}
 
     def rollout_metrics(self, rollouts: list[Rollout], batch, fwd) -> dict[str, float]:
         mask = batch.response_mask

@@ -59,6 +59,20 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
+def weight_transport(setting: str, nodes: int, autoscale: bool) -> str:
+    """The transport of the next weight push for ``rollout.weight_transport=setting`` on a
+    cluster of ``nodes`` alive nodes. Shared memory only reaches workers on the learner's
+    host; ``auto`` uses it when no worker can be anywhere else, now or before the next push
+    (an autoscaler may add a node at any time)."""
+    if setting != "auto":
+        return setting
+    return "shared_memory" if nodes == 1 and not autoscale else "object_store"
+
+
+def alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def fits(free: dict[str, float], bundle: dict[str, float]) -> bool:
     """Whether ``free`` resources (``ray.available_resources()``) can hold ``bundle`` now."""
     return all(free.get(name, 0.0) >= amount for name, amount in bundle.items())
@@ -323,9 +337,10 @@ class LearnerGroup:
         merged["policy/skipped_updates"] = float(results[0].skipped_updates)
         return merged
 
-    def export_weights(self, version: int) -> ray.ObjectRef:
-        """Start the (collective) gather on every rank; returns rank 0's packed update, unfetched."""
-        refs = [rank.export_weights.remote(version) for rank in self.ranks]
+    def export_weights(self, version: int, transport: str = "object_store") -> ray.ObjectRef:
+        """Start the (collective) gather on every rank; returns rank 0's update (or, with
+        ``transport="shared_memory"``, where it lies in rank 0's shared memory), unfetched."""
+        refs = [rank.export_weights.remote(version, transport) for rank in self.ranks]
         # The other ranks only take part in the gather; wait for them so a failure surfaces here.
         wait(refs[1:], self.timeout_s, self._names()[1:])
         return refs[0]

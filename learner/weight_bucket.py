@@ -35,7 +35,7 @@ DEFAULT_BUCKET_BYTES = 512 * 2**20
 _ALIGN = 16
 """Byte alignment of every tensor in a buffer, so a dtype view of the bytes is always legal."""
 
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
                                torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)}
 
 
@@ -104,7 +104,7 @@ def share_state_dict(state: Mapping[str, torch.Tensor], version: int) -> WeightU
     until then the tensors must not change."""
     named = []
     for name, tensor in state.items():
-        if str(tensor.dtype) not in _DTYPES:
+        if str(tensor.dtype) not in DTYPES:
             raise TypeError(f"cannot send {name}: unsupported dtype {tensor.dtype}")
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             raise ValueError(f"cannot share {name}: not contiguous CPU memory ({tensor.device}); use pack_state_dict")
@@ -122,7 +122,7 @@ def pack_state_dict(state: Mapping[str, torch.Tensor], version: int,
     groups: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, tensor in state.items():
-        if str(tensor.dtype) not in _DTYPES:
+        if str(tensor.dtype) not in DTYPES:
             raise TypeError(f"cannot pack {name}: unsupported dtype {tensor.dtype}")
         n = tensor.numel() * tensor.element_size()
         if groups[-1] and size + n > bucket_bytes:
@@ -166,11 +166,16 @@ def checksum(buffer: np.ndarray) -> int:
     return (total + tail + buffer.nbytes) % 2**64
 
 
+def check_version(version: int, current_version: int) -> None:
+    """Raise ``WeightSyncError`` unless ``version`` is newer than the loaded ``current_version``."""
+    if version <= current_version:
+        raise WeightSyncError(
+            f"stale weight update: version {version} does not follow loaded version {current_version}")
+
+
 def verify(update: WeightUpdate, current_version: int) -> None:
     """Raise ``WeightSyncError`` unless the update is newer than ``current_version`` and intact."""
-    if update.version <= current_version:
-        raise WeightSyncError(
-            f"stale weight update: version {update.version} does not follow loaded version {current_version}")
+    check_version(update.version, current_version)
     for i, bucket in enumerate(update.buckets):
         got = checksum(bucket.buffer)
         if got != bucket.checksum:
@@ -190,5 +195,5 @@ def iter_tensors(update: WeightUpdate) -> Iterator[tuple[str, torch.Tensor]]:
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.from_numpy(bucket.buffer)
         for slot in bucket.slots:
-            dtype = _DTYPES[slot.dtype]
+            dtype = DTYPES[slot.dtype]
             yield slot.name, flat[slot.offset:slot.offset + slot.nbytes].view(dtype).reshape(slot.shape)

@@ -35,6 +35,7 @@ from learner.config import AlgorithmConfig, LearnerConfig
 from learner.fsdp import ShardingPlan, cat_rows, init_optimizer_state, micro_batches, shard_model, to_device
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import load_critic, load_policy, sequence_logprobs, sequence_values
+from learner.shared_weights import SharedWeights, SharedWeightWriter
 from learner.weight_bucket import WeightUpdate, share_state_dict
 
 
@@ -114,6 +115,8 @@ class LearnerRank:
         self.total_updates = max(1, total_updates)
         self.device = torch.device("cuda" if learner.num_gpus > 0 else "cpu")
         torch.set_num_threads(learner.num_threads)
+        self._shared: SharedWeightWriter | None = None
+        """Rank 0's shared-memory slots for same-host weight pushes, made on first use."""
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -246,13 +249,27 @@ class LearnerRank:
                     record({"value/grad_norm": norm}, 1.0)
         return UpdateResult(metric_sums=sums, metric_weights=weights, skipped_updates=skipped)
 
-    def export_weights(self, version: int) -> WeightUpdate | None:
-        """Gather the full policy weights (collective); rank 0 returns them as ``version``."""
+    def export_weights(self, version: int, transport: str = "object_store") -> WeightUpdate | SharedWeights | None:
+        """Gather the full policy weights (collective); rank 0 returns them as ``version``.
+
+        ``transport="object_store"``: the update itself, for Ray to copy into its object store;
+        ``"shared_memory"``: the weights written into this process's shared memory and a small
+        descriptor of them, for rollout workers on this host (``learner/shared_weights.py``)."""
         state = self.full_policy_state()
+        if state is None:
+            return None
+        if transport == "shared_memory":
+            return self.write_shared(state, version)
         # The update wraps the tensors without a copy; Ray copies them into the object store
         # once, when this call returns (this actor runs one call at a time, so no update can
         # change them before that).
-        return None if state is None else share_state_dict(state, version=version)
+        return share_state_dict(state, version=version)
+
+    def write_shared(self, state: dict[str, torch.Tensor], version: int) -> SharedWeights:
+        """Write full weights into this rank's shared-memory slots (made on first use)."""
+        if self._shared is None:
+            self._shared = SharedWeightWriter()
+        return self._shared.write(state, version=version)
 
     def full_policy_state(self) -> dict[str, torch.Tensor] | None:
         """The policy's full weights as contiguous CPU tensors under their checkpoint names
@@ -261,7 +278,10 @@ class LearnerRank:
         if self.world_size == 1 and self.device.type == "cpu":
             # One CPU rank holds every parameter whole: its local tensors are the full weights,
             # and gathering them would be a full copy for nothing (half a copy bound, measured).
-            state = get_model_state_dict(self.policy)
+            # The module's own state_dict has the same names (FSDP2 keeps them; checked for
+            # tied and untied models) at a fifth of get_model_state_dict's cost (2.5 against
+            # 12 ms for 75 tensors, measured: a quarter of the copy bound).
+            state = self.policy.state_dict()
             return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().to(dtype).contiguous()
                     for k, v in state.items()}
         state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -320,6 +340,9 @@ class LearnerRank:
             yield "critic", self.critic, self.critic_opt, self.critic_sched
 
     def shutdown(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -61,14 +61,18 @@ def test_bench_sync_breaks_a_push_into_parts_that_add_up():
         assert prod["export_s"]["runs"][i] + prod["broadcast_s"]["runs"][i] == pytest.approx(
             prod["push_s"]["runs"][i], abs=2e-3)
         assert prod["worker_verify_s"]["runs"][i] + prod["worker_load_s"]["runs"][i] <= prod["broadcast_s"]["runs"][i]
-    inst = out["instrumented"]
-    for name in ("gather_s", "pack_s", "put_s", "worker_load_s", "ours_s", "ours_to_copy_bound"):
-        assert_spread(inst[name], n=2)
-    for i in range(2):
-        parts = sum(inst[k]["runs"][i] for k in ("gather_s", "pack_s", "put_s", "worker_get_s"))
-        assert parts == pytest.approx(inst["ours_s"]["runs"][i], abs=2e-3)
-        assert inst["pack_checksum_s"]["runs"][i] > 0
-    assert inst["buckets"] == inst["tensors"] > 1  # the learner's path: one shared bucket per tensor
+    assert prod["transport"] == out["target"]["transport"] == "shared_memory"  # auto, on a one-node cluster
+    for inst in out["instrumented"].values():
+        for name in ("gather_s", "pack_s", "put_s", "worker_load_s", "ours_s", "ours_to_copy_bound"):
+            assert_spread(inst[name], n=2)
+        for i in range(2):
+            parts = sum(inst[k]["runs"][i] for k in ("gather_s", "pack_s", "put_s", "worker_get_s"))
+            assert parts == pytest.approx(inst["ours_s"]["runs"][i], abs=2e-3)
+            assert inst["checksum_pass_s"]["runs"][i] > 0
+        assert inst["buckets"] == inst["tensors"] > 1  # one bucket (or slot) per tensor
+    assert sorted(out["instrumented"]) == ["object_store", "shared_memory"]
+    assert out["target"]["ours_steady_to_copy_bound"] == \
+        out["instrumented"]["shared_memory"]["ours_steady_to_copy_bound"]
     assert "put_unpacked_numpy_dict_s" in out["variants"] and "checksum_crc32_s" in out["variants"]
     assert len(out["memory"]["rollout_workers"]) == 2
     assert all(m["rss_mib"] > 0 for m in out["memory"]["rollout_workers"])

@@ -51,3 +51,44 @@ def test_a_joiner_that_never_starts_with_room_to_spare_is_replaced(ray_local):
     actors.run(list(range(12)), lambda h, x: h.work.remote(x))
     assert actors.restarts >= 1  # declared dead after the start timeout, a replacement started
     actors.resize(1)
+
+
+class Slot:
+    """A joiner that starts slowly and cannot read version 1 (its slot was rewritten, as the
+    learner's shared memory is two pushes later)."""
+
+    def __init__(self, delay_s: float) -> None:
+        time.sleep(delay_s)
+
+    def load(self, version: int) -> int:
+        if version == 1:
+            raise ValueError("weight update v1: its shared-memory slot is holding v3")
+        return version
+
+    def ping(self) -> bool:
+        return True
+
+
+def test_a_joiner_is_judged_on_the_current_state_not_one_since_replaced(ray_local):
+    from cluster.actor_set import WorkerFailure
+
+    current = [0]
+    actor = ray_local.remote(Slot).options(num_cpus=0.25)
+    actors = ActorSet("slot", spawn=lambda i: actor.remote(0.0 if i == 0 else 2.0),
+                      prepare=lambda h: h.load.remote(current[0]), size=1, timeout_s=30)
+    actors.wait_ready()
+    try:
+        current[0] = 1
+        actors.resize(2)  # the joiner is sent version 1, which it will fail to read...
+        current[0] = 3
+        assert actors.broadcast(lambda h: h.load.remote(3)) == [3]  # ...while version 3 goes out
+        actors.wait_ready()  # its failure on version 1 is not held against it: it loads 3
+        assert sum(m.ready for m in actors.members.values()) == 2 and actors.restarts == 0
+        assert actors.broadcast(lambda h: h.load.remote(3)) == [3, 3]
+
+        current[0] = 1  # a joiner that fails on the state it was sent, still current, fails the job
+        actors.resize(3)
+        with pytest.raises(WorkerFailure, match="could not start: .*slot is holding v3"):
+            actors.wait_ready()
+    finally:
+        actors.shutdown()

@@ -12,6 +12,7 @@ from actors.rollout_worker import EngineSettings, RolloutWorker
 from actors.types import GenerateRequest, Prompt, SamplingSettings
 from learner.batch import collate
 from learner.models import sequence_logprobs
+from learner.shared_weights import SharedWeightWriter
 from learner.weight_bucket import pack_state_dict
 
 pytestmark = pytest.mark.integration
@@ -90,6 +91,20 @@ def test_generate_then_sync_changes_outputs_and_logprobs_match(ray_local, reques
     with pytest.raises(Exception, match="stale weight update"):
         ray.get(worker.load_weights.remote(ray.put(pack_state_dict(initial.state_dict(), version=1))), timeout=300)
     assert ray.get(worker.ping.remote(), timeout=60) == 1
+
+    # The same-host transport: written once into this process's shared memory, read in place
+    # by the worker's process, with the same result.
+    newer = perturbed(model_dir, seed=2)
+    weights = dict(newer.named_parameters()) if newer.config.tie_word_embeddings else newer.state_dict()
+    writer = SharedWeightWriter()
+    try:
+        report = ray.get(worker.load_weights.remote(writer.write(weights, version=2)), timeout=300)
+        assert report.version == 2
+        latest = ray.get(worker.generate.remote(request()), timeout=300)
+        assert all(r.policy_version == 2 for r in latest)
+        assert mismatch(newer, latest) <= 1e-3 and mismatch(new_model, latest) > 1e-2
+    finally:
+        writer.close()
     ray.kill(worker)
 
 

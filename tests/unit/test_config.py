@@ -75,3 +75,17 @@ def test_reward_functions_by_name_or_mapping():
 
 def test_defaults_validate():
     Config().validate()
+
+
+def test_weight_transport_is_checked_and_auto_picks_by_cluster_shape():
+    from cluster.pools import weight_transport
+
+    with pytest.raises(ConfigError, match="rollout.weight_transport: 'nccl' is not one of auto, shared_memory"):
+        load_config(None, ["rollout.weight_transport=nccl"])
+    assert load_config(None, []).rollout.weight_transport == "auto"
+    assert weight_transport("auto", nodes=1, autoscale=False) == "shared_memory"
+    assert weight_transport("auto", nodes=2, autoscale=False) == "object_store"
+    # An autoscaler may add a node before the next push: only the object store reaches it.
+    assert weight_transport("auto", nodes=1, autoscale=True) == "object_store"
+    assert weight_transport("object_store", nodes=1, autoscale=False) == "object_store"
+    assert weight_transport("shared_memory", nodes=3, autoscale=True) == "shared_memory"
