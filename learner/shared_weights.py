@@ -112,6 +112,9 @@ class SharedWeightWriter:
 
     def _allocate(self, layout: tuple) -> None:
         self.close()
+        # New files may get the old descriptor numbers: a new token keeps readers from taking
+        # them for the mappings they hold.
+        self.token = secrets.token_bytes(16)
         slots = []
         offset = _DATA_START
         for name, shape, dtype in layout:

@@ -135,9 +135,13 @@ def test_a_new_layout_reallocates_and_a_new_writer_replaces_the_old_mappings():
     writer = SharedWeightWriter()
     reader = SharedWeightReader()
     try:
-        reader.open(writer.write(state(), version=1), current_version=0)
+        first = writer.write(state(), version=1)
+        reader.open(first, current_version=0)
         smaller = {"only.weight": torch.arange(10, dtype=torch.float32)}
-        assert_same(reader.open(writer.write(smaller, version=2), current_version=1), smaller)
+        for version in (2, 3):  # both slots, whose descriptors may reuse the old files' numbers
+            sent = writer.write(smaller, version=version)
+            assert sent.token != first.token
+            assert_same(reader.open(sent, current_version=version - 1), smaller)
     finally:
         writer.close()
     restarted = SharedWeightWriter()  # a learner restarted from a checkpoint
