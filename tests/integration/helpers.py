@@ -110,3 +110,50 @@ def _log_records(data: bytes, block: int = 32768) -> list[bytes]:
         elif kind == 4:
             records.append(partial + chunk)
     return records
+
+
+ESTIMATOR_CASES: dict[str, list[str]] = {
+    "gae": ["algorithm.advantage_estimator=gae", "algorithm.critic_warmup_steps=1", "algorithm.kl_coef=0.05"],
+    "grpo": ["algorithm.advantage_estimator=grpo", "algorithm.kl_coef=0.05", "algorithm.kl_place=loss",
+             "algorithm.kl_estimator=k3", "algorithm.dual_clip=3", "algorithm.clip_high=0.28"],
+    "dr_grpo": ["algorithm.advantage_estimator=dr_grpo", "algorithm.loss_agg=seq_mean_token_sum"],
+    "rloo": ["algorithm.advantage_estimator=rloo", "algorithm.kl_coef=0.05", "algorithm.kl_target=0.01",
+             "algorithm.tis_cap=2.0"],
+    "reinforce_pp": ["algorithm.advantage_estimator=reinforce_pp", "algorithm.kl_coef=0.05",
+                     "algorithm.normalize_rewards=true"],
+    "reinforce_pp_baseline": ["algorithm.advantage_estimator=reinforce_pp_baseline",
+                              "algorithm.dynamic_sampling=true", "algorithm.overlong_buffer=4",
+                              "algorithm.loss_agg=seq_mean_token_mean"],
+}
+"""Every advantage estimator with the options that go with it, each run as a real job.
+
+A job is mostly start-up (~50 s here), so four cases ride on jobs other tests run anyway
+(``ESTIMATOR_HOSTS``) and check their steps with ``check_estimator_steps``; the rest run in
+test_estimators_e2e."""
+
+ESTIMATOR_HOSTS = {"gae": "test_resume", "grpo": "test_train_e2e", "rloo": "test_async",
+                   "reinforce_pp": "test_elastic (autoscale)"}
+
+
+def check_estimator_steps(name: str, steps: list[dict]) -> None:
+    """The step rows of a job run with ``ESTIMATOR_CASES[name]``: finite, and the parts of the
+    algorithm the case turns on show in its metrics."""
+    import math
+
+    assert len(steps) >= 2, f"{name}: needs at least two steps, got {len(steps)}"
+    for r in steps:
+        bad = {k: v for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)}
+        assert not bad, f"{name}, step {r['step']}: non-finite metrics {bad}"
+        assert "policy/pg_loss" in r or name == "gae", (name, r["step"])
+    if name == "gae":
+        assert "policy/pg_loss" not in steps[0] and "value/vf_loss" in steps[0]  # critic warm-up
+        assert "policy/pg_loss" in steps[1] and "value/explained_variance" in steps[1]
+    if name in ("gae", "rloo", "reinforce_pp", "grpo"):
+        assert all("kl/value" in r for r in steps), name  # a reference model was built and used
+    if name == "dr_grpo":
+        assert not any("kl/value" in r for r in steps)  # no KL, no reference model
+    if name == "rloo":
+        assert steps[-1]["kl/coef"] != 0.05  # the adaptive controller moved
+        assert "tis/weight_mean" in steps[0]
+    if name == "reinforce_pp_baseline":
+        assert all("rollout/filtered_groups" in r for r in steps)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster.data import PromptSampler, load_prompts
-from helpers import REPO, run_cli, write_addition_data
+from helpers import ESTIMATOR_CASES, REPO, check_estimator_steps, run_cli, write_addition_data
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def args(model, train, run_dir) -> list[str]:
             "trainer.async_staleness=1", "rollout.num_workers=1", f"rollout.prompts_per_step={PROMPTS}",
             f"rollout.samples_per_prompt={SAMPLES}", "model.max_model_len=64", f"model.path={model}",
             f"data.train_path={train}", f"run.dir={run_dir}", "trainer.sample_table_every=0",
-            "reward.functions=[rewards_for_tests:length]", "learner.lr=1e-3"]
+            "reward.functions=[rewards_for_tests:length]", "learner.lr=1e-3", *ESTIMATOR_CASES["rloo"]]
 
 
 def expected_prompt_sums(train: Path) -> list[float]:
@@ -71,6 +71,7 @@ def test_async_run_killed_and_resumed_loses_nothing(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stderr[-4000:]
     rows = step_rows(run_dir)
     assert sorted(rows) == [1, 2, 3, 4]
+    check_estimator_steps("rloo", [rows[k] for k in sorted(rows)])
     sums = expected_prompt_sums(train)
     for k, r in rows.items():
         assert r["data/prompt_index_sum"] == sums[k - 1], f"step {k} trained on the wrong prompts"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_cli, write_addition_data
+from helpers import ESTIMATOR_CASES, REPO, check_estimator_steps, run_cli, write_addition_data
 
 pytestmark = pytest.mark.integration
 
@@ -99,10 +99,11 @@ def test_autoscaler_grows_the_pool_while_the_learner_waits(tmp_path, tiny_model_
                    f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}",
                    "model.max_model_len=64", f"model.path={tiny_model_dir}", f"data.train_path={train}",
                    f"run.dir={run_dir}", "trainer.sample_table_every=0", "trainer.eval_every=0",
-                   "reward.functions=[rewards_for_tests:length]", env=env)
+                   "reward.functions=[rewards_for_tests:length]", *ESTIMATOR_CASES["reinforce_pp"], env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [r for r in rows(run_dir) if "cluster/autoscale_target" in r]
     assert len(steps) == 5
+    check_estimator_steps("reinforce_pp", steps)
     assert all(0.01 < r["cluster/rollout_wait_share"] <= 1 for r in steps)
     assert [r["cluster/autoscale_target"] for r in steps] == [2.0] * 5  # decided after step 1, capped at max
     workers = [r["cluster/rollout_workers"] for r in steps]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, run_cli, write_addition_data
+from helpers import ESTIMATOR_CASES, REPO, check_estimator_steps, run_cli, write_addition_data
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def job_args(tiny_model_dir, train, run_dir) -> list[str]:
             "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", "model.max_model_len=64",
             f"model.path={tiny_model_dir}", f"data.train_path={train}", f"run.dir={run_dir}",
             "trainer.sample_table_every=0", "reward.functions=[rewards_for_tests:length]",
-            "algorithm.advantage_estimator=gae", "learner.lr=1e-3"]
+            "learner.lr=1e-3", *ESTIMATOR_CASES["gae"]]  # a critic and a reference model to restore too
 
 
 def env() -> dict:
@@ -80,13 +80,18 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, str
     a, b = steps(straight), steps(resumed)
     assert sorted(b) == [1, 2, 3, 4]
     for s in (3, 4):
-        for key in ("reward/mean", "policy/pg_loss", "value/vf_loss", "rollout/response_length"):
+        for key in ("reward/mean", "policy/pg_loss", "value/vf_loss", "kl/value", "rollout/response_length"):
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-6), (s, key)
     wa = load_file(straight / "final_model" / "model.safetensors")
     wb = load_file(resumed / "final_model" / "model.safetensors")
     initial = load_file(Path(tiny_model_dir) / "model.safetensors")
     assert max(float((wa[k] - initial[k]).abs().max()) for k in wa) > 1e-4  # training moved the weights
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_the_run_is_the_gae_estimator_case(straight):
+    rows = steps(straight)
+    check_estimator_steps("gae", [rows[s] for s in sorted(rows)])
 
 
 def test_export_writes_a_loadable_model(tmp_path, straight):

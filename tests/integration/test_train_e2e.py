@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from helpers import read_wandb_history, run_cli, write_addition_data
+from helpers import ESTIMATOR_CASES, check_estimator_steps, read_wandb_history, run_cli, write_addition_data
 from tiny_models import make_tiny_reward_model
 
 pytestmark = pytest.mark.integration
@@ -28,6 +28,7 @@ def test_two_ppo_steps_end_to_end(tmp_path, tiny_model_dir):
                      f"data.train_path={train}", f"data.eval_path={evals}", f"run.dir={run_dir}",
                      "trainer.sample_table_every=1", "model.max_model_len=64", f"reward.functions={functions}",
                      f"reward.model={{path: {rm_dir}, weight: 0.001}}", "reward.num_workers=2",
+                     *ESTIMATOR_CASES["grpo"],
                      env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -39,6 +40,7 @@ def test_two_ppo_steps_end_to_end(tmp_path, tiny_model_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
+    check_estimator_steps("grpo", steps)
     for r in steps:
         # exact match is ~never hit by a random model; the user function gives 0.25 x 2.0 to
         # every sample; the reward model adds a small, sample-dependent term.
