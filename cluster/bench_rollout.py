@@ -9,7 +9,9 @@ response is exactly ``--new-tokens`` long in both engines) and the same prompts 
   which is what a pool member runs, records and log-probs included; and vLLM's own
   ``LLM.generate`` on the same engine with ``ignore_eos``, to tell vLLM's cost from ours;
 - the Ray ``RolloutPool`` with ``--pool-workers`` workers (the threads split between them),
-  which adds the actor calls and the transfer of ``Rollout`` records.
+  which adds the actor calls and the transfer of ``Rollout`` records; its runs are interleaved
+  with transformers and raw vLLM in this process again, so that a like-for-like ratio with the
+  same Ray instance on the cores is printed too (``with_ray_up``).
 
 Both engines use ``--threads`` torch threads, runs are interleaved (transformers, worker, raw
 vLLM, ...) so that load from other tenants of the machine hits them alike, and a warm-up run
@@ -79,17 +81,29 @@ def run(args) -> dict:
             _raw_generate(worker, one, args, step=100 + i)
             batch1["vllm_raw"].append((time.perf_counter() - started) / args.new_tokens * 1e3)
 
-        pool = _pool_tokens_per_s(model_dir, prompt_sets, args) if args.pool_workers > 0 else None
+        pool = _pool_tokens_per_s(model_dir, prompt_sets, args, hf, worker) if args.pool_workers > 0 else None
 
     for name, seen in lengths.items():
         if seen != {args.new_tokens}:
             raise RuntimeError(f"{name} produced responses of {sorted(seen)} tokens, not {args.new_tokens}: "
                                f"the comparison would not be like for like")
-    if pool is not None:
-        tps["rollout_pool_ray"] = pool["tokens_per_s"]
     hf_runs = tps["transformers_generate"]
     ratios = {name: spread([v / h for v, h in zip(runs, hf_runs)])
               for name, runs in tps.items() if name != "transformers_generate"}
+    ray_up = None
+    if pool is not None:
+        tps.update(pool["tokens_per_s"])
+        ratios["rollout_pool_ray"] = spread([v / h for v, h in zip(tps["rollout_pool_ray"], hf_runs)])
+        ray_hf = tps["transformers_generate_ray_up"]
+        ray_up = {
+            # Like for like: the pool against transformers with the same Ray instance running.
+            "pool_to_transformers": spread([v / h for v, h in zip(tps["rollout_pool_ray"], ray_hf)]),
+            "vllm_raw_to_transformers": spread([v / h for v, h in zip(tps["vllm_raw_in_process_ray_up"], ray_hf)]),
+            # What an idle Ray instance on the same cores costs each engine in this process.
+            "transformers_slowdown": spread([u / b for u, b in zip(ray_hf, hf_runs)]),
+            "vllm_raw_slowdown": spread([u / b for u, b in zip(tps["vllm_raw_in_process_ray_up"],
+                                                               tps["vllm_raw_in_process"])]),
+        }
     gemm = statistics.median(gflops)
     return {
         "bench": "rollout",
@@ -103,12 +117,15 @@ def run(args) -> dict:
                                   "member runs); rollout_pool_ray: RolloutPool of Ray actors"},
         "tokens_per_s": {name: spread(runs) for name, runs in tps.items()},
         "ratio_to_transformers": ratios,
+        "with_ray_up": ray_up,
         "per_token_ms_batch1": {name: spread(runs) for name, runs in batch1.items()},
         "gemm_gflops": spread(gflops),
         "matmul_bound_tokens_per_s": round(gemm * 1e9 / (2 * params)),
         "pool_start_s": pool["start_s"] if pool else None,
         "target": {"ratio_min": TARGET_RATIO, "rollout_worker_met": ratios["rollout_worker_in_process"]["median"]
                    >= TARGET_RATIO, "rollout_pool_met": ratios["rollout_pool_ray"]["median"] >= TARGET_RATIO
+                   if pool else None,
+                   "rollout_pool_met_with_ray_up": ray_up["pool_to_transformers"]["median"] >= TARGET_RATIO
                    if pool else None},
     }
 
@@ -194,8 +211,13 @@ def _pool_threads(args) -> int:
     return max(1, args.threads // args.pool_workers)
 
 
-def _pool_tokens_per_s(model_dir: Path, prompt_sets: list[list[str]], args) -> dict:
-    """The same prompts through a ``RolloutPool`` of Ray actors (driver → actors → records back)."""
+def _pool_tokens_per_s(model_dir: Path, prompt_sets: list[list[str]], args, hf: "_Transformers", worker) -> dict:
+    """The same prompts through a ``RolloutPool`` of Ray actors (driver → actors → records back),
+    interleaved with transformers and raw vLLM in this process again, now with Ray running.
+
+    On a small machine Ray's own processes (GCS, raylet, agents, idle workers) share the
+    cores with the engines and slow them; measuring both engines again beside the pool tells
+    that cost apart from the pool's own (actor calls, records)."""
     import ray
 
     from cluster.launch import init_ray
@@ -219,17 +241,28 @@ def _pool_tokens_per_s(model_dir: Path, prompt_sets: list[list[str]], args) -> d
         pool = RolloutPool(cfg, str(model_dir))
         pool.ready()
         start_s = time.perf_counter() - started
-        runs = []
+        runs = {"transformers_generate_ray_up": [], "vllm_raw_in_process_ray_up": [], "rollout_pool_ray": []}
+
+        def through_pool(texts: list[str], step: int) -> list[int]:
+            rollouts = pool.generate(_prompts(texts), _sampling(args), step=step, seed=args.seed)
+            if len(rollouts) != len(texts):
+                raise RuntimeError(f"the pool returned {len(rollouts)} responses for {len(texts)} prompts")
+            return [len(r.response_token_ids) for r in rollouts]
+
         for i, texts in enumerate(prompt_sets):
-            started = time.perf_counter()
-            rollouts = pool.generate(_prompts(texts), _sampling(args), step=i, seed=args.seed)
-            seconds = time.perf_counter() - started
-            lengths = {len(r.response_token_ids) for r in rollouts}
-            if lengths != {args.new_tokens} or len(rollouts) != len(texts):
-                raise RuntimeError(f"the pool returned {len(rollouts)} responses of {sorted(lengths)} tokens")
-            log.info("bench rollout: rollout_pool_ray run %d: %.0f tokens/s", i, len(rollouts) * args.new_tokens / seconds)
-            if i > 0:
-                runs.append(len(rollouts) * args.new_tokens / seconds)
+            for name, fn in (("transformers_generate_ray_up", hf.generate),
+                             ("vllm_raw_in_process_ray_up", lambda p: _raw_generate(worker, p, args, step=i)),
+                             ("rollout_pool_ray", lambda p: through_pool(p, i))):
+                started = time.perf_counter()
+                per_response = fn(texts)
+                seconds = time.perf_counter() - started
+                if set(per_response) != {args.new_tokens}:
+                    raise RuntimeError(f"{name} produced responses of {sorted(set(per_response))} tokens, "
+                                       f"not {args.new_tokens}")
+                log.info("bench rollout: %s run %d%s: %.0f tokens/s", name, i, " (warm-up)" if i == 0 else "",
+                         sum(per_response) / seconds)
+                if i > 0:
+                    runs[name].append(sum(per_response) / seconds)
         return {"tokens_per_s": runs, "start_s": round(start_s, 2)}
     finally:
         if pool is not None:

@@ -43,6 +43,17 @@ def test_bench_rollout_compares_vllm_with_transformers_on_equal_work():
         runs = out["tokens_per_s"][name]["runs"]
         hf = out["tokens_per_s"]["transformers_generate"]["runs"]
         assert ratio["runs"] == pytest.approx([a / b for a, b in zip(runs, hf)], rel=1e-2)
+    # Both engines again beside the pool, with Ray running: like-for-like ratios and Ray's cost.
+    tps = {name: s["runs"] for name, s in out["tokens_per_s"].items()}
+    for name in ("transformers_generate_ray_up", "vllm_raw_in_process_ray_up"):
+        assert_spread(out["tokens_per_s"][name], n=2)
+    ray_up = out["with_ray_up"]
+    for name, (num, den) in {"pool_to_transformers": ("rollout_pool_ray", "transformers_generate_ray_up"),
+                             "vllm_raw_to_transformers": ("vllm_raw_in_process_ray_up", "transformers_generate_ray_up"),
+                             "transformers_slowdown": ("transformers_generate_ray_up", "transformers_generate"),
+                             "vllm_raw_slowdown": ("vllm_raw_in_process_ray_up", "vllm_raw_in_process")}.items():
+        assert ray_up[name]["runs"] == pytest.approx([a / b for a, b in zip(tps[num], tps[den])], rel=1e-2), name
+    assert out["target"]["rollout_pool_met_with_ray_up"] == (ray_up["pool_to_transformers"]["median"] >= 1.3)
     assert_spread(out["per_token_ms_batch1"]["vllm_raw"], n=2)
     assert out["matmul_bound_tokens_per_s"] > 0
     assert isinstance(out["target"]["rollout_worker_met"], bool)
