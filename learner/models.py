@@ -6,7 +6,10 @@ vLLM loads. The critic is the same transformer trunk with a scalar value head.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -14,6 +17,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from learner.batch import RolloutBatch, response_positions
 from learner.losses import logprobs_and_entropy
+
+log = logging.getLogger("rlrelay")
 
 
 class Critic(nn.Module):
@@ -46,10 +51,35 @@ def load_policy(path: str, dtype: torch.dtype) -> nn.Module:
 
 
 def load_critic(path: str, dtype: torch.dtype) -> Critic:
+    """The policy checkpoint's trunk under a fresh value head.
+
+    The checkpoint is a causal LM, so its ``lm_head`` has no place in the trunk; transformers
+    logs that as an "UNEXPECTED" load report, alarming and expected, in every GAE job. The
+    report is silenced for this one load and its contents checked here instead: a trunk
+    weight the checkpoint lacks (the critic would start from random weights there) is an error
+    naming it, and unexpected keys other than the head are logged."""
     check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
-    trunk = AutoModel.from_pretrained(path, dtype=dtype)
+    with _quiet_load_report():
+        trunk, info = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    if info["missing_keys"]:
+        raise ValueError(f"model path {path!r}: the critic's trunk lacks weights the checkpoint should hold, "
+                         f"e.g. {sorted(info['missing_keys'])[:3]}")
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head."))
+    if unexpected:
+        log.warning("critic from %s: checkpoint weights not used by the trunk: %s", path, unexpected[:5])
     return Critic(trunk, config.hidden_size).to(dtype)
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    logger = logging.getLogger("transformers.modeling_utils")  # where transformers logs the report
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
