@@ -10,6 +10,7 @@ costs ~5 s and ~400 MB per process and the driver and CLI must not pay it.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -214,6 +215,19 @@ def _sampled_logprobs(completion, tokens: tuple[int, ...]) -> tuple[float, ...]:
     return tuple(position[token].logprob for position, token in zip(completion.logprobs, tokens))
 
 
+class RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning, logged on every reload.
+
+    A rotary embedding's cos/sin cache is computed from the config and is in no checkpoint, so
+    a reload finds nothing for it and vLLM keeps the cache it has, which is the right one
+    (the log-prob agreement tests after a sync show it). The same warning for any other layer
+    would mean a weight that did not reach the engine, and still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (record.msg == "%s: Failed to load weights" and args and str(args[0]).endswith("RotaryEmbedding"))
+
+
 def _build_engine(settings: EngineSettings):
     if not os.path.isdir(settings.model_path):
         raise FileNotFoundError(f"model path {settings.model_path!r} is not a directory")
@@ -229,6 +243,9 @@ def _build_engine(settings: EngineSettings):
         torch.set_num_threads(settings.num_threads)
     from vllm import LLM
 
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, RotaryReloadFilter) for f in reload_log.filters):
+        reload_log.addFilter(RotaryReloadFilter())
     kwargs = dict(
         model=settings.model_path, tokenizer=settings.model_path, dtype=settings.dtype,
         seed=settings.seed, max_model_len=settings.max_model_len,
