@@ -35,7 +35,9 @@ class Critic(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.value_head(hidden).squeeze(-1)  # [B, L]
+        # A fresh tensor, not a view of the head's output: FSDP2 hooks the module's output for
+        # backward and warns that a view could lose that hook to an in-place op.
+        return self.value_head(hidden).squeeze(-1).clone()  # [B, L]
 
 
 def check_model_dir(path: str) -> None:
