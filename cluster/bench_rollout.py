@@ -58,19 +58,11 @@ def run(args) -> dict:
         worker = _in_process_worker(model_dir, args)
 
         tps = {"transformers_generate": [], "rollout_worker_in_process": [], "vllm_raw_in_process": []}
-        lengths = {name: set() for name in tps}
         for i, prompts in enumerate(prompt_sets):
-            for name, fn in (("transformers_generate", hf.generate),
-                             ("rollout_worker_in_process", lambda p: _worker_generate(worker, p, args, step=i)),
-                             ("vllm_raw_in_process", lambda p: _raw_generate(worker, p, args, step=i))):
-                started = time.perf_counter()
-                per_response = fn(prompts)
-                seconds = time.perf_counter() - started
-                lengths[name].update(per_response)
-                log.info("bench rollout: %s run %d%s: %.0f tokens/s", name, i, " (warm-up)" if i == 0 else "",
-                         sum(per_response) / seconds)
-                if i > 0:  # run 0 is the warm-up
-                    tps[name].append(sum(per_response) / seconds)
+            _timed_round({"transformers_generate": hf.generate,
+                          "rollout_worker_in_process": lambda p: _worker_generate(worker, p, args, step=i),
+                          "vllm_raw_in_process": lambda p: _raw_generate(worker, p, args, step=i)},
+                         prompts, i, tps, args.new_tokens)
         batch1 = {"transformers": [], "vllm_raw": []}
         for i in range(args.repeats):
             one = prompt_sets[i + 1][:1]
@@ -83,26 +75,22 @@ def run(args) -> dict:
 
         pool = _pool_tokens_per_s(model_dir, prompt_sets, args, hf, worker) if args.pool_workers > 0 else None
 
-    for name, seen in lengths.items():
-        if seen != {args.new_tokens}:
-            raise RuntimeError(f"{name} produced responses of {sorted(seen)} tokens, not {args.new_tokens}: "
-                               f"the comparison would not be like for like")
-    hf_runs = tps["transformers_generate"]
-    ratios = {name: spread([v / h for v, h in zip(runs, hf_runs)])
-              for name, runs in tps.items() if name != "transformers_generate"}
+    def ratio(num: str, den: str) -> dict:  # run by run: interleaved runs saw the same load
+        return spread([a / b for a, b in zip(tps[num], tps[den])])
+
+    ratios = {name: ratio(name, "transformers_generate") for name in ("rollout_worker_in_process",
+                                                                        "vllm_raw_in_process")}
     ray_up = None
     if pool is not None:
         tps.update(pool["tokens_per_s"])
-        ratios["rollout_pool_ray"] = spread([v / h for v, h in zip(tps["rollout_pool_ray"], hf_runs)])
-        ray_hf = tps["transformers_generate_ray_up"]
+        ratios["rollout_pool_ray"] = ratio("rollout_pool_ray", "transformers_generate")
         ray_up = {
             # Like for like: the pool against transformers with the same Ray instance running.
-            "pool_to_transformers": spread([v / h for v, h in zip(tps["rollout_pool_ray"], ray_hf)]),
-            "vllm_raw_to_transformers": spread([v / h for v, h in zip(tps["vllm_raw_in_process_ray_up"], ray_hf)]),
+            "pool_to_transformers": ratio("rollout_pool_ray", "transformers_generate_ray_up"),
+            "vllm_raw_to_transformers": ratio("vllm_raw_in_process_ray_up", "transformers_generate_ray_up"),
             # What an idle Ray instance on the same cores costs each engine in this process.
-            "transformers_slowdown": spread([u / b for u, b in zip(ray_hf, hf_runs)]),
-            "vllm_raw_slowdown": spread([u / b for u, b in zip(tps["vllm_raw_in_process_ray_up"],
-                                                               tps["vllm_raw_in_process"])]),
+            "transformers_slowdown": ratio("transformers_generate_ray_up", "transformers_generate"),
+            "vllm_raw_slowdown": ratio("vllm_raw_in_process_ray_up", "vllm_raw_in_process"),
         }
     gemm = statistics.median(gflops)
     return {
@@ -128,6 +116,22 @@ def run(args) -> dict:
                    "rollout_pool_met_with_ray_up": ray_up["pool_to_transformers"]["median"] >= TARGET_RATIO
                    if pool else None},
     }
+
+
+def _timed_round(engines: dict, prompts: list[str], i: int, tokens_per_s: dict[str, list[float]],
+                 new_tokens: int) -> None:
+    """Run ``prompts`` through each engine in turn; run 0 is the warm-up and is not kept."""
+    for name, generate in engines.items():
+        started = time.perf_counter()
+        per_response = generate(prompts)
+        seconds = time.perf_counter() - started
+        if set(per_response) != {new_tokens}:
+            raise RuntimeError(f"{name} produced responses of {sorted(set(per_response))} tokens, not {new_tokens}: "
+                               f"the comparison would not be like for like")
+        log.info("bench rollout: %s run %d%s: %.0f tokens/s", name, i, " (warm-up)" if i == 0 else "",
+                 sum(per_response) / seconds)
+        if i > 0:
+            tokens_per_s[name].append(sum(per_response) / seconds)
 
 
 def _gemm_gflops(torch) -> float:
@@ -250,19 +254,10 @@ def _pool_tokens_per_s(model_dir: Path, prompt_sets: list[list[str]], args, hf: 
             return [len(r.response_token_ids) for r in rollouts]
 
         for i, texts in enumerate(prompt_sets):
-            for name, fn in (("transformers_generate_ray_up", hf.generate),
-                             ("vllm_raw_in_process_ray_up", lambda p: _raw_generate(worker, p, args, step=i)),
-                             ("rollout_pool_ray", lambda p: through_pool(p, i))):
-                started = time.perf_counter()
-                per_response = fn(texts)
-                seconds = time.perf_counter() - started
-                if set(per_response) != {args.new_tokens}:
-                    raise RuntimeError(f"{name} produced responses of {sorted(set(per_response))} tokens, "
-                                       f"not {args.new_tokens}")
-                log.info("bench rollout: %s run %d%s: %.0f tokens/s", name, i, " (warm-up)" if i == 0 else "",
-                         sum(per_response) / seconds)
-                if i > 0:
-                    runs[name].append(sum(per_response) / seconds)
+            _timed_round({"transformers_generate_ray_up": hf.generate,
+                          "vllm_raw_in_process_ray_up": lambda p: _raw_generate(worker, p, args, step=i),
+                          "rollout_pool_ray": lambda p: through_pool(p, i)},
+                         texts, i, runs, args.new_tokens)
         return {"tokens_per_s": runs, "start_s": round(start_s, 2)}
     finally:
         if pool is not None:
