@@ -145,6 +145,13 @@ class LearnerConfig:
     """``torch.compile`` each transformer block: fuses the elementwise work of norms, rotary
     embedding and MLP that eager mode launches kernel by kernel. The first step pays for
     compiling; on CPU it needs a C++ compiler."""
+    chunked_head: bool = True
+    """Compute response log-probs (and entropy) from the final hidden states a chunk of 1024
+    tokens at a time, recomputing each chunk's logits in backward (``learner/head.py``), instead
+    of keeping ``[B, T, V]`` logits and their float32 copies for backward: on a 150k vocabulary
+    that is ~14 bytes per response token per vocabulary entry, most of a step's memory. Costs
+    one more head matmul in backward. Turn it off for a model whose head does more than a
+    linear layer (the learner checks at start-up and says so)."""
     reference_offload: bool = False
     """Keep the frozen reference model in CPU memory between uses (blocks move to the GPU only
     during its forward). No effect when training on CPU."""

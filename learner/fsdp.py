@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
 from learner.batch import TrainBatch
@@ -72,10 +72,18 @@ def shard_model(model: nn.Module, plan: ShardingPlan, checkpoint_activations: bo
                 # the compiled graph (dynamo skips them) and parameter names do not change.
                 module.compile()
             fully_shard(module, **kwargs)
-    # The root's parameters (embeddings, final norm, head) are needed right after forward
-    # for the loss, so keeping them gathered costs little.
-    fully_shard(model, **{**kwargs, "reshard_after_forward": plan.reshard_after_forward})
+    # The root's parameters (embeddings, final norm, head) stay gathered from forward through
+    # backward: the chunked head (learner/head.py) uses the head's weight after the root's
+    # forward, and the root's backward would gather them again at once anyway. A pass without
+    # backward releases them with `release_root`.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model
+
+
+def release_root(model: nn.Module) -> None:
+    """Free the root's gathered parameters after a no-grad pass (no backward will)."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:

@@ -13,9 +13,11 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from learner.batch import RolloutBatch, response_positions
+from learner.head import linear_logprobs
 from learner.losses import logprobs_and_entropy
 
 log = logging.getLogger("rlrelay")
@@ -84,20 +86,37 @@ def _quiet_load_report() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, with_entropy: bool = False, *,
+                      chunked_head: bool = True,
+                      compiled_head: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens under ``model`` (and per-token entropy).  # [B, T]
 
     Uses ``log_softmax(logits / temperature)``, the distribution vLLM sampled from
     (``logprobs_mode="processed_logprobs"``), so ratios against rollout log-probs are exact.
+
+    ``chunked_head`` (``learner.chunked_head``): the model runs up to its final hidden states
+    and ``learner.head`` turns the response positions' states into log-probs a chunk of tokens
+    at a time, never holding ``[B, T, V]`` logits (``compiled_head``: through ``torch.compile``).
+    Otherwise the model's own ``lm_head`` computes the logits of the response window and the
+    log-softmax runs on them.
     """
     pos = response_positions(batch)  # [B, T]
+    seq_len = batch.input_ids.shape[1]
+    labels = batch.input_ids.gather(1, (pos + 1).clamp(max=seq_len - 1))  # [B, T]
+    if chunked_head:
+        hidden, _ = final_hidden_states(model, batch.input_ids, batch.attention_mask)  # [B, L, H]
+        picked = hidden.gather(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
+        head = model.get_output_embeddings()
+        if isinstance(head.weight, DTensor):
+            raise RuntimeError("the policy's lm_head is still sharded after its forward: the FSDP2 root must keep "
+                               "its parameters gathered after forward (learner/fsdp.py shard_model)")
+        logprobs, entropy = linear_logprobs(picked, head.weight, labels, temperature, bias=head.bias,
+                                            with_entropy=with_entropy, compiled=compiled_head)
+        return logprobs * batch.response_mask, entropy
     # Only positions that predict a response token need logits: the window from the shortest
     # prompt's last token on. Asking the model for that window alone skips the lm_head on the
-    # rest of the prompts and never materialises [B, L, V] logits (on a 150k vocabulary those
-    # dominate the step's memory and much of its time).
+    # rest of the prompts and never materialises [B, L, V] logits.
     first = int(batch.prompt_lengths.min()) - 1
-    seq_len = batch.input_ids.shape[1]
     # No KV cache: training never decodes, and building one costs time (and makes compiled
     # blocks recompile per layer).
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
@@ -106,9 +125,46 @@ def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
         picked = logits[:, :pos.shape[1]]
     else:
         picked = logits.gather(1, (pos - first)[:, :, None].expand(-1, -1, logits.shape[-1]))  # [B, T, V]
-    labels = batch.input_ids.gather(1, (pos + 1).clamp(max=seq_len - 1))  # [B, T]
     logprobs, entropy = logprobs_and_entropy(picked, labels, temperature, with_entropy)
     return logprobs * batch.response_mask, entropy
+
+
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal LM's last hidden states (after its final norm) ``[B, L, H]``, and its own
+    logits of the last position ``[B, 1, V]``.
+
+    The whole model runs, not its decoder alone, so FSDP2's hooks on the root gather the
+    embeddings and head and schedule their gradients' reduction; a forward hook on the decoder
+    hands its output over, and the lm_head is asked for one position's logits only.
+    """
+    captured: list[torch.Tensor] = []
+    handle = model.get_decoder().register_forward_hook(
+        lambda _module, _args, output: captured.append(output.last_hidden_state))
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1).logits
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"{type(model).__name__}: its decoder ran {len(captured)} times in one forward")
+    return captured[0], logits
+
+
+@torch.no_grad()
+def check_linear_head(model: nn.Module, device: torch.device) -> None:
+    """``learner.chunked_head`` computes logits as ``lm_head(final hidden states)``. A model whose
+    head does more (logit soft-capping, scaling) would silently train on other log-probs than
+    vLLM's, so one probe forward compares the model's own logits with that product."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.arange(1, 9, device=device)[None] % vocab
+    hidden, logits = final_hidden_states(model, ids, torch.ones_like(ids))
+    head = model.get_output_embeddings()
+    mine = torch.nn.functional.linear(hidden[:, -1:], head.weight, head.bias)
+    if not torch.allclose(mine.float(), logits.float(), rtol=1e-2, atol=1e-2):
+        gap = float((mine.float() - logits.float()).abs().max())
+        raise ValueError(f"{type(model).__name__}: its logits are not lm_head(final hidden states) (max gap {gap:.3g}), "
+                         "so learner.chunked_head would compute other log-probs than the model; "
+                         "set learner.chunked_head=false")
 
 
 def sequence_values(critic: nn.Module, batch: RolloutBatch) -> torch.Tensor:

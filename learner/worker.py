@@ -32,9 +32,10 @@ from learner.batch import RolloutBatch, TrainBatch
 from learner.checkpoint import (JsonMetadataReader, JsonMetadataWriter, join_optimizer_state,
                                 split_optimizer_state)
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.fsdp import ShardingPlan, cat_rows, init_optimizer_state, micro_batches, shard_model, to_device
+from learner.fsdp import (ShardingPlan, cat_rows, init_optimizer_state, micro_batches, release_root, shard_model,
+                          to_device)
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
-from learner.models import load_critic, load_policy, sequence_logprobs, sequence_values
+from learner.models import check_linear_head, load_critic, load_policy, sequence_logprobs, sequence_values
 from learner.shared_weights import SharedWeights, SharedWeightWriter
 from learner.weight_bucket import WeightUpdate, share_state_dict
 
@@ -164,6 +165,9 @@ class LearnerRank:
             model = load_policy(self.model_path, torch.float32)
             self.reference = shard_model(model if frozen.offload else model.to(self.device), frozen)
             self.reference.requires_grad_(False).eval()
+        if cfg.chunked_head:
+            check_linear_head(self.policy, self.device)
+            release_root(self.policy)
 
     def _optimizer(self, model: nn.Module, lr: float):
         # The fused kernel updates every parameter in a few launches; the default per-tensor
@@ -193,11 +197,14 @@ class LearnerRank:
         old, ref, val = [], [], []
         for micro, real in micro_batches(batch, num_micro):
             micro = to_device(micro, self.device)
-            old.append(sequence_logprobs(self.policy, micro, self.temperature)[0][:real])
+            old.append(self._logprobs(self.policy, micro)[0][:real])
             if self.reference is not None:
-                ref.append(sequence_logprobs(self.reference, micro, self.temperature)[0][:real])
+                ref.append(self._logprobs(self.reference, micro)[0][:real])
             if self.critic is not None:
                 val.append(sequence_values(self.critic, micro)[:real])
+        for model in (self.policy, self.reference, self.critic):
+            if model is not None:
+                release_root(model)
         t = batch.response_mask.shape[1]
         return ForwardResult(old_logprobs=cat_rows(old, t), ref_logprobs=cat_rows(ref, t) if ref else None,
                              values=cat_rows(val, t) if val else None)
@@ -351,7 +358,7 @@ class LearnerRank:
     def _policy_loss(self, micro: TrainBatch, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         algo = self.algo
         mask = micro.rollouts.response_mask
-        logprobs, entropy = sequence_logprobs(self.policy, micro.rollouts, self.temperature, with_entropy=True)
+        logprobs, entropy = self._logprobs(self.policy, micro.rollouts, with_entropy=True)
         denominators = dict(num_tokens=mb.num_tokens, num_seqs=mb.num_seqs)
         loss, metrics = policy_loss(
             logprobs, micro.old_logprobs, micro.advantages, mask,
@@ -367,6 +374,10 @@ class LearnerRank:
             loss = loss + algo.kl_coef * aggregate(kl, mask, algo.loss_agg, **denominators)
             metrics["kl/loss_term"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
         return loss, metrics
+
+    def _logprobs(self, model: nn.Module, batch: RolloutBatch, with_entropy: bool = False):
+        return sequence_logprobs(model, batch, self.temperature, with_entropy, chunked_head=self.cfg.chunked_head,
+                                 compiled_head=self.cfg.compile)
 
     def _value_loss(self, micro: TrainBatch, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         values = sequence_values(self.critic, micro.rollouts)

@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("option", ["full", "grad_op", "none", "full+ckpt", "full+offload", "ppo-full"])
+@pytest.mark.parametrize("option", ["full", "grad_op", "none", "full+ckpt", "full+offload", "ppo-full", "full+logits"])
 def test_bf16_update_runs_and_the_plan_matches_the_measured_peak(model_dir, option):
     spec = dict(model_dir=str(model_dir), overrides=POLICY_ONLY + OPTIONS[option], gpu=True, seq_len=1024,
                 prompt_len=512, micro_batch=4, micro_steps=2, steps=1)

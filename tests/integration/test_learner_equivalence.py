@@ -108,6 +108,7 @@ def test_micro_batching_and_world_size_give_the_same_update(ray_local, tiny_mode
     {"sharding": "grad_op"},                # ZeRO-2-like: blocks stay gathered forward to backward
     {"sharding": "none"},                   # replicated (HSDP with shard groups of one)
     {"activation_checkpointing": True},     # blocks recomputed in backward
+    {"chunked_head": False},                # the model's own lm_head and [B, T, V] logits
 ])
 def test_memory_options_give_the_same_update(ray_local, tiny_model_dir, option):
     reference, ref_norm = updated_weights(ray_local, tiny_model_dir, world_size=2, micro_batch_size=3)
@@ -115,6 +116,17 @@ def test_memory_options_give_the_same_update(ray_local, tiny_model_dir, option):
     assert abs(norm - ref_norm) / ref_norm < 1e-4, f"{option}: gradient norm {norm} != {ref_norm}"
     worst = max(float((got[k] - reference[k]).abs().max()) for k in reference)
     assert worst < 1e-5, f"{option}: weights differ by {worst:.2e}"
+
+
+def test_chunked_head_gives_the_logits_paths_update_with_a_tied_head(ray_local, tiny_tied_model_dir):
+    """Tied embeddings over two ranks: the head's weight is the embedding's, gathered by the
+    FSDP2 root; its gradient from the chunked head and from the embedding must both arrive."""
+    reference, ref_norm = updated_weights(ray_local, tiny_tied_model_dir, world_size=2, micro_batch_size=3,
+                                          chunked_head=False)
+    got, norm = updated_weights(ray_local, tiny_tied_model_dir, world_size=2, micro_batch_size=3)
+    assert abs(norm - ref_norm) / ref_norm < 1e-4, f"gradient norm {norm} != {ref_norm}"
+    worst = max(float((got[k] - reference[k]).abs().max()) for k in reference)
+    assert worst < 1e-5, f"weights differ by {worst:.2e}"
 
 
 def test_compiled_blocks_give_the_same_update(ray_local, tiny_model_dir):

@@ -1,5 +1,6 @@
 """The critic is the policy checkpoint's trunk under a zero value head, loaded quietly but
-checked: the causal LM's head is expected to be left over, a missing trunk weight is not."""
+checked: the causal LM's head is expected to be left over, a missing trunk weight is not.
+The chunked head gives the logits path's log-probs, entropy and gradients on real models."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from learner.models import load_critic
+from learner.batch import RolloutBatch
+from learner.models import check_linear_head, load_critic, load_policy, sequence_logprobs
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_tied_model_dir"])
@@ -34,3 +36,43 @@ def test_a_trunk_weight_missing_from_the_checkpoint_is_an_error_naming_it(tiny_m
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"critic's trunk lacks .*layers\.1\.mlp\.down_proj\.weight"):
         load_critic(str(broken), torch.float32)
+
+
+def _rollouts(vocab: int) -> RolloutBatch:
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.tensor([5, 3, 7])  # unequal prompts: the logits path gathers from a window
+    seq, response = 16, 9
+    mask = torch.ones(3, response)
+    mask[1, 6:] = 0
+    attention = torch.ones(3, seq, dtype=torch.long)
+    attention[1, 3 + 6:] = 0
+    return RolloutBatch(input_ids=torch.randint(1, vocab, (3, seq), generator=g), attention_mask=attention,
+                        prompt_lengths=prompts, response_mask=mask, rollout_logprobs=torch.zeros(3, response))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_tied_model_dir"])
+def test_chunked_head_gives_the_logits_paths_log_probs_entropy_and_gradients(request, fixture):
+    model = load_policy(str(request.getfixturevalue(fixture)), torch.float64)
+    batch = _rollouts(model.config.vocab_size)
+    coef = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for chunked in (True, False):
+        model.zero_grad(set_to_none=True)
+        lp, ent = sequence_logprobs(model, batch, 0.8, with_entropy=True, chunked_head=chunked)
+        ((lp * coef).sum() + 0.1 * (ent * batch.response_mask).sum()).backward()
+        results.append((lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp, ent, grads), (ref_lp, ref_ent, ref_grads) = results
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-9, atol=1e-9)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-7, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    check_linear_head(model, torch.device("cpu"))  # a plain linear head passes the start-up check
+
+
+def test_a_head_that_is_not_linear_is_refused_by_name(tiny_model_dir):
+    model = load_policy(str(tiny_model_dir), torch.float32)
+    # A forward hook stands in for a head that scales its logits (as Cohere's logit_scale does).
+    model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: 0.5 * out)
+    with pytest.raises(ValueError, match="chunked_head=false"):
+        check_linear_head(model, torch.device("cpu"))
