@@ -17,19 +17,22 @@ Per option it reports:
   are 6 x the blocks' parameters x seq_len, plus 6 x layers x seq_len^2 x q_dim for causal
   attention (half of a full square, the work flash attention does), plus 6 x the lm_head's
   parameters x the response length (only response positions need logits, and the learner
-  computes no others); a critic adds its blocks and attention. Recomputation under
-  activation checkpointing is not counted;
+  computes no others); a critic adds its blocks and attention. Recomputation is not counted:
+  neither the blocks' under activation checkpointing nor the chunked head's second logits
+  matmul in backward;
   ``matmul_tflops`` is an 8192^3 bf16 product measured in the same run, the achievable bound;
 - ``peak_allocated_gib`` (``torch.cuda.max_memory_allocated`` over set-up, forward and
   update) beside ``planned_tensors_gib`` (the plan without its fixed overhead), and
   ``peak_reserved_gib`` and ``device_used_gib`` (what ``nvidia-smi`` would show) beside
-  ``planned_total_gib``.
+  ``planned_total_gib``; on CPU, ``peak_rss_gib``: the option's process's peak resident memory
+  (Python, torch and gloo included).
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import resource
 import statistics
 import tempfile
 import time
@@ -50,6 +53,9 @@ PRESETS = {
     # The demo's policy (cluster/demo.py): for profiling the CPU demo's learner.
     "demo": dict(model_type="llama", vocab_size=16, hidden_size=256, intermediate_size=512,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    # Qwen's 152k vocabulary on a small trunk: the head's share of memory and time, on a CPU.
+    "vocab152k": dict(model_type="qwen2", vocab_size=151936, hidden_size=256, intermediate_size=704,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "tiny": dict(model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
@@ -64,6 +70,9 @@ OPTIONS = {
     "full+offload": ["learner.cpu_offload=true"],
     "full+compile": ["learner.compile=true"],
     "grad_op+compile": ["learner.sharding=grad_op", "learner.compile=true"],
+    # The model's own lm_head and [B, T, V] logits instead of the chunked head.
+    "full+logits": ["learner.chunked_head=false"],
+    "grad_op+compile+logits": ["learner.sharding=grad_op", "learner.compile=true", "learner.chunked_head=false"],
     # PPO as the demo runs it: a critic, and a reference for the KL penalty in the reward.
     "ppo-full": ["algorithm.advantage_estimator=gae", "algorithm.kl_coef=0.05"],
     "ppo-full+ckpt": ["algorithm.advantage_estimator=gae", "algorithm.kl_coef=0.05",
@@ -242,6 +251,9 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
                "planned_total_gib": round(plan.total_bytes / GIB, 2), "planned_host_gib": round(plan.host_bytes / GIB, 2)}
     if profile:
         figures["profile"] = table
+    if not gpu:
+        # ru_maxrss is in KiB on Linux; the process is this option's own (spawned).
+        figures["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     if gpu:
         free, total = torch.cuda.mem_get_info()
         allocated = torch.cuda.max_memory_allocated()

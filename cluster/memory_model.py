@@ -14,10 +14,11 @@ margin, and if not, which option to turn on first. The model follows what the le
   state) and the bf16 weights gathered for compute are the ``parameters`` row.
   ``sharding=full`` gathers a block for its forward and again for its backward: the root and
   two blocks (the one computing, the one prefetched) are gathered at once, during the
-  blocks' backward, not while the loss works on the logits (everything is resharded after
-  forward). ``grad_op`` and ``none`` (replicated: shard groups of one, still a separate
-  compute copy) do not reshard after forward, and a no-grad forward has no backward to
-  reshard after, so every model's full compute copy stays gathered between uses.
+  blocks' backward; while the loss works on the logits only the root is (it stays gathered
+  from forward to backward, the blocks are resharded after forward). ``grad_op`` and
+  ``none`` (replicated: shard groups of one, still a separate compute copy) do not reshard
+  after forward, and a no-grad forward has no backward to reshard after, so every model's
+  full compute copy stays gathered between uses.
   Gradients in flight during backward: the root's and two blocks' unsharded gradients
   (compute dtype, plus the fp32 copy that is reduce-scattered). CPU offload moves the fp32
   shards (and the optimizer step) to the host; gathered weights still live on the GPU.
@@ -43,18 +44,29 @@ margin, and if not, which option to turn on first. The model follows what the le
   ``model.max_model_len`` (the longest sequence the config allows). Only one model's
   activations exist at a time: the update runs the policy's forward and backward, then the
   critic's, per micro-batch.
-- **Logits.** The policy computes logits only for the window of positions that predict
-  response tokens (``logits_to_keep``; T + 1 positions when a micro-batch's prompts have equal
-  length, wider when they differ: up to L when one prompt has a single token), ``[B, T+1, V]``
-  in the compute dtype. The loss works on them in fp32 in chunks of N = min(B T, 1024) tokens
-  (T = ``rollout.max_new_tokens``), logprobs and entropy sharing one upcast per chunk; kept
-  for backward: the scaled logits (4), the entropy's shifted logits and softmax (8); plus a
-  chunk's temporaries (k = 16 bytes in fp32, 18 in bf16, fitted to the peaks measured with
-  the learner's own functions in ``tests/integration/test_plan_measured.py``)::
+- **Logits.** With ``learner.chunked_head`` (the default) no ``[B, T, V]`` logits exist: the
+  response positions' final hidden states (``[B T, H]``, kept for backward, and later their
+  gradient) go through ``learner/head.py`` a chunk of N = min(B T, 1024) tokens at a time
+  (T = ``rollout.max_new_tokens``). Its forward needs 12 bytes per chunk entry, its backward
+  k = 12 (fp32) or 14 (bf16) bytes (recomputed logits, log p, p, the gradient, its cast), and
+  the lm_head's gradient is summed in fp32 (plus, in bf16, one chunk's product and the cast
+  back: 4 c)::
+
+      logits = 2 c B T H + (4 [+ 4 c in bf16]) V H + k N V
+
+  Without it, the policy computes logits for the window of positions that predict response
+  tokens (``logits_to_keep``; T + 1 positions when a micro-batch's prompts have equal length,
+  wider when they differ: up to L when one prompt has a single token), ``[B, T+1, V]`` in the
+  compute dtype. The loss works on them in fp32 in chunks of N tokens, logprobs and entropy
+  sharing one upcast per chunk; kept for backward: the scaled logits (4), the entropy's
+  shifted logits and softmax (8); plus a chunk's temporaries (k = 16 bytes in fp32, 18 in
+  bf16, fitted to the peaks measured with the learner's own functions in
+  ``tests/integration/test_plan_measured.py``)::
 
       logits = c B (T + 1) V + 12 B T V + k N V
 
-  (for a 150k vocabulary this term, not the model, often decides the micro-batch.) The critic's value head has no vocabulary term.
+  (for a 150k vocabulary this term, not the model, then often decides the micro-batch.) The
+  critic's value head has no vocabulary term.
 - **Overhead**: 1.5 GiB fixed (CUDA context, NCCL communicators, cuBLAS workspaces) plus 5 %
   of the tensors for caching-allocator fragmentation. **Fits** means the total is within
   90 % of the GPU's memory (a 10 % safety margin for what this model does not see).
@@ -198,6 +210,8 @@ class MemoryOptions:
     """Recompute each transformer block's forward in backward; only block inputs are kept."""
     reference_offload: bool = False
     """The reference model stays on the host between its forward passes."""
+    chunked_head: bool = True
+    """Log-probs from the final hidden states a chunk at a time (no ``[B, T, V]`` logits kept)."""
     gpus_per_node: int = 8
     """GPUs per node (how many nodes the learner ranks span)."""
     gpu_memory_gib: float = 80.0
@@ -214,7 +228,7 @@ def memory_options(learner: "LearnerConfig", **flags) -> MemoryOptions:
     """The job's memory options: ``learner.*``, overridden by each command-line flag given (not None)."""
     from_config = MemoryOptions(sharding=learner.sharding, cpu_offload=learner.cpu_offload,
                                 activation_checkpointing=learner.activation_checkpointing,
-                                reference_offload=learner.reference_offload,
+                                reference_offload=learner.reference_offload, chunked_head=learner.chunked_head,
                                 gpus_per_node=learner.gpus_per_node, gpu_memory_gib=learner.gpu_memory_gib)
     return dataclasses.replace(from_config, **{k: v for k, v in flags.items() if v is not None})
 
@@ -274,6 +288,10 @@ ROWS = tuple(f.name for f in dataclasses.fields(Footprint))
 LOGITS_CHUNK_TEMPORARIES = {4: 16, 2: 18}
 """Bytes per vocabulary entry of one loss chunk's temporaries, by compute dtype size: fitted to
 the peaks measured in ``tests/integration/test_plan_measured.py`` (fp32 and bf16)."""
+HEAD_CHUNK_TEMPORARIES = {4: 12, 2: 14}
+"""The same for the chunked head's backward (``learner/head.py``: the recomputed logits, log p,
+p, the gradient, and its bf16 cast); its forward needs 12 in both dtypes. Measured with
+``LiveBytes`` on ``linear_logprobs``: 11.6-12.0 (fp32) and 13.3-13.8 (bf16)."""
 
 
 def layer_activation_bytes(arch: Architecture, c: int, seq: int) -> int:
@@ -294,17 +312,26 @@ def activation_bytes(arch: Architecture, batch: int, seq: int, c: int, checkpoin
     return batch * seq * (blocks + outside)
 
 
-def logits_bytes(arch: Architecture, batch: int, seq: int, response: int, c: int) -> int:
+def logits_bytes(arch: Architecture, batch: int, seq: int, response: int, c: int, chunked: bool = True) -> int:
     """Peak of the policy's logits working set in a training micro-batch (module docstring)."""
-    v, bt = arch.vocab_size, batch * response
+    v, h, bt = arch.vocab_size, arch.hidden_size, batch * response
     chunk = min(bt, LOSS_CHUNK_TOKENS) * v
+    if chunked:
+        # The response positions' hidden states kept for backward and their gradient; W's
+        # gradient summed in fp32 (in bf16: plus one chunk's product and the final cast).
+        accumulators = 2 * c * bt * h + (4 if c == 4 else 4 + 2 * c) * v * h
+        return accumulators + HEAD_CHUNK_TEMPORARIES[c] * chunk
     return c * batch * (response + 1) * v + 12 * bt * v + LOGITS_CHUNK_TEMPORARIES[c] * chunk
 
 
-def forward_logits_bytes(arch: Architecture, batch: int, seq: int, response: int, c: int) -> int:
-    """The same without gradients or entropy (old/ref log-probs): the window's logits and one
-    chunk's fp32 temporaries (its upcast on GPU, the scaled copy, logsumexp's work)."""
+def forward_logits_bytes(arch: Architecture, batch: int, seq: int, response: int, c: int,
+                         chunked: bool = True) -> int:
+    """The same without gradients or entropy (old/ref log-probs). Chunked: one chunk's
+    buffers. Otherwise the window's logits and one chunk's fp32 temporaries (its upcast on
+    GPU, the scaled copy, logsumexp's work)."""
     v, bt = arch.vocab_size, batch * response
+    if chunked:
+        return 12 * min(bt, LOSS_CHUNK_TOKENS) * v
     return c * batch * (response + 1) * v + (12 if c < 4 else 8) * min(bt, LOSS_CHUNK_TOKENS) * v
 
 
@@ -366,6 +393,7 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
     if shape.reference:
         models["reference"] = (arch.policy_params, arch.policy_root_params)
     keeps_gathered = options.sharding != "full"
+    chunked = options.chunked_head
     one_layer = b * seq * layer_activation_bytes(arch, c, seq)
 
     resident, active, host, forward_resident, forward_active = {}, {}, 0, 0, 0
@@ -380,7 +408,7 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
         # The forward pass (old/ref log-probs, values) runs before the update: no gradients yet.
         forward_resident += resident[name].total - (0 if offloaded else state.gradients)
         blocks_gathered = 0 if keeps_gathered else c * (root + 2 * arch.block_params)
-        forward_logits = forward_logits_bytes(arch, b, seq, resp, c) if name != "critic" else 0
+        forward_logits = forward_logits_bytes(arch, b, seq, resp, c, chunked) if name != "critic" else 0
         forward_active = max(forward_active, blocks_gathered + one_layer, forward_logits)
         if not trained:
             active[name] = Footprint()
@@ -390,8 +418,9 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
                            gradients=c * root + 2 * arch.block_params * (c + (4 if mixed else 0)),
                            activations=saved)
         # With checkpointing the loss sees only the block inputs; a block is recomputed later.
-        loss = Footprint(activations=saved - (one_layer if ckpt else 0),
-                         logits=logits_bytes(arch, b, seq, resp, c) if name == "policy" else 0)
+        # The root stays gathered from forward to backward (learner/fsdp.py).
+        loss = Footprint(parameters=0 if keeps_gathered else c * root, activations=saved - (one_layer if ckpt else 0),
+                         logits=logits_bytes(arch, b, seq, resp, c, chunked) if name == "policy" else 0)
         active[name] = max(loss, blocks, key=lambda fp: fp.total)
 
     peak_model = max(active, key=lambda n: active[n].total)

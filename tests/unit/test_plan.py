@@ -118,18 +118,26 @@ def test_activation_formula_by_hand():
 
 
 def test_logits_formula_by_hand():
-    v = 151936
-    # 16 x 512 response tokens in bf16: the window's logits, 12 kept fp32 bytes, one chunk of 1024.
-    assert logits_bytes(qwen_05b(), 16, 1024, 512, 2) == 2 * 16 * 513 * v + 12 * 16 * 512 * v + 18 * 1024 * v
-    # One small chunk in fp32: the chunk is all the response tokens.
-    assert logits_bytes(qwen_05b(), 1, 64, 32, 4) == 4 * 33 * v + 12 * 32 * v + 16 * 32 * v
-    assert forward_logits_bytes(qwen_05b(), 1, 64, 32, 2) == 2 * 33 * v + 12 * 32 * v
+    v, h = 151936, 896
+    # Chunked head, 16 x 512 response tokens in bf16: hidden states and their gradient, the
+    # head's fp32 gradient plus a bf16 product and cast, one chunk of 1024 at 14 bytes.
+    assert logits_bytes(qwen_05b(), 16, 1024, 512, 2) == 2 * 2 * 16 * 512 * h + (4 + 4) * v * h + 14 * 1024 * v
+    # In fp32 the gradient accumulates in place; one small chunk: all 32 response tokens.
+    assert logits_bytes(qwen_05b(), 1, 64, 32, 4) == 2 * 4 * 32 * h + 4 * v * h + 12 * 32 * v
+    assert forward_logits_bytes(qwen_05b(), 1, 64, 32, 2) == 12 * 32 * v
+    # The model's own lm_head: the window's logits, 12 kept fp32 bytes, one chunk of 1024.
+    assert logits_bytes(qwen_05b(), 16, 1024, 512, 2, chunked=False) == \
+        2 * 16 * 513 * v + 12 * 16 * 512 * v + 18 * 1024 * v
+    assert logits_bytes(qwen_05b(), 1, 64, 32, 4, chunked=False) == 4 * 33 * v + 12 * 32 * v + 16 * 32 * v
+    assert forward_logits_bytes(qwen_05b(), 1, 64, 32, 2, chunked=False) == 2 * 33 * v + 12 * 32 * v
+    # The point of the chunked head: a fifth of the memory at this size.
+    assert logits_bytes(qwen_05b(), 16, 1024, 512, 2) < logits_bytes(qwen_05b(), 16, 1024, 512, 2, chunked=False) / 5
 
 
 def test_loss_chunk_is_the_learners():
-    from learner import losses
+    from learner import head, losses
 
-    assert LOSS_CHUNK_TOKENS == losses._CHUNK_TOKENS
+    assert LOSS_CHUNK_TOKENS == losses._CHUNK_TOKENS == head.CHUNK_TOKENS
 
 
 def test_full_sharding_gathers_root_and_two_blocks_in_backward_grad_op_keeps_all():
@@ -138,8 +146,8 @@ def test_full_sharding_gathers_root_and_two_blocks_in_backward_grad_op_keeps_all
     full = plan_memory(arch, job, MemoryOptions(sharding="full"))
     # The critic's peak is its blocks' backward: root (no lm_head) and two blocks gathered in bf16.
     assert full.active["critic"].parameters == 2 * (arch.critic_root_params + 2 * arch.block_params)
-    # The policy's peak is the loss on the logits, when every block is resharded.
-    assert full.active["policy"].parameters == 0 and full.active["policy"].logits > 0
+    # The policy's peak is the loss on the logits, when every block is resharded and the root is not.
+    assert full.active["policy"].parameters == 2 * arch.policy_root_params and full.active["policy"].logits > 0
     grad_op = plan_memory(arch, job, MemoryOptions(sharding="grad_op"))
     # Never resharded after a forward: every model's bf16 copy stays, the frozen reference's too.
     assert grad_op.resident["reference"].parameters == 2 * arch.policy_params + 4 * math.ceil(arch.policy_params / 4)
