@@ -214,7 +214,7 @@ class _SizeBench:
 
     def _hand_step(self, pool) -> dict:
         """``RolloutPool.generate`` done by hand, each part timed."""
-        from cluster.pools import split_evenly
+        from learner.batch import split_evenly
 
         ray, latency = self.ray, self.args.latency
         self.step += 1

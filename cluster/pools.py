@@ -29,7 +29,7 @@ from actors.rollout_worker import EngineSettings, RolloutWorker, WeightLoadRepor
 from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
 from cluster.config import Config
 from cluster.control import WorkerInfo
-from learner.batch import RolloutBatch, TrainBatch
+from learner.batch import RolloutBatch, TrainBatch, arrange_by_length, split_evenly
 from learner.worker import ForwardResult, LearnerRank, Minibatch, RankState, UpdateResult
 from reward.types import ScoreRequest, ScoreResult
 from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
@@ -51,12 +51,6 @@ def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
         except RayActorError as e:
             raise WorkerFailure(f"{what[refs.index(ready[0])]} died: {e}") from e
     return ray.get(list(refs))
-
-
-def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ``(lo, hi)`` ranges covering ``range(n)``, sizes differing by at most 1."""
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return list(zip(bounds, bounds[1:]))
 
 
 def weight_transport(setting: str, nodes: int, autoscale: bool) -> str:
@@ -287,17 +281,19 @@ class LearnerGroup:
     def _names(self) -> list[str]:
         return [f"learner rank {i}" for i in range(len(self.ranks))]
 
-    def _shards(self, n: int) -> list[tuple[int, int]]:
-        return split_evenly(n, len(self.ranks))
+    def _shards(self, batch: RolloutBatch) -> list[torch.Tensor]:
+        """Each rank's rows, by length (``arrange_by_length``): less padding, balanced ranks."""
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        return [torch.tensor(rows, dtype=torch.long) for rows in arrange_by_length(lengths, len(self.ranks))]
 
-    def _num_micro(self, shards: list[tuple[int, int]]) -> int:
-        return max(1, math.ceil(max(hi - lo for lo, hi in shards) / self.cfg.learner.micro_batch_size))
+    def _num_micro(self, shards: list[torch.Tensor]) -> int:
+        return max(1, math.ceil(max(len(rows) for rows in shards) / self.cfg.learner.micro_batch_size))
 
     def forward(self, batch: RolloutBatch) -> ForwardResult:
-        shards = self._shards(batch.size)
+        shards = self._shards(batch)
         num_micro = self._num_micro(shards)
-        parts = wait([rank.forward.remote(batch.select(torch.arange(lo, hi)), num_micro)
-                      for rank, (lo, hi) in zip(self.ranks, shards)], self.timeout_s, self._names())
+        parts = wait([rank.forward.remote(batch.select(rows), num_micro)
+                      for rank, rows in zip(self.ranks, shards)], self.timeout_s, self._names())
         width = batch.response_mask.shape[1]
 
         def merge(name: str) -> torch.Tensor | None:
@@ -305,8 +301,8 @@ class LearnerGroup:
             if tensors[0] is None:
                 return None
             out = torch.zeros(batch.size, width)
-            for (lo, hi), t in zip(shards, tensors):
-                out[lo:hi, :t.shape[1]] = t
+            for rows, t in zip(shards, tensors):
+                out[rows, :t.shape[1]] = t
             return out
 
         return ForwardResult(old_logprobs=merge("old_logprobs"), ref_logprobs=merge("ref_logprobs"),
@@ -317,11 +313,11 @@ class LearnerGroup:
         per_rank: list[list[Minibatch]] = [[] for _ in self.ranks]
         for rows in minibatch_rows:
             mb = batch.select(rows)
-            shards = self._shards(len(rows))
+            shards = self._shards(mb.rollouts)
             num_micro = self._num_micro(shards)
             tokens = float(mb.rollouts.response_mask.sum())
-            for r, (lo, hi) in enumerate(shards):
-                per_rank[r].append(Minibatch(batch=mb.select(torch.arange(lo, hi)), num_micro=num_micro,
+            for r, shard in enumerate(shards):
+                per_rank[r].append(Minibatch(batch=mb.select(shard), num_micro=num_micro,
                                              num_tokens=tokens, num_seqs=len(rows)))
         results: list[UpdateResult] = wait(
             [rank.update.remote(mbs, train_policy) for rank, mbs in zip(self.ranks, per_rank)],

@@ -123,3 +123,30 @@ def _select(batch: RolloutBatch, rows) -> RolloutBatch:
         input_ids=batch.input_ids[rows, :seq_len], attention_mask=attention[:, :seq_len],
         prompt_lengths=batch.prompt_lengths[rows], response_mask=response[:, :resp_len],
         rollout_logprobs=batch.rollout_logprobs[rows, :resp_len])
+
+
+def arrange_by_length(lengths: Sequence[int], ranks: int) -> list[list[int]]:
+    """Row indices for each of ``ranks`` learner ranks, longest rows first within each rank.
+
+    Rows are dealt in order of decreasing length, in a snake (0, 1, .., R-1, R-1, .., 0, 0, ..)
+    so ranks get near-equal token totals and none waits for a long shard at the collectives;
+    row counts differ by at most one, as with a contiguous split. A rank cuts its rows into
+    micro-batches in order, and each micro-batch is padded to its own longest row, so rows of
+    similar length side by side compute less padding. The update does not depend on the
+    arrangement: every loss uses the minibatch's global denominators.
+    """
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
+    shards: list[list[int]] = [[] for _ in range(ranks)]
+    for k, row in enumerate(order):
+        turn, slot = divmod(k, ranks)
+        shards[slot if turn % 2 == 0 else ranks - 1 - slot].append(row)
+    return shards
+
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``(lo, hi)`` ranges covering ``range(n)``, sizes differing by at most 1."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return list(zip(bounds, bounds[1:]))

@@ -11,7 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
-from learner.batch import TrainBatch
+from learner.batch import TrainBatch, split_evenly
 
 
 def init_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -111,9 +111,7 @@ def micro_batches(batch, num_micro: int):
     A rank with fewer rows than chunks pads with a copy of its first row, weighted zero by
     the caller, because every rank must run the same number of forward/backward passes.
     """
-    n = batch.size
-    bounds = [round(i * n / num_micro) for i in range(num_micro + 1)]
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in split_evenly(batch.size, num_micro):
         if hi > lo:
             yield batch.select(torch.arange(lo, hi)), hi - lo
         else:

@@ -228,6 +228,9 @@ class LearnerRank:
                 self.critic.train()
                 self.critic_opt.zero_grad(set_to_none=True)
             for micro, real in micro_batches(mb.batch, mb.num_micro):
+                if real:  # compute spent on padding: each micro-batch is as wide as its longest row
+                    seen = micro.rollouts.attention_mask[:real]
+                    record({"learner/padding_fraction": 1.0 - float(seen.sum()) / seen.numel()}, float(seen.numel()))
                 micro = to_device(micro, self.device)
                 # A padding micro-batch (this rank ran out of rows) still runs forward and
                 # backward so the collectives line up, but contributes nothing.

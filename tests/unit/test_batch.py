@@ -1,9 +1,10 @@
 """Collation into the sequence and response frames, and row selection."""
 
+import pytest
 import torch
 
 from actors.types import Rollout
-from learner.batch import collate, response_positions
+from learner.batch import arrange_by_length, collate, response_positions, split_evenly
 
 
 def rollout(prompt, response, logprobs):
@@ -31,3 +32,42 @@ def test_select_trims_both_frames():
     rs = [rollout([5, 6, 7], [8, 9], [-0.1, -0.2]), rollout([5], [4, 3, 2, 1], [-1.0, -2.0, -3.0, -4.0])]
     b = collate(rs, pad_token_id=0).select([0])
     assert b.input_ids.shape == (1, 5) and b.response_mask.shape == (1, 2)
+
+
+def _padded_positions(lengths, rows, num_micro):
+    """Positions a rank computes for ``rows`` cut like ``micro_batches``, each padded to its longest row."""
+    return sum((hi - lo) * max(lengths[r] for r in rows[lo:hi]) for lo, hi in split_evenly(len(rows), num_micro)
+               if hi > lo)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_arrange_by_length_deals_every_row_once_sorted_and_balanced(ranks):
+    g = torch.Generator().manual_seed(ranks)
+    lengths = (torch.randint(20, 400, (37,), generator=g)).tolist()
+    shards = arrange_by_length(lengths, ranks)
+    assert sorted(r for shard in shards for r in shard) == list(range(37))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+    for shard in shards:
+        assert [lengths[r] for r in shard] == sorted((lengths[r] for r in shard), reverse=True)
+    tokens = [sum(lengths[r] for r in s) for s in shards]
+    contiguous = [sum(lengths[lo:hi]) for lo, hi in split_evenly(37, ranks)]
+    assert max(tokens) - min(tokens) <= max(contiguous) - min(contiguous)
+    assert max(tokens) - min(tokens) <= max(lengths)  # the snake keeps ranks within one row of each other
+
+
+def test_arranged_micro_batches_compute_less_padding():
+    """Ragged lengths (GSM8K-like prompts + responses), 64 rows over 2 ranks, 4 micro-batches each."""
+    g = torch.Generator().manual_seed(0)
+    lengths = (torch.randint(60, 200, (64,), generator=g) + torch.randint(20, 512, (64,), generator=g)).tolist()
+    contiguous = sum(_padded_positions(lengths, list(range(lo, hi)), 4) for lo, hi in split_evenly(64, 2))
+    arranged = sum(_padded_positions(lengths, shard, 4) for shard in arrange_by_length(lengths, 2))
+    real = sum(lengths)
+    print(f"padding: contiguous {1 - real / contiguous:.2f}, arranged {1 - real / arranged:.2f}")
+    assert arranged < contiguous
+    assert 1 - real / arranged < 0.5 * (1 - real / contiguous)
+
+
+def test_arrange_by_length_needs_a_rank():
+    with pytest.raises(ValueError, match="ranks"):
+        arrange_by_length([3, 2], 0)
