@@ -217,7 +217,7 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
             profiler.__enter__()
         sync()
         t0 = time.perf_counter()
-        fwd = rank.forward(batch, micro_steps)
+        fwd = rank.forward(batch, [micro_batch] * micro_steps)
         sync()
         t1 = time.perf_counter()
         critic = fwd.values is not None
@@ -226,7 +226,7 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
                            returns=torch.randn(rows, response, generator=g) if critic else None,
                            old_values=fwd.values.cpu() if critic else None,
                            ref_logprobs=None, importance_weights=None)
-        out = rank.update([Minibatch(batch=train, num_micro=micro_steps, num_tokens=float(rows * response),
+        out = rank.update([Minibatch(batch=train, micro_sizes=[micro_batch] * micro_steps, num_tokens=float(rows * response),
                                      num_seqs=rows)])
         sync()
         t2 = time.perf_counter()

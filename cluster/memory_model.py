@@ -41,7 +41,8 @@ margin, and if not, which option to turn on first. The model follows what the le
   Outside the blocks: the final norm (4h + 2ch + 4), the token ids (8), the boolean mask
   (L). With activation checkpointing each block keeps only its input (c h) and one block's
   activations exist again during its backward (after the logits are freed). Tokens = ``learner.micro_batch_size`` x
-  ``model.max_model_len`` (the longest sequence the config allows). Only one model's
+  ``model.max_model_len`` (the longest sequence the config allows); with a token budget
+  (``learner.micro_batch_tokens``), the budget rounded up to whole rows of that length. Only one model's
   activations exist at a time: the update runs the policy's forward and backward, then the
   critic's, per micro-batch.
 - **Logits.** With ``learner.chunked_head`` (the default) no ``[B, T, V]`` logits exist: the
@@ -251,10 +252,23 @@ class LearnerShape:
     """bf16 compute with fp32 master weights (GPU); False: fp32 throughout (CPU)."""
     critic: bool
     reference: bool
+    micro_batch_tokens: int = 0
+    """``learner.micro_batch_tokens``: when > 0, micro-batches are cut by this token budget and
+    ``micro_batch_size`` does not apply."""
+
+    @property
+    def micro_rows(self) -> tuple[int, int]:
+        """Worst-case rows of a micro-batch: for the activations (rows of ``seq_len`` tokens) and
+        for the logits (rows of a one-token prompt and a full response)."""
+        if not self.micro_batch_tokens:
+            return self.micro_batch_size, self.micro_batch_size
+        tokens = max(self.micro_batch_tokens, self.seq_len)  # a longer row runs alone
+        return math.ceil(tokens / self.seq_len), math.ceil(tokens / (self.response_len + 1))
 
     @classmethod
     def from_config(cls, cfg: "Config") -> "LearnerShape":
         return cls(world_size=cfg.learner.world_size, micro_batch_size=cfg.learner.micro_batch_size,
+                   micro_batch_tokens=cfg.learner.micro_batch_tokens,
                    seq_len=cfg.model.max_model_len, response_len=cfg.rollout.max_new_tokens,
                    mixed_precision=cfg.learner.num_gpus > 0, critic=cfg.algorithm.uses_critic,
                    reference=cfg.algorithm.uses_reference)
@@ -386,7 +400,7 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
     c = 2 if shape.mixed_precision else 4
     mixed, ckpt = shape.mixed_precision, options.activation_checkpointing
     shards = shape.world_size if options.sharding != "none" else 1
-    b, seq, resp = shape.micro_batch_size, shape.seq_len, shape.response_len
+    (b, b_logits), seq, resp = shape.micro_rows, shape.seq_len, shape.response_len
     models = {"policy": (arch.policy_params, arch.policy_root_params)}
     if shape.critic:
         models["critic"] = (arch.critic_params, arch.critic_root_params)
@@ -408,7 +422,7 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
         # The forward pass (old/ref log-probs, values) runs before the update: no gradients yet.
         forward_resident += resident[name].total - (0 if offloaded else state.gradients)
         blocks_gathered = 0 if keeps_gathered else c * (root + 2 * arch.block_params)
-        forward_logits = forward_logits_bytes(arch, b, seq, resp, c, chunked) if name != "critic" else 0
+        forward_logits = forward_logits_bytes(arch, b_logits, seq, resp, c, chunked) if name != "critic" else 0
         forward_active = max(forward_active, blocks_gathered + one_layer, forward_logits)
         if not trained:
             active[name] = Footprint()
@@ -420,7 +434,7 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
         # With checkpointing the loss sees only the block inputs; a block is recomputed later.
         # The root stays gathered from forward to backward (learner/fsdp.py).
         loss = Footprint(parameters=0 if keeps_gathered else c * root, activations=saved - (one_layer if ckpt else 0),
-                         logits=logits_bytes(arch, b, seq, resp, c, chunked) if name == "policy" else 0)
+                         logits=logits_bytes(arch, b_logits, seq, resp, c, chunked) if name == "policy" else 0)
         active[name] = max(loss, blocks, key=lambda fp: fp.total)
 
     peak_model = max(active, key=lambda n: active[n].total)
@@ -485,7 +499,13 @@ def advise(arch: Architecture, shape: LearnerShape, options: MemoryOptions) -> l
 
 
 def largest_micro_batch(arch: Architecture, shape: LearnerShape, options: MemoryOptions) -> int:
-    """The largest micro-batch (<= the job's) that fits with these options; 0 if none does."""
+    """The largest micro-batch (<= the job's) that fits with these options; 0 if none does.
+    Rows, or with a token budget the largest budget in whole ``seq_len`` rows."""
+    if shape.micro_batch_tokens:
+        for rows in range(math.ceil(shape.micro_batch_tokens / shape.seq_len), 0, -1):
+            if plan_memory(arch, dataclasses.replace(shape, micro_batch_tokens=rows * shape.seq_len), options).fits:
+                return rows * shape.seq_len
+        return 0
     for mb in range(shape.micro_batch_size, 0, -1):
         if plan_memory(arch, dataclasses.replace(shape, micro_batch_size=mb), options).fits:
             return mb

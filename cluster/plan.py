@@ -148,7 +148,8 @@ def build_report(arch: Architecture, shape: LearnerShape, options: MemoryOptions
         "learner": {"device": "gpu" if shape.mixed_precision else "cpu", "world_size": shape.world_size, "nodes": math.ceil(shape.world_size / options.gpus_per_node),
                     "compute": "bf16 (fp32 master weights and gradient reduction)" if shape.mixed_precision
                     else "fp32 on CPU (learner.num_gpus=0): bytes are host memory per rank",
-                    "micro_batch_size": shape.micro_batch_size, "seq_len": shape.seq_len,
+                    "micro_batch_size": shape.micro_batch_size, "micro_batch_tokens": shape.micro_batch_tokens,
+                    "seq_len": shape.seq_len,
                     "response_len": shape.response_len, "critic": shape.critic, "reference": shape.reference},
         "options": dataclasses.asdict(options),
         "per_gpu": {name: _row_dict(result.column(name)) for name in result.resident}
@@ -171,6 +172,12 @@ def build_report(arch: Architecture, shape: LearnerShape, options: MemoryOptions
                     "kv_cache_bytes": int(cfg.rollout.gpu_memory_utilization * options.gpu_memory_gib * GIB) - weights
                     if rollout_gpus >= 1 else None},
     }
+
+
+def _micro(learner: dict) -> str:
+    if learner["micro_batch_tokens"]:
+        return f"micro-batches of up to {learner['micro_batch_tokens']} tokens"
+    return f"micro-batch {learner['micro_batch_size']} x {learner['seq_len']} tokens"
 
 
 def _row_dict(fp: Footprint) -> dict:
@@ -196,7 +203,7 @@ def render(report: dict) -> str:
              f"GPUs x {opts['gpu_memory_gib']:g} GiB; {learner['compute']}",
              f"  sharding {opts['sharding']}, activation checkpointing {on(opts['activation_checkpointing'])}, "
              f"reference offload {on(opts['reference_offload'])}, cpu offload {on(opts['cpu_offload'])}",
-             f"  micro-batch {learner['micro_batch_size']} x {learner['seq_len']} tokens (model.max_model_len), "
+             f"  {_micro(learner)} (model.max_model_len {learner['seq_len']}), "
              f"logits over {learner['response_len']} response tokens (rollout.max_new_tokens)",
              ""]
     columns = list(per_gpu)
@@ -225,7 +232,8 @@ def render(report: dict) -> str:
     alt = report["alternatives"]
     if alt is not None:
         what = "with all of these on, also" if alt["with_ladder"] else "or, instead, with the options as they are"
-        mb = f"learner.micro_batch_size={alt['micro_batch_size']}" if alt["micro_batch_size"] else "no micro-batch"
+        key = "micro_batch_tokens" if learner["micro_batch_tokens"] else "micro_batch_size"
+        mb = f"learner.{key}={alt['micro_batch_size']}" if alt["micro_batch_size"] else "no micro-batch"
         ws = (f"learner.world_size={alt['world_size']} "
               f"({math.ceil(alt['world_size'] / opts['gpus_per_node'])} node(s))" if alt["world_size"] else "no size")
         lines.append(f"{what}: {mb} fits; or more GPUs: {ws} fits")

@@ -11,7 +11,6 @@ fan-out/fan-in of each step's work with a timeout on every wait.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from actors.rollout_worker import EngineSettings, RolloutWorker, WeightLoadRepor
 from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
 from cluster.config import Config
 from cluster.control import WorkerInfo
-from learner.batch import RolloutBatch, TrainBatch, arrange_by_length, split_evenly
+from learner.batch import RolloutBatch, TrainBatch, arrange_by_length, micro_batch_sizes, split_evenly
 from learner.worker import ForwardResult, LearnerRank, Minibatch, RankState, UpdateResult
 from reward.types import ScoreRequest, ScoreResult
 from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
@@ -281,19 +280,19 @@ class LearnerGroup:
     def _names(self) -> list[str]:
         return [f"learner rank {i}" for i in range(len(self.ranks))]
 
-    def _shards(self, batch: RolloutBatch) -> list[torch.Tensor]:
-        """Each rank's rows, by length (``arrange_by_length``): less padding, balanced ranks."""
+    def _shards(self, batch: RolloutBatch) -> tuple[list[torch.Tensor], list[list[int]]]:
+        """Each rank's rows, by length (``arrange_by_length``: less padding, balanced ranks),
+        and the rows of each of its micro-batches."""
         lengths = batch.attention_mask.sum(dim=1).tolist()
-        return [torch.tensor(rows, dtype=torch.long) for rows in arrange_by_length(lengths, len(self.ranks))]
-
-    def _num_micro(self, shards: list[torch.Tensor]) -> int:
-        return max(1, math.ceil(max(len(rows) for rows in shards) / self.cfg.learner.micro_batch_size))
+        shards = arrange_by_length(lengths, len(self.ranks))
+        sizes = micro_batch_sizes(lengths, shards, self.cfg.learner.micro_batch_size,
+                                  self.cfg.learner.micro_batch_tokens)
+        return [torch.tensor(rows, dtype=torch.long) for rows in shards], sizes
 
     def forward(self, batch: RolloutBatch) -> ForwardResult:
-        shards = self._shards(batch)
-        num_micro = self._num_micro(shards)
-        parts = wait([rank.forward.remote(batch.select(rows), num_micro)
-                      for rank, rows in zip(self.ranks, shards)], self.timeout_s, self._names())
+        shards, sizes = self._shards(batch)
+        parts = wait([rank.forward.remote(batch.select(rows), micro)
+                      for rank, rows, micro in zip(self.ranks, shards, sizes)], self.timeout_s, self._names())
         width = batch.response_mask.shape[1]
 
         def merge(name: str) -> torch.Tensor | None:
@@ -313,11 +312,10 @@ class LearnerGroup:
         per_rank: list[list[Minibatch]] = [[] for _ in self.ranks]
         for rows in minibatch_rows:
             mb = batch.select(rows)
-            shards = self._shards(mb.rollouts)
-            num_micro = self._num_micro(shards)
+            shards, sizes = self._shards(mb.rollouts)
             tokens = float(mb.rollouts.response_mask.sum())
             for r, shard in enumerate(shards):
-                per_rank[r].append(Minibatch(batch=mb.select(shard), num_micro=num_micro,
+                per_rank[r].append(Minibatch(batch=mb.select(shard), micro_sizes=sizes[r],
                                              num_tokens=tokens, num_seqs=len(rows)))
         results: list[UpdateResult] = wait(
             [rank.update.remote(mbs, train_policy) for rank, mbs in zip(self.ranks, per_rank)],

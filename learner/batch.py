@@ -10,6 +10,7 @@ Two frames are used:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -150,3 +151,38 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous ``(lo, hi)`` ranges covering ``range(n)``, sizes differing by at most 1."""
     bounds = [round(i * n / parts) for i in range(parts + 1)]
     return list(zip(bounds, bounds[1:]))
+
+
+def micro_batch_sizes(lengths: Sequence[int], shards: list[list[int]], rows_per_micro: int,
+                      token_budget: int = 0) -> list[list[int]]:
+    """Rows in each micro-batch of each rank's shard (rows in ``arrange_by_length`` order), the
+    same number of micro-batches on every rank, since each is a collective forward/backward.
+
+    ``token_budget == 0``: at most ``rows_per_micro`` rows per micro-batch, rows spread evenly.
+    ``token_budget > 0``: consecutive rows fill a micro-batch while rows x its longest row stay
+    within the budget (a row longer than the budget runs alone), so short rows run many to a
+    micro-batch and long ones few. A rank that needs fewer micro-batches than another splits its
+    largest ones; one with fewer rows than micro-batches gets empty ones (size 0).
+    """
+    if token_budget <= 0:
+        num_micro = max(1, math.ceil(max(len(s) for s in shards) / rows_per_micro))
+        return [[hi - lo for lo, hi in split_evenly(len(s), num_micro)] for s in shards]
+    per_rank = []
+    for shard in shards:
+        sizes, i = [], 0
+        while i < len(shard):
+            # Longest first, so the micro-batch's first row sets its width.
+            take = min(len(shard) - i, max(1, token_budget // max(1, lengths[shard[i]])))
+            sizes.append(take)
+            i += take
+        per_rank.append(sizes)
+    num_micro = max(1, max(len(s) for s in per_rank))
+    for sizes in per_rank:
+        while len(sizes) < num_micro:
+            big = max(range(len(sizes)), key=lambda k: sizes[k], default=None)
+            if big is None or sizes[big] < 2:
+                sizes.append(0)
+                continue
+            half = sizes[big] // 2
+            sizes[big:big + 1] = [sizes[big] - half, half]
+    return per_rank

@@ -128,6 +128,12 @@ class LearnerConfig:
     """Gradient clipping by global norm; 0 turns it off."""
     micro_batch_size: int = 16
     """Sequences per forward/backward on one rank; gradients accumulate over micro-batches."""
+    micro_batch_tokens: int = 0
+    """When > 0, micro-batches are cut by size instead of row count: a rank's rows, longest
+    first, fill a micro-batch while rows x its longest row stay within this many tokens (a
+    longer row runs alone), and ``micro_batch_size`` does not apply. Short sequences then run
+    many to a pass and long ones few, so every pass does about the same work; ``rlrelay plan``
+    sizes activations by this budget. 0: ``micro_batch_size`` rows per micro-batch."""
     sharding: str = "full"
     """How FSDP2 spreads state over ranks: ``full`` shards parameters, gradients and optimizer
     state and re-gathers parameters for backward (ZeRO-3-like, least memory); ``grad_op`` keeps
@@ -167,6 +173,8 @@ class LearnerConfig:
     def validate(self) -> None:
         _positive("learner.world_size", self.world_size)
         _positive("learner.micro_batch_size", self.micro_batch_size)
+        if self.micro_batch_tokens < 0:
+            raise ValueError(f"learner.micro_batch_tokens must be >= 0 (got {self.micro_batch_tokens})")
         _positive("learner.num_threads", self.num_threads)
         _choice("learner.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("learner.sharding", self.sharding, ("full", "grad_op", "none"))

@@ -11,7 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
-from learner.batch import TrainBatch, split_evenly
+from learner.batch import TrainBatch
 
 
 def init_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -105,15 +105,21 @@ def _find_block_names(model: nn.Module) -> list[str]:
     return []
 
 
-def micro_batches(batch, num_micro: int):
-    """Split rows into exactly ``num_micro`` chunks; yields ``(chunk, real_rows)``.
+def micro_batches(batch, sizes: list[int]):
+    """Consecutive chunks of ``sizes`` rows (``learner.batch.micro_batch_sizes``); yields
+    ``(chunk, real_rows)``.
 
-    A rank with fewer rows than chunks pads with a copy of its first row, weighted zero by
-    the caller, because every rank must run the same number of forward/backward passes.
+    A size of 0 (this rank has fewer rows than micro-batches) yields a copy of the first row,
+    weighted zero by the caller, because every rank must run the same number of
+    forward/backward passes.
     """
-    for lo, hi in split_evenly(batch.size, num_micro):
-        if hi > lo:
-            yield batch.select(torch.arange(lo, hi)), hi - lo
+    if sum(sizes) != batch.size:
+        raise ValueError(f"micro-batch sizes {sizes} do not cover the {batch.size} rows")
+    lo = 0
+    for size in sizes:
+        if size:
+            yield batch.select(torch.arange(lo, lo + size)), size
+            lo += size
         else:
             yield batch.select(torch.tensor([0])), 0
 

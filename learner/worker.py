@@ -59,13 +59,14 @@ class ForwardResult:
 class Minibatch:
     """One rank's share of one optimizer step.
 
-    Example: ``Minibatch(batch=shard, num_micro=2, num_tokens=180.0, num_seqs=64)``
+    Example: ``Minibatch(batch=shard, micro_sizes=[3, 3], num_tokens=180.0, num_seqs=64)``
     """
 
     batch: TrainBatch
-    """This rank's rows of the minibatch (may be empty of rows only if num_micro covers it)."""
-    num_micro: int
-    """Micro-batches every rank runs for this minibatch (the same on all ranks)."""
+    """This rank's rows of the minibatch, in micro-batch order."""
+    micro_sizes: list[int]
+    """Rows of each micro-batch (``learner.batch.micro_batch_sizes``); as many micro-batches on
+    every rank, a size of 0 is a zero-weighted pass that keeps the collectives in step."""
     num_tokens: float
     """Real response tokens in the WHOLE minibatch over all ranks (loss denominator)."""
     num_seqs: int
@@ -191,11 +192,11 @@ class LearnerRank:
     # -- verbs -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def forward(self, batch: RolloutBatch, num_micro: int) -> ForwardResult:
+    def forward(self, batch: RolloutBatch, micro_sizes: list[int]) -> ForwardResult:
         """Old log-probs, reference log-probs and values for this rank's shard."""
         self.policy.eval()
         old, ref, val = [], [], []
-        for micro, real in micro_batches(batch, num_micro):
+        for micro, real in micro_batches(batch, micro_sizes):
             micro = to_device(micro, self.device)
             old.append(self._logprobs(self.policy, micro)[0][:real])
             if self.reference is not None:
@@ -227,7 +228,7 @@ class LearnerRank:
             if self.critic is not None:
                 self.critic.train()
                 self.critic_opt.zero_grad(set_to_none=True)
-            for micro, real in micro_batches(mb.batch, mb.num_micro):
+            for micro, real in micro_batches(mb.batch, mb.micro_sizes):
                 if real:  # compute spent on padding: each micro-batch is as wide as its longest row
                     seen = micro.rollouts.attention_mask[:real]
                     record({"learner/padding_fraction": 1.0 - float(seen.sum()) / seen.numel()}, float(seen.numel()))

@@ -84,6 +84,8 @@ def test_micro_batching_and_world_size_give_the_same_update(ray_local, tiny_mode
         "micro 1 x accumulation 8": dict(world_size=1, micro_batch_size=1),
         "2 ranks, micro 4": dict(world_size=2, micro_batch_size=4),
         "2 ranks, micro 3 (uneven, padded micro-batches)": dict(world_size=2, micro_batch_size=3),
+        # Rows of 5-12 tokens: passes of 1 to 4 rows, split to match across ranks.
+        "2 ranks, micro-batches by a 24-token budget": dict(world_size=2, micro_batch_size=3, micro_batch_tokens=24),
     }
     from transformers import AutoModelForCausalLM
 

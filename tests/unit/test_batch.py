@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from actors.types import Rollout
-from learner.batch import arrange_by_length, collate, response_positions, split_evenly
+from learner.batch import arrange_by_length, collate, micro_batch_sizes, response_positions, split_evenly
 
 
 def rollout(prompt, response, logprobs):
@@ -71,3 +71,39 @@ def test_arranged_micro_batches_compute_less_padding():
 def test_arrange_by_length_needs_a_rank():
     with pytest.raises(ValueError, match="ranks"):
         arrange_by_length([3, 2], 0)
+
+
+def test_micro_batch_sizes_by_rows_spread_rows_evenly_with_empty_passes_when_short():
+    lengths = [10] * 7
+    shards = arrange_by_length(lengths, 2)  # 3 and 4 rows (the snake: 0, 1, 1, 0, 0, 1, 1)
+    assert micro_batch_sizes(lengths, shards, rows_per_micro=2) == [[2, 1], [2, 2]]
+    assert micro_batch_sizes(lengths, arrange_by_length(lengths[:1], 2), rows_per_micro=2) == [[1], [0]]
+
+
+def test_micro_batch_sizes_by_tokens_fill_a_budget_and_match_across_ranks():
+    g = torch.Generator().manual_seed(3)
+    # Mostly short rows, some long ones, and one over the budget.
+    lengths = (torch.randint(30, 60, (40,), generator=g).tolist() + torch.randint(300, 500, (10,), generator=g).tolist()
+               + [900])
+    shards = arrange_by_length(lengths, 3)
+    budget = 800
+    sizes = micro_batch_sizes(lengths, shards, rows_per_micro=4, token_budget=budget)
+    assert len({len(s) for s in sizes}) == 1  # the same number of passes on every rank
+    for shard, rank_sizes in zip(shards, sizes):
+        assert sum(rank_sizes) == len(shard)
+        lo = 0
+        for size in rank_sizes:
+            rows = shard[lo:lo + size]
+            lo += size
+            if size > 1:
+                assert size * max(lengths[r] for r in rows) <= budget
+    # Short rows run many to a pass, long ones few: more rows per pass than the row mode's 4.
+    assert max(max(s) for s in sizes) > 4
+    assert sizes[0][0] == 1  # the 900-token row runs alone
+
+
+def test_micro_batch_sizes_split_the_largest_passes_of_a_rank_that_needs_fewer():
+    lengths = [400, 400, 100, 100, 100, 100]
+    shards = [[0, 1], [2, 3, 4, 5]]  # rank 0 needs 2 passes of 400, rank 1 fits one pass of 4 x 100
+    assert micro_batch_sizes(lengths, shards, rows_per_micro=1, token_budget=400) == [[1, 1], [2, 2]]
+    assert micro_batch_sizes([400, 400, 400, 100], [[0, 1, 2], [3]], 1, 400) == [[1, 1, 1], [1, 0, 0]]

@@ -19,7 +19,7 @@ from cluster.cli import main
 from cluster.config import load_config
 from cluster.memory_model import (GIB, LOSS_CHUNK_TOKENS, Architecture, LearnerShape, MemoryOptions, PlanError,
                                   activation_bytes, advise, forward_logits_bytes, layer_activation_bytes,
-                                  logits_bytes, memory_options, plan_memory, trained_state)
+                                  largest_micro_batch, logits_bytes, memory_options, plan_memory, trained_state)
 from cluster.plan import KNOWN_CONFIGS, resolve_architecture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,6 +219,26 @@ def test_advice_climbs_the_ladder_in_order_and_skips_what_is_on():
     assert advise(qwen_05b(), shape(), MemoryOptions()) == []  # fits: nothing to do
 
 
+def test_a_token_budget_plans_its_worst_case_rows():
+    """A budget of 8 full-length rows plans the activations of micro-batch 8; the logits are for
+    the rows of a one-token prompt and a full response that fill the same budget."""
+    arch, rows = qwen_05b(), shape(micro_batch_size=8)
+    budget = shape(micro_batch_size=1, micro_batch_tokens=8 * 1024)
+    assert budget.micro_rows == (8, math.ceil(8 * 1024 / 513))
+    by_rows, by_tokens = plan_memory(arch, rows, MemoryOptions()), plan_memory(arch, budget, MemoryOptions())
+    assert by_tokens.active["policy"].activations == by_rows.active["policy"].activations
+    assert by_tokens.active["policy"].logits == logits_bytes(arch, 16, 1024, 512, 2)
+    # A budget below one full row still plans a full row: a longer row runs alone.
+    assert shape(micro_batch_tokens=100).micro_rows == (1, 2)
+    huge = Architecture.from_hf_config(KNOWN_CONFIGS["Qwen2.5-7B-Instruct"])
+    job = shape(world_size=8, micro_batch_tokens=16 * 1024)
+    assert not plan_memory(huge, job, MemoryOptions()).fits
+    fitting = largest_micro_batch(huge, job, MemoryOptions())  # the budget in whole 1024-token rows
+    assert fitting % 1024 == 0 and 0 < fitting < 16 * 1024
+    assert plan_memory(huge, shape(world_size=8, micro_batch_tokens=fitting), MemoryOptions()).fits
+    assert not plan_memory(huge, shape(world_size=8, micro_batch_tokens=fitting + 1024), MemoryOptions()).fits
+
+
 # -- inputs from the config and the command line ---------------------------------------------
 
 def test_memory_options_come_from_the_config_and_flags_override_them():
@@ -286,6 +306,9 @@ def test_plan_json_and_a_verdict_that_does_not_fit(capsys):
                  "--reference-offload", "--cpu-offload"]) == 0
     out = capsys.readouterr().out
     assert "verdict: FITS" in out and "activation checkpointing on" in out and "cpu offload on" in out
+    assert main(["plan", config, "model.path=/models/Qwen2.5-7B-Instruct", "learner.micro_batch_tokens=65536"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batches of up to 65536 tokens" in out and "learner.micro_batch_tokens=" in out
 
 
 def test_plan_names_the_missing_model(capsys):
