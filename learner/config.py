@@ -157,7 +157,7 @@ class LearnerConfig:
     of keeping ``[B, T, V]`` logits and their float32 copies for backward: on a 150k vocabulary
     that is ~14 bytes per response token per vocabulary entry, most of a step's memory. Costs
     one more head matmul in backward. Turn it off for a model whose head does more than a
-    linear layer (the learner checks at start-up and says so)."""
+    linear layer (the learner checks on its first pass and says so)."""
     reference_offload: bool = False
     """Keep the frozen reference model in CPU memory between uses (blocks move to the GPU only
     during its forward). No effect when training on CPU."""

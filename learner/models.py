@@ -87,8 +87,8 @@ def _quiet_load_report() -> Iterator[None]:
 
 
 def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, with_entropy: bool = False, *,
-                      chunked_head: bool = True,
-                      compiled_head: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      chunked_head: bool = True, compiled_head: bool = False,
+                      check_head: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens under ``model`` (and per-token entropy).  # [B, T]
 
     Uses ``log_softmax(logits / temperature)``, the distribution vLLM sampled from
@@ -98,13 +98,16 @@ def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
     and ``learner.head`` turns the response positions' states into log-probs a chunk of tokens
     at a time, never holding ``[B, T, V]`` logits (``compiled_head``: through ``torch.compile``).
     Otherwise the model's own ``lm_head`` computes the logits of the response window and the
-    log-softmax runs on them.
+    log-softmax runs on them. ``check_head``: first verify that the model's logits are
+    ``lm_head(hidden)`` (``check_linear_head``; the learner does it on its first pass).
     """
     pos = response_positions(batch)  # [B, T]
     seq_len = batch.input_ids.shape[1]
     labels = batch.input_ids.gather(1, (pos + 1).clamp(max=seq_len - 1))  # [B, T]
     if chunked_head:
-        hidden, _ = final_hidden_states(model, batch.input_ids, batch.attention_mask)  # [B, L, H]
+        hidden, last_logits = final_hidden_states(model, batch.input_ids, batch.attention_mask)  # [B, L, H]
+        if check_head:
+            check_linear_head(model, hidden, last_logits)
         picked = hidden.gather(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
         head = model.get_output_embeddings()
         if isinstance(head.weight, DTensor):
@@ -151,17 +154,16 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
 
 
 @torch.no_grad()
-def check_linear_head(model: nn.Module, device: torch.device) -> None:
+def check_linear_head(model: nn.Module, hidden: torch.Tensor, last_logits: torch.Tensor) -> None:
     """``learner.chunked_head`` computes logits as ``lm_head(final hidden states)``. A model whose
     head does more (logit soft-capping, scaling) would silently train on other log-probs than
-    vLLM's, so one probe forward compares the model's own logits with that product."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    ids = torch.arange(1, 9, device=device)[None] % vocab
-    hidden, logits = final_hidden_states(model, ids, torch.ones_like(ids))
+    vLLM's, so the model's own last-position logits (``final_hidden_states`` returns them) are
+    compared with that product."""
     head = model.get_output_embeddings()
-    mine = torch.nn.functional.linear(hidden[:, -1:], head.weight, head.bias)
-    if not torch.allclose(mine.float(), logits.float(), rtol=1e-2, atol=1e-2):
-        gap = float((mine.float() - logits.float()).abs().max())
+    mine = torch.nn.functional.linear(hidden[:, -1:].detach(), head.weight.detach(),
+                                      None if head.bias is None else head.bias.detach())
+    if not torch.allclose(mine.float(), last_logits.detach().float(), rtol=1e-2, atol=1e-2):
+        gap = float((mine.float() - last_logits.float()).abs().max())
         raise ValueError(f"{type(model).__name__}: its logits are not lm_head(final hidden states) (max gap {gap:.3g}), "
                          "so learner.chunked_head would compute other log-probs than the model; "
                          "set learner.chunked_head=false")

@@ -35,7 +35,7 @@ from learner.config import AlgorithmConfig, LearnerConfig
 from learner.fsdp import (ShardingPlan, cat_rows, init_optimizer_state, micro_batches, release_root, shard_model,
                           to_device)
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
-from learner.models import check_linear_head, load_critic, load_policy, sequence_logprobs, sequence_values
+from learner.models import load_critic, load_policy, sequence_logprobs, sequence_values
 from learner.shared_weights import SharedWeights, SharedWeightWriter
 from learner.weight_bucket import WeightUpdate, share_state_dict
 
@@ -117,6 +117,8 @@ class LearnerRank:
         self.total_updates = max(1, total_updates)
         self.device = torch.device("cuda" if learner.num_gpus > 0 else "cpu")
         torch.set_num_threads(learner.num_threads)
+        self._head_checked = False
+        """Whether the policy's head was checked to be ``lm_head(hidden)`` (``learner.chunked_head``)."""
         self._shared: SharedWeightWriter | None = None
         """Rank 0's shared-memory slots for same-host weight pushes, made on first use."""
 
@@ -166,9 +168,6 @@ class LearnerRank:
             model = load_policy(self.model_path, torch.float32)
             self.reference = shard_model(model if frozen.offload else model.to(self.device), frozen)
             self.reference.requires_grad_(False).eval()
-        if cfg.chunked_head:
-            check_linear_head(self.policy, self.device)
-            release_root(self.policy)
 
     def _optimizer(self, model: nn.Module, lr: float):
         # The fused kernel updates every parameter in a few launches; the default per-tensor
@@ -380,8 +379,12 @@ class LearnerRank:
         return loss, metrics
 
     def _logprobs(self, model: nn.Module, batch: RolloutBatch, with_entropy: bool = False):
+        # The chunked head's assumption is checked once, on the first pass, from logits the
+        # model computes anyway (a separate probe would cost compiled blocks a compilation).
+        check = self.cfg.chunked_head and not self._head_checked
+        self._head_checked = True
         return sequence_logprobs(model, batch, self.temperature, with_entropy, chunked_head=self.cfg.chunked_head,
-                                 compiled_head=self.cfg.compile)
+                                 compiled_head=self.cfg.compile, check_head=check)
 
     def _value_loss(self, micro: TrainBatch, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         values = sequence_values(self.critic, micro.rollouts)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from learner.batch import RolloutBatch
-from learner.models import check_linear_head, load_critic, load_policy, sequence_logprobs
+from learner.models import check_linear_head, final_hidden_states, load_critic, load_policy, sequence_logprobs
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_tied_model_dir"])
@@ -67,12 +67,17 @@ def test_chunked_head_gives_the_logits_paths_log_probs_entropy_and_gradients(req
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-7, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
-    check_linear_head(model, torch.device("cpu"))  # a plain linear head passes the start-up check
+    sequence_logprobs(model, batch, 0.8, check_head=True)  # a plain linear head passes the check
 
 
 def test_a_head_that_is_not_linear_is_refused_by_name(tiny_model_dir):
     model = load_policy(str(tiny_model_dir), torch.float32)
+    batch = _rollouts(model.config.vocab_size)
     # A forward hook stands in for a head that scales its logits (as Cohere's logit_scale does).
     model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: 0.5 * out)
+    sequence_logprobs(model, batch, 1.0)  # unchecked, the other log-probs would pass silently
     with pytest.raises(ValueError, match="chunked_head=false"):
-        check_linear_head(model, torch.device("cpu"))
+        sequence_logprobs(model, batch, 1.0, check_head=True)
+    hidden, logits = final_hidden_states(model, batch.input_ids, batch.attention_mask)
+    with pytest.raises(ValueError, match="not lm_head"):
+        check_linear_head(model, hidden, logits)
