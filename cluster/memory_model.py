@@ -3,9 +3,10 @@
 From the policy's architecture and the job's shape it estimates, per learner rank, the
 bytes of parameters, gradients, optimizer state, activations and the logits working set of
 the policy, the critic and the reference, under the memory options (sharding, CPU offload,
-activation checkpointing, reference offload), says whether that fits the GPU with a safety
-margin, and if not, which option to turn on first. The model follows what the learner does
-(``learner/worker.py``, ``learner/fsdp.py``, ``learner/models.py``, ``learner/losses.py``):
+activation checkpointing, reference offload), and says whether that fits the GPU with a
+safety margin (``cluster/memory_advice.py`` says what to turn on when it does not). The model
+follows what the learner does (``learner/worker.py``, ``learner/fsdp.py``, ``learner/models.py``,
+``learner/head.py``, ``learner/losses.py``):
 
 - **Weights and optimizer.** FSDP2 ``fully_shard`` per transformer block, then the root
   (embeddings, final norm, lm_head or value head). Each rank holds a 1/W shard of the fp32
@@ -98,7 +99,7 @@ FRAGMENTATION = 0.05
 SAFETY_MARGIN = 0.10
 SHARDING_MODES = ("full", "grad_op", "none")
 ARCHITECTURES = ("llama", "mistral", "qwen2")
-LOSS_CHUNK_TOKENS = 1024  # learner/losses.py processes [N, V] logits this many tokens at a time
+LOSS_CHUNK_TOKENS = 1024  # learner/head.py and learner/losses.py process [N, V] logits this many tokens at a time
 
 class PlanError(ValueError):
     """The planner cannot describe this model or job; the message says why."""
@@ -450,73 +451,3 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
                       forward_bytes=forward_resident + forward_active + overhead, overhead_bytes=overhead,
                       total_bytes=tensors + overhead,
                       usable_bytes=int(options.gpu_memory_gib * GIB * (1 - SAFETY_MARGIN)), host_bytes=host)
-
-
-# -- advice ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Remedy:
-    """One rung of the ladder of memory options, cheapest first."""
-
-    change: dict
-    """MemoryOptions fields this rung sets (on top of the rungs before it)."""
-    setting: str
-    """How to ask for it."""
-    cost: str
-    """What it costs."""
-
-
-LADDER = (
-    Remedy(change={"activation_checkpointing": True}, setting="learner.activation_checkpointing=true",
-           cost="recomputes each block's forward in backward: about +30 % learner compute"),
-    Remedy(change={"reference_offload": True}, setting="learner.reference_offload=true",
-           cost="copies the reference to the GPU and back for its forward pass each step"),
-    Remedy(change={"sharding": "full"}, setting="learner.sharding=full",
-           cost="all-gathers each block's weights again in backward: more communication"),
-    Remedy(change={"cpu_offload": True}, setting="learner.cpu_offload=true",
-           cost="optimizer step on the CPU, weights and gradients over PCIe: several times slower steps"),
-)
-
-
-def advise(arch: Architecture, shape: LearnerShape, options: MemoryOptions) -> list[tuple[Remedy, MemoryPlan]]:
-    """Rungs to turn on, in order, each with the plan it gives, up to the first that fits.
-
-    Rungs already on, and reference offload without a reference, are skipped. Empty when
-    the job fits as it is."""
-    steps = []
-    if plan_memory(arch, shape, options).fits:
-        return steps
-    for remedy in LADDER:
-        turned_on = dataclasses.replace(options, **remedy.change)
-        if turned_on == options or ("reference_offload" in remedy.change and not shape.reference):
-            continue
-        options = turned_on
-        result = plan_memory(arch, shape, options)
-        steps.append((remedy, result))
-        if result.fits:
-            break
-    return steps
-
-
-def largest_micro_batch(arch: Architecture, shape: LearnerShape, options: MemoryOptions) -> int:
-    """The largest micro-batch (<= the job's) that fits with these options; 0 if none does.
-    Rows, or with a token budget the largest budget in whole ``seq_len`` rows."""
-    if shape.micro_batch_tokens:
-        for rows in range(math.ceil(shape.micro_batch_tokens / shape.seq_len), 0, -1):
-            if plan_memory(arch, dataclasses.replace(shape, micro_batch_tokens=rows * shape.seq_len), options).fits:
-                return rows * shape.seq_len
-        return 0
-    for mb in range(shape.micro_batch_size, 0, -1):
-        if plan_memory(arch, dataclasses.replace(shape, micro_batch_size=mb), options).fits:
-            return mb
-    return 0
-
-
-def smallest_world_size(arch: Architecture, shape: LearnerShape, options: MemoryOptions, limit: int = 1024) -> int:
-    """The fewest learner ranks (>= the job's) that fit with these options; 0 if none up to ``limit``."""
-    for world in range(shape.world_size, limit + 1):
-        if plan_memory(arch, dataclasses.replace(shape, world_size=world), options).fits:
-            return world
-    return 0
-
-

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.memory_advice import advise, largest_micro_batch, smallest_world_size
 from cluster.memory_model import (FIXED_OVERHEAD_BYTES, FRAGMENTATION, GIB, ROWS, SAFETY_MARGIN, SHARDING_MODES,
-                                  Architecture, Footprint, LearnerShape, MemoryOptions, PlanError, advise,
-                                  largest_micro_batch, memory_options, plan_memory, smallest_world_size)
+                                  Architecture, Footprint, LearnerShape, MemoryOptions, PlanError, memory_options,
+                                  plan_memory)
 
 if TYPE_CHECKING:
     from cluster.config import Config

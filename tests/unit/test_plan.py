@@ -17,9 +17,10 @@ import pytest
 
 from cluster.cli import main
 from cluster.config import load_config
+from cluster.memory_advice import advise, largest_micro_batch
 from cluster.memory_model import (GIB, LOSS_CHUNK_TOKENS, Architecture, LearnerShape, MemoryOptions, PlanError,
-                                  activation_bytes, advise, forward_logits_bytes, layer_activation_bytes,
-                                  largest_micro_batch, logits_bytes, memory_options, plan_memory, trained_state)
+                                  activation_bytes, forward_logits_bytes, layer_activation_bytes, logits_bytes,
+                                  memory_options, plan_memory, trained_state)
 from cluster.plan import KNOWN_CONFIGS, resolve_architecture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -318,5 +319,6 @@ def test_plan_names_the_missing_model(capsys):
 
 
 def test_plan_module_does_not_import_torch():
-    code = "import sys, cluster.plan, cluster.memory_model; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, cluster.plan, cluster.memory_model, cluster.memory_advice; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
