@@ -12,7 +12,11 @@ Per option it reports:
   sequences of ``--seq-len`` tokens (``--prompt-len`` of prompt, the rest response), the
   learner's own PPO losses, gradient clipping and AdamW; ``forward_s``: the no-grad pass
   before it (old and reference log-probs, values);
-- ``train_tokens_per_s``: tokens through forward and backward per second of ``update_s``;
+  With ``--ragged`` the rows have random lengths and are arranged as the learner's driver
+  deals them to a rank (longest first, micro-batches by ``--micro-batch`` rows or by a
+  ``--micro-tokens`` budget); ``--unsorted`` keeps them in generated order, cut by count;
+- ``train_tokens_per_s``: real (unpadded) tokens through forward and backward per second of
+  ``update_s``;
 - ``mfu``: model FLOPs per second over the GPU's dense bf16 peak. Model FLOPs per sequence
   are 6 x the blocks' parameters x seq_len, plus 6 x layers x seq_len^2 x q_dim for causal
   attention (half of a full square, the work flash attention does), plus 6 x the lm_head's
@@ -96,6 +100,13 @@ def register_args(p) -> None:
     p.add_argument("--cpu", action="store_true", help="run on CPU (fp32, gloo) even when a GPU is present")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU (default: from its name)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per option")
+    p.add_argument("--ragged", action="store_true",
+                   help="random lengths (prompts 1/4 to all of --prompt-len, responses 1 to the rest) instead of full rows")
+    p.add_argument("--unsorted", action="store_true",
+                   help="keep rows in generated order, cut by count (the learner's dealing before rows were "
+                        "arranged by length); default: arranged as the driver deals them to a rank")
+    p.add_argument("--micro-tokens", type=int, default=0, metavar="N",
+                   help="learner.micro_batch_tokens for every option (micro-batches cut by a token budget)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="also profile one forward + update per option (torch.profiler) and report its top ROWS ops")
 
@@ -114,7 +125,8 @@ def run(args) -> dict:
     result = {"bench": "learner", "device": torch.cuda.get_device_name() if gpu else "cpu",
               "torch": torch.__version__, "preset": args.preset,
               "batch": {"micro_batch": args.micro_batch, "micro_steps": args.micro_steps, "seq_len": args.seq_len,
-                        "prompt_len": args.prompt_len,
+                        "prompt_len": args.prompt_len, "ragged": args.ragged, "unsorted": args.unsorted,
+                        "micro_tokens": args.micro_tokens,
                         "tokens_per_update": args.micro_batch * args.micro_steps * args.seq_len}}
     if gpu:
         peak = args.peak_tflops or dense_peak_tflops(torch.cuda.get_device_name())
@@ -126,7 +138,9 @@ def run(args) -> dict:
         result["model"] = build_model(model_dir, PRESETS[args.preset])
         result["options"] = {}
         for name in names:
-            spec = dict(model_dir=str(model_dir), overrides=POLICY_ONLY + OPTIONS[name], gpu=gpu,
+            budget = [f"learner.micro_batch_tokens={args.micro_tokens}"] if args.micro_tokens else []
+            spec = dict(model_dir=str(model_dir), overrides=POLICY_ONLY + OPTIONS[name] + budget, gpu=gpu,
+                        ragged=args.ragged, unsorted=args.unsorted,
                         seq_len=args.seq_len, prompt_len=args.prompt_len, micro_batch=args.micro_batch,
                         micro_steps=args.micro_steps, steps=args.steps, profile=args.profile)
             figures = in_fresh_process(measure_option, spec, args.timeout)
@@ -177,14 +191,36 @@ def model_flops(arch, seq_len: int, response_len: int, critic: bool) -> float:
 
 # -- one option, in its own process ------------------------------------------------------------
 
+def bench_batch(rows: int, prompt_len: int, response: int, vocab: int, ragged: bool, g):
+    """Random token rows of ``prompt_len`` + ``response`` tokens; ``ragged``: prompts of 1/4 to all
+    of ``prompt_len`` and responses of 1 to ``response`` tokens (uniform), right-padded."""
+    import torch
+
+    from learner.batch import RolloutBatch
+
+    if ragged:
+        prompts = torch.randint(max(1, prompt_len // 4), prompt_len + 1, (rows,), generator=g)
+        responses = torch.randint(1, response + 1, (rows,), generator=g)
+    else:
+        prompts, responses = torch.full((rows,), prompt_len), torch.full((rows,), response)
+    seq_len = prompt_len + response
+    attention = (torch.arange(seq_len)[None] < (prompts + responses)[:, None]).long()
+    return RolloutBatch(input_ids=torch.randint(2, vocab, (rows, seq_len), generator=g) * attention,
+                        attention_mask=attention, prompt_lengths=prompts,
+                        response_mask=(torch.arange(response)[None] < responses[:, None]).float(),
+                        rollout_logprobs=torch.zeros(rows, response))
+
+
+
 def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: int, prompt_len: int,
-                   micro_batch: int, micro_steps: int, steps: int, profile: int = 0) -> dict:
+                   micro_batch: int, micro_steps: int, steps: int, profile: int = 0, ragged: bool = False,
+                   unsorted: bool = False) -> dict:
     """Set up one learner rank with ``overrides`` and time its forward and update passes."""
     import torch
 
     from cluster.bench import bench_config
     from cluster.memory_model import LearnerShape, memory_options, plan_memory
-    from learner.batch import RolloutBatch, TrainBatch
+    from learner.batch import TrainBatch, arrange_by_length, micro_batch_sizes, split_evenly
     from learner.worker import LearnerRank, Minibatch
 
     response = seq_len - prompt_len
@@ -203,10 +239,15 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
 
     rows = micro_batch * micro_steps
     g = torch.Generator().manual_seed(0)
-    batch = RolloutBatch(input_ids=torch.randint(2, arch.vocab_size, (rows, seq_len), generator=g),
-                         attention_mask=torch.ones(rows, seq_len, dtype=torch.long),
-                         prompt_lengths=torch.full((rows,), prompt_len, dtype=torch.long),
-                         response_mask=torch.ones(rows, response), rollout_logprobs=torch.zeros(rows, response))
+    batch = bench_batch(rows, prompt_len, response, arch.vocab_size, ragged, g)
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    if unsorted:  # rows as generated, cut by count: how the driver dealt them before arrange_by_length
+        sizes = [hi - lo for lo, hi in split_evenly(rows, micro_steps)]
+    else:  # as the driver deals them to a rank (learner.micro_batch_tokens included)
+        (order,) = arrange_by_length(lengths, 1)
+        batch, lengths = batch.select(order), [lengths[r] for r in order]
+        sizes = micro_batch_sizes(lengths, [list(range(rows))], micro_batch, cfg.learner.micro_batch_tokens)[0]
+    responses = batch.response_mask.sum(dim=1).tolist()
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     forward_s, update_s = [], []
     for i in range(steps + 1 + bool(profile)):  # the first is a warm-up, the last profiled if asked
@@ -217,16 +258,16 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
             profiler.__enter__()
         sync()
         t0 = time.perf_counter()
-        fwd = rank.forward(batch, [micro_batch] * micro_steps)
+        fwd = rank.forward(batch, sizes)
         sync()
         t1 = time.perf_counter()
         critic = fwd.values is not None
         train = TrainBatch(rollouts=batch, old_logprobs=fwd.old_logprobs.cpu(),
-                           advantages=torch.randn(rows, response, generator=g),
-                           returns=torch.randn(rows, response, generator=g) if critic else None,
+                           advantages=torch.randn(batch.response_mask.shape, generator=g) * batch.response_mask,
+                           returns=torch.randn(batch.response_mask.shape, generator=g) if critic else None,
                            old_values=fwd.values.cpu() if critic else None,
                            ref_logprobs=None, importance_weights=None)
-        out = rank.update([Minibatch(batch=train, micro_sizes=[micro_batch] * micro_steps, num_tokens=float(rows * response),
+        out = rank.update([Minibatch(batch=train, micro_sizes=sizes, num_tokens=float(sum(responses)),
                                      num_seqs=rows)])
         sync()
         t2 = time.perf_counter()
@@ -240,11 +281,12 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
         if i:
             forward_s.append(t1 - t0)
             update_s.append(t2 - t1)
-    tokens = rows * seq_len
-    flops = model_flops(arch, seq_len, response, critic) * rows
+    tokens = sum(lengths)
+    flops = sum(model_flops(arch, n, r, critic) for n, r in zip(lengths, responses))
     figures = {"overrides": overrides[len(POLICY_ONLY):], "models": ["policy"] + ["critic"] * critic
                + ["reference"] * (rank.reference is not None),
                "setup_s": round(setup_s, 2), "forward_s": spread(forward_s), "update_s": spread(update_s),
+               "tokens": tokens, "micro_sizes": sizes,
                "train_tokens_per_s": spread([tokens / s for s in update_s]),
                "flops_per_s": [flops / s for s in update_s],
                "planned_tensors_gib": round((plan.total_bytes - plan.overhead_bytes) / GIB, 2),

@@ -1,4 +1,4 @@
-"""`rlrelay bench rollout|sync|scale` through the real CLI, with tiny settings: each prints one
+"""`rlrelay bench rollout|sync|scale|step|learner` through the real CLI, with tiny settings: each prints one
 JSON object whose figures are present and consistent. No assertion on speed: the machines are
 shared, and a bench that is slow today is still correct."""
 
@@ -172,3 +172,22 @@ def test_bench_step_layouts_are_the_demo_and_a_split_of_the_cores(tmp_path):
     assert split.rollout.prompts_per_step == 8 and split.trainer.steps == 4  # --set kept; warm-up + steps + 1
     with pytest.raises(SystemExit, match="unknown.*spilt"):
         bench_step.run(argparse.Namespace(steps=1, warmup=1, layouts="spilt"))
+
+
+def test_bench_learner_on_cpu_arranges_ragged_rows_as_the_driver_does():
+    """The learner bench on CPU (fp32, gloo, one rank) with ragged rows: arranged longest first
+    and cut by a token budget, or left as generated; the same real tokens either way."""
+    common = ("learner", "--preset", "tiny", "--cpu", "--options", "full,full+logits", "--seq-len", "48",
+              "--prompt-len", "16", "--micro-batch", "2", "--micro-steps", "3", "--steps", "1", "--ragged")
+    arranged = bench(*common, "--micro-tokens", "64")
+    unsorted = bench(*common, "--unsorted")
+    for out in (arranged, unsorted):
+        assert out["bench"] == "learner" and out["device"] == "cpu"
+        for name, figures in out["options"].items():
+            assert "error" not in figures, figures.get("traceback", figures.get("error"))
+            assert_spread(figures["update_s"], n=1)
+            assert sum(figures["micro_sizes"]) == 6 and figures["peak_rss_gib"] > 0
+    assert unsorted["options"]["full"]["micro_sizes"] == [2, 2, 2]
+    assert arranged["options"]["full"]["tokens"] == unsorted["options"]["full"]["tokens"] < 6 * 48
+    # Rows of up to 48 tokens under a 64-token budget: the longest run alone, short ones in pairs.
+    assert arranged["options"]["full"]["micro_sizes"][0] == 1
