@@ -211,7 +211,6 @@ def bench_batch(rows: int, prompt_len: int, response: int, vocab: int, ragged: b
                         rollout_logprobs=torch.zeros(rows, response))
 
 
-
 def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: int, prompt_len: int,
                    micro_batch: int, micro_steps: int, steps: int, profile: int = 0, ragged: bool = False,
                    unsorted: bool = False) -> dict:
@@ -220,7 +219,7 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
 
     from cluster.bench import bench_config
     from cluster.memory_model import LearnerShape, memory_options, plan_memory
-    from learner.batch import TrainBatch, arrange_by_length, micro_batch_sizes, split_evenly
+    from learner.batch import TrainBatch, arrange_by_length, micro_batch_sizes
     from learner.worker import LearnerRank, Minibatch
 
     response = seq_len - prompt_len
@@ -241,12 +240,13 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
     g = torch.Generator().manual_seed(0)
     batch = bench_batch(rows, prompt_len, response, arch.vocab_size, ragged, g)
     lengths = batch.attention_mask.sum(dim=1).tolist()
-    if unsorted:  # rows as generated, cut by count: how the driver dealt them before arrange_by_length
-        sizes = [hi - lo for lo, hi in split_evenly(rows, micro_steps)]
-    else:  # as the driver deals them to a rank (learner.micro_batch_tokens included)
+    # As the driver deals rows to a rank (longest first, learner.micro_batch_tokens included);
+    # unsorted: as generated and cut by count, the dealing before rows were arranged by length.
+    if not unsorted:
         (order,) = arrange_by_length(lengths, 1)
         batch, lengths = batch.select(order), [lengths[r] for r in order]
-        sizes = micro_batch_sizes(lengths, [list(range(rows))], micro_batch, cfg.learner.micro_batch_tokens)[0]
+    budget = 0 if unsorted else cfg.learner.micro_batch_tokens
+    (sizes,) = micro_batch_sizes(lengths, [list(range(rows))], micro_batch, budget)
     responses = batch.response_mask.sum(dim=1).tolist()
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     forward_s, update_s = [], []

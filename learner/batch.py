@@ -146,7 +146,6 @@ def arrange_by_length(lengths: Sequence[int], ranks: int) -> list[list[int]]:
     return shards
 
 
-
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous ``(lo, hi)`` ranges covering ``range(n)``, sizes differing by at most 1."""
     bounds = [round(i * n / parts) for i in range(parts + 1)]

@@ -160,9 +160,8 @@ def check_linear_head(model: nn.Module, hidden: torch.Tensor, last_logits: torch
     vLLM's, so the model's own last-position logits (``final_hidden_states`` returns them) are
     compared with that product."""
     head = model.get_output_embeddings()
-    mine = torch.nn.functional.linear(hidden[:, -1:].detach(), head.weight.detach(),
-                                      None if head.bias is None else head.bias.detach())
-    if not torch.allclose(mine.float(), last_logits.detach().float(), rtol=1e-2, atol=1e-2):
+    mine = torch.nn.functional.linear(hidden[:, -1:], head.weight, head.bias)
+    if not torch.allclose(mine.float(), last_logits.float(), rtol=1e-2, atol=1e-2):
         gap = float((mine.float() - last_logits.float()).abs().max())
         raise ValueError(f"{type(model).__name__}: its logits are not lm_head(final hidden states) (max gap {gap:.3g}), "
                          "so learner.chunked_head would compute other log-probs than the model; "
