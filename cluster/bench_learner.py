@@ -77,6 +77,9 @@ OPTIONS = {
     # The model's own lm_head and [B, T, V] logits instead of the chunked head.
     "full+logits": ["learner.chunked_head=false"],
     "grad_op+compile+logits": ["learner.sharding=grad_op", "learner.compile=true", "learner.chunked_head=false"],
+    # Padding-free micro-batches (learner/packing.py); they differ from the rest on --ragged rows.
+    "full+packed": ["learner.pack_sequences=true"],
+    "grad_op+compile+packed": ["learner.sharding=grad_op", "learner.compile=true", "learner.pack_sequences=true"],
     # PPO as the demo runs it: a critic, and a reference for the KL penalty in the reward.
     "ppo-full": ["algorithm.advantage_estimator=gae", "algorithm.kl_coef=0.05"],
     "ppo-full+ckpt": ["algorithm.advantage_estimator=gae", "algorithm.kl_coef=0.05",
@@ -246,7 +249,7 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
         (order,) = arrange_by_length(lengths, 1)
         batch, lengths = batch.select(order), [lengths[r] for r in order]
     budget = 0 if unsorted else cfg.learner.micro_batch_tokens
-    (sizes,) = micro_batch_sizes(lengths, [list(range(rows))], micro_batch, budget)
+    (sizes,) = micro_batch_sizes(lengths, [list(range(rows))], micro_batch, budget, cfg.learner.pack_sequences)
     responses = batch.response_mask.sum(dim=1).tolist()
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     forward_s, update_s = [], []

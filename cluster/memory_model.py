@@ -43,7 +43,8 @@ follows what the learner does (``learner/worker.py``, ``learner/fsdp.py``, ``lea
   (L). With activation checkpointing each block keeps only its input (c h) and one block's
   activations exist again during its backward (after the logits are freed). Tokens = ``learner.micro_batch_size`` x
   ``model.max_model_len`` (the longest sequence the config allows); with a token budget
-  (``learner.micro_batch_tokens``), the budget rounded up to whole rows of that length. Only one model's
+  (``learner.micro_batch_tokens``), the budget rounded up to whole rows of that length. Packed rows
+  (``learner.pack_sequences``) hold only real tokens, so both remain upper bounds. Only one model's
   activations exist at a time: the update runs the policy's forward and backward, then the
   critic's, per micro-batch.
 - **Logits.** With ``learner.chunked_head`` (the default) no ``[B, T, V]`` logits exist: the

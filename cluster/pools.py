@@ -285,8 +285,9 @@ class LearnerGroup:
         and the rows of each of its micro-batches."""
         lengths = batch.attention_mask.sum(dim=1).tolist()
         shards = arrange_by_length(lengths, len(self.ranks))
-        sizes = micro_batch_sizes(lengths, shards, self.cfg.learner.micro_batch_size,
-                                  self.cfg.learner.micro_batch_tokens)
+        learner = self.cfg.learner
+        sizes = micro_batch_sizes(lengths, shards, learner.micro_batch_size, learner.micro_batch_tokens,
+                                  learner.pack_sequences)
         return [torch.tensor(rows, dtype=torch.long) for rows in shards], sizes
 
     def forward(self, batch: RolloutBatch) -> ForwardResult:

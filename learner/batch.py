@@ -153,14 +153,15 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def micro_batch_sizes(lengths: Sequence[int], shards: list[list[int]], rows_per_micro: int,
-                      token_budget: int = 0) -> list[list[int]]:
+                      token_budget: int = 0, packed: bool = False) -> list[list[int]]:
     """Rows in each micro-batch of each rank's shard (rows in ``arrange_by_length`` order), the
     same number of micro-batches on every rank, since each is a collective forward/backward.
 
     ``token_budget == 0``: at most ``rows_per_micro`` rows per micro-batch, rows spread evenly.
     ``token_budget > 0``: consecutive rows fill a micro-batch while rows x its longest row stay
     within the budget (a row longer than the budget runs alone), so short rows run many to a
-    micro-batch and long ones few. A rank that needs fewer micro-batches than another splits its
+    micro-batch and long ones few; ``packed`` (``learner.pack_sequences``, no padding): while the
+    rows' lengths sum to within the budget. A rank that needs fewer micro-batches than another splits its
     largest ones; one with fewer rows than micro-batches gets empty ones (size 0).
     """
     if token_budget <= 0:
@@ -170,8 +171,13 @@ def micro_batch_sizes(lengths: Sequence[int], shards: list[list[int]], rows_per_
     for shard in shards:
         sizes, i = [], 0
         while i < len(shard):
-            # Longest first, so the micro-batch's first row sets its width.
-            take = min(len(shard) - i, max(1, token_budget // max(1, lengths[shard[i]])))
+            if packed:
+                take, total = 1, lengths[shard[i]]
+                while i + take < len(shard) and total + lengths[shard[i + take]] <= token_budget:
+                    total += lengths[shard[i + take]]
+                    take += 1
+            else:  # longest first, so the micro-batch's first row sets its width
+                take = min(len(shard) - i, max(1, token_budget // max(1, lengths[shard[i]])))
             sizes.append(take)
             i += take
         per_rank.append(sizes)

@@ -130,8 +130,8 @@ class LearnerConfig:
     """Sequences per forward/backward on one rank; gradients accumulate over micro-batches."""
     micro_batch_tokens: int = 0
     """When > 0, micro-batches are cut by size instead of row count: a rank's rows, longest
-    first, fill a micro-batch while rows x its longest row stay within this many tokens (a
-    longer row runs alone), and ``micro_batch_size`` does not apply. Short sequences then run
+    first, fill a micro-batch while rows x its longest row (with ``pack_sequences``: the sum
+    of its rows' lengths) stay within this many tokens (a longer row runs alone), and ``micro_batch_size`` does not apply. Short sequences then run
     many to a pass and long ones few, so every pass does about the same work; ``rlrelay plan``
     sizes activations by this budget. 0: ``micro_batch_size`` rows per micro-batch."""
     sharding: str = "full"
@@ -158,6 +158,12 @@ class LearnerConfig:
     that is ~14 bytes per response token per vocabulary entry, most of a step's memory. Costs
     one more head matmul in backward. Turn it off for a model whose head does more than a
     linear layer (the learner checks on its first pass and says so)."""
+    pack_sequences: bool = False
+    """Run each micro-batch padding-free: its rows' real tokens as one sequence, attention kept
+    within each row (``learner/packing.py``: FlashAttention's variable-length kernel on GPU in
+    bf16, one causal SDPA call per row elsewhere). No position computes padding, and with
+    ``micro_batch_tokens`` a micro-batch is filled up to that many real tokens. Models with
+    sliding-window attention or attention dropout are refused."""
     reference_offload: bool = False
     """Keep the frozen reference model in CPU memory between uses (blocks move to the GPU only
     during its forward). No effect when training on CPU."""

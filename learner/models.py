@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from learner.batch import RolloutBatch, response_positions
 from learner.head import linear_logprobs
 from learner.losses import logprobs_and_entropy
+from learner.packing import PACKED_ATTENTION, pack_rows
 
 log = logging.getLogger("rlrelay")
 
@@ -35,8 +36,12 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs``: the trunk's other keyword inputs (``position_ids`` and the packed rows'
+        bounds under ``learner.pack_sequences``)."""
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            **inputs).last_hidden_state
         # A fresh tensor, not a view of the head's output: FSDP2 hooks the module's output for
         # backward and warns that a view could lose that hook to an in-place op.
         return self.value_head(hidden).squeeze(-1).clone()  # [B, L]
@@ -49,12 +54,13 @@ def check_model_dir(path: str) -> None:
         raise FileNotFoundError(f"model path {path!r} has no config.json: not a Hugging Face model directory")
 
 
-def load_policy(path: str, dtype: torch.dtype) -> nn.Module:
+def load_policy(path: str, dtype: torch.dtype, packed: bool = False) -> nn.Module:
+    """``packed``: attention that can run packed rows (``learner.pack_sequences``)."""
     check_model_dir(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=_attention(packed))
 
 
-def load_critic(path: str, dtype: torch.dtype) -> Critic:
+def load_critic(path: str, dtype: torch.dtype, packed: bool = False) -> Critic:
     """The policy checkpoint's trunk under a fresh value head.
 
     The checkpoint is a causal LM, so its ``lm_head`` has no place in the trunk; transformers
@@ -65,7 +71,8 @@ def load_critic(path: str, dtype: torch.dtype) -> Critic:
     check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
     with _quiet_load_report():
-        trunk, info = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        trunk, info = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                attn_implementation=_attention(packed))
     if info["missing_keys"]:
         raise ValueError(f"model path {path!r}: the critic's trunk lacks weights the checkpoint should hold, "
                          f"e.g. {sorted(info['missing_keys'])[:3]}")
@@ -73,6 +80,10 @@ def load_critic(path: str, dtype: torch.dtype) -> Critic:
     if unexpected:
         log.warning("critic from %s: checkpoint weights not used by the trunk: %s", path, unexpected[:5])
     return Critic(trunk, config.hidden_size).to(dtype)
+
+
+def _attention(packed: bool) -> str | None:
+    return PACKED_ATTENTION if packed else None  # None: transformers' default (SDPA)
 
 
 @contextmanager
@@ -87,55 +98,83 @@ def _quiet_load_report() -> Iterator[None]:
 
 
 def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, with_entropy: bool = False, *,
-                      chunked_head: bool = True, compiled_head: bool = False,
-                      check_head: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs of the response tokens under ``model`` (and per-token entropy).  # [B, T]
+                      chunked_head: bool = True, compiled_head: bool = False, check_head: bool = False,
+                      packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens under ``model`` (and per-token entropy), both 0 on padding.  # [B, T]
 
     Uses ``log_softmax(logits / temperature)``, the distribution vLLM sampled from
     (``logprobs_mode="processed_logprobs"``), so ratios against rollout log-probs are exact.
 
     ``chunked_head`` (``learner.chunked_head``): the model runs up to its final hidden states
-    and ``learner.head`` turns the response positions' states into log-probs a chunk of tokens
+    and ``learner.head`` turns the real response tokens' states into log-probs a chunk of tokens
     at a time, never holding ``[B, T, V]`` logits (``compiled_head``: through ``torch.compile``).
-    Otherwise the model's own ``lm_head`` computes the logits of the response window and the
-    log-softmax runs on them. ``check_head``: first verify that the model's logits are
-    ``lm_head(hidden)`` (``check_linear_head``; the learner does it on its first pass).
+    Otherwise the model's own ``lm_head`` computes the logits and the log-softmax runs on them.
+    ``check_head``: first verify that the model's logits are ``lm_head(hidden)``
+    (``check_linear_head``; the learner does it on its first pass). ``packed``
+    (``learner.pack_sequences``): the rows run as one sequence of their real tokens.
     """
     pos = response_positions(batch)  # [B, T]
     seq_len = batch.input_ids.shape[1]
     labels = batch.input_ids.gather(1, (pos + 1).clamp(max=seq_len - 1))  # [B, T]
+    real = batch.response_mask.bool()  # [B, T]
+    inputs, flat = _model_inputs(batch, pos, packed)
     if chunked_head:
-        hidden, last_logits = final_hidden_states(model, batch.input_ids, batch.attention_mask)  # [B, L, H]
+        hidden, last_logits = final_hidden_states(model, **inputs)  # [B, L, H], or [1, N, H] packed
         if check_head:
             check_linear_head(model, hidden, last_logits)
-        picked = hidden.gather(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
+        picked = hidden.reshape(-1, hidden.shape[-1])[flat[real]]  # [M, H], M real response tokens
         head = model.get_output_embeddings()
         if isinstance(head.weight, DTensor):
             raise RuntimeError("the policy's lm_head is still sharded after its forward: the FSDP2 root must keep "
                                "its parameters gathered after forward (learner/fsdp.py shard_model)")
-        logprobs, entropy = linear_logprobs(picked, head.weight, labels, temperature, bias=head.bias,
-                                            with_entropy=with_entropy, compiled=compiled_head)
-        return logprobs * batch.response_mask, entropy
+        logprobs, entropy = linear_logprobs(picked, head.weight, labels[real], temperature, bias=head.bias,
+                                            with_entropy=with_entropy, compiled=compiled_head)  # [M]
+        return _to_response_frame(logprobs, real), _to_response_frame(entropy, real)
+    # No KV cache: training never decodes, and building one costs time (and makes compiled
+    # blocks recompile per layer).
+    if packed:  # the lm_head runs on the real response tokens' positions alone
+        logits = model(**inputs, use_cache=False, logits_to_keep=flat[real]).logits[0]  # [M, V]
+        logprobs, entropy = logprobs_and_entropy(logits, labels[real], temperature, with_entropy)
+        return _to_response_frame(logprobs, real), _to_response_frame(entropy, real)
     # Only positions that predict a response token need logits: the window from the shortest
     # prompt's last token on. Asking the model for that window alone skips the lm_head on the
     # rest of the prompts and never materialises [B, L, V] logits.
     first = int(batch.prompt_lengths.min()) - 1
-    # No KV cache: training never decodes, and building one costs time (and makes compiled
-    # blocks recompile per layer).
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                   logits_to_keep=seq_len - first).logits  # [B, W, V], W = L - first
+    logits = model(**inputs, use_cache=False, logits_to_keep=seq_len - first).logits  # [B, W, V], W = L - first
     if int(batch.prompt_lengths.max()) - 1 == first:  # equal prompts: the window is the response
         picked = logits[:, :pos.shape[1]]
     else:
         picked = logits.gather(1, (pos - first)[:, :, None].expand(-1, -1, logits.shape[-1]))  # [B, T, V]
     logprobs, entropy = logprobs_and_entropy(picked, labels, temperature, with_entropy)
-    return logprobs * batch.response_mask, entropy
+    return logprobs * batch.response_mask, None if entropy is None else entropy * batch.response_mask
 
 
-def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _model_inputs(batch: RolloutBatch, pos: torch.Tensor, packed: bool) -> tuple[dict, torch.Tensor]:
+    """The model's keyword inputs for ``batch``, and where each response position ``pos``
+    ``[B, T]`` lands in its flattened output: ``[B * L]`` padded, ``[N]`` packed.  # [B, T]"""
+    if not packed:
+        rows, width = batch.input_ids.shape
+        offsets = torch.arange(rows, device=pos.device)[:, None] * width
+        return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask), offsets + pos
+    rows = pack_rows(batch.input_ids, batch.attention_mask)
+    # Padding columns of short responses point past their row; clamped, they are masked out.
+    flat = rows.flat_index(pos).clamp(max=rows.input_ids.shape[1] - 1)
+    return dict(input_ids=rows.input_ids, position_ids=rows.position_ids, **rows.attention_kwargs()), flat
+
+
+def _to_response_frame(values: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor | None:
+    """Per-token values of the real response tokens ``[M]`` back into the response frame, 0 on
+    padding.  # [B, T]"""
+    if values is None:
+        return None
+    out = values.new_zeros(real.shape)
+    out[real] = values
+    return out
+
+
+def final_hidden_states(model: nn.Module, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The causal LM's last hidden states (after its final norm) ``[B, L, H]``, and its own
-    logits of the last position ``[B, 1, V]``.
+    logits of the last position ``[B, 1, V]``, for the model's keyword ``inputs``.
 
     The whole model runs, not its decoder alone, so FSDP2's hooks on the root gather the
     embeddings and head and schedule their gradients' reduction; a forward hook on the decoder
@@ -145,7 +184,7 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
     handle = model.get_decoder().register_forward_hook(
         lambda _module, _args, output: captured.append(output.last_hidden_state))
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1).logits
+        logits = model(**inputs, use_cache=False, logits_to_keep=1).logits
     finally:
         handle.remove()
     if len(captured) != 1:
@@ -168,7 +207,10 @@ def check_linear_head(model: nn.Module, hidden: torch.Tensor, last_logits: torch
                          "set learner.chunked_head=false")
 
 
-def sequence_values(critic: nn.Module, batch: RolloutBatch) -> torch.Tensor:
-    """Critic value at each response token's position (the state before emitting it).  # [B, T]"""
-    values = critic(batch.input_ids, batch.attention_mask)  # [B, L]
-    return values.gather(1, response_positions(batch)).float() * batch.response_mask
+def sequence_values(critic: nn.Module, batch: RolloutBatch, packed: bool = False) -> torch.Tensor:
+    """Critic value at each response token's position (the state before emitting it), 0 on
+    padding; ``packed`` as in ``sequence_logprobs``.  # [B, T]"""
+    pos = response_positions(batch)
+    inputs, flat = _model_inputs(batch, pos, packed)
+    values = critic(**inputs)  # [B, L], or [1, N] packed
+    return values.reshape(-1)[flat].float() * batch.response_mask

@@ -156,16 +156,17 @@ class LearnerRank:
         placed = (lambda m: m) if trained.offload else (lambda m: m.to(self.device))
 
         ckpt = cfg.activation_checkpointing
-        self.policy = shard_model(placed(load_policy(self.model_path, torch.float32)), trained, ckpt)
+        packed = cfg.pack_sequences
+        self.policy = shard_model(placed(load_policy(self.model_path, torch.float32, packed)), trained, ckpt)
         self.policy_opt, self.policy_sched = self._optimizer(self.policy, cfg.lr)
         self.critic = self.critic_opt = self.critic_sched = None
         if self.algo.uses_critic:
-            self.critic = shard_model(placed(load_critic(self.model_path, torch.float32)), trained, ckpt)
+            self.critic = shard_model(placed(load_critic(self.model_path, torch.float32, packed)), trained, ckpt)
             self.critic_opt, self.critic_sched = self._optimizer(self.critic, cfg.critic_lr)
         self.reference = None
         if self.algo.uses_reference:
             frozen = replace(trained, offload=(cfg.reference_offload or cfg.cpu_offload) and gpu)
-            model = load_policy(self.model_path, torch.float32)
+            model = load_policy(self.model_path, torch.float32, packed)
             self.reference = shard_model(model if frozen.offload else model.to(self.device), frozen)
             self.reference.requires_grad_(False).eval()
 
@@ -201,7 +202,7 @@ class LearnerRank:
             if self.reference is not None:
                 ref.append(self._logprobs(self.reference, micro)[0][:real])
             if self.critic is not None:
-                val.append(sequence_values(self.critic, micro)[:real])
+                val.append(sequence_values(self.critic, micro, self.cfg.pack_sequences)[:real])
         for model in (self.policy, self.reference, self.critic):
             if model is not None:
                 release_root(model)
@@ -228,9 +229,10 @@ class LearnerRank:
                 self.critic.train()
                 self.critic_opt.zero_grad(set_to_none=True)
             for micro, real in micro_batches(mb.batch, mb.micro_sizes):
-                if real:  # compute spent on padding: each micro-batch is as wide as its longest row
+                if real:  # compute spent on padding: a padded micro-batch is as wide as its longest row
                     seen = micro.rollouts.attention_mask[:real]
-                    record({"learner/padding_fraction": 1.0 - float(seen.sum()) / seen.numel()}, float(seen.numel()))
+                    padding = 0.0 if self.cfg.pack_sequences else 1.0 - float(seen.sum()) / seen.numel()
+                    record({"learner/padding_fraction": padding}, float(seen.numel()))
                 micro = to_device(micro, self.device)
                 # A padding micro-batch (this rank ran out of rows) still runs forward and
                 # backward so the collectives line up, but contributes nothing.
@@ -384,10 +386,10 @@ class LearnerRank:
         check = self.cfg.chunked_head and not self._head_checked
         self._head_checked = True
         return sequence_logprobs(model, batch, self.temperature, with_entropy, chunked_head=self.cfg.chunked_head,
-                                 compiled_head=self.cfg.compile, check_head=check)
+                                 compiled_head=self.cfg.compile, check_head=check, packed=self.cfg.pack_sequences)
 
     def _value_loss(self, micro: TrainBatch, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
-        values = sequence_values(self.critic, micro.rollouts)
+        values = sequence_values(self.critic, micro.rollouts, self.cfg.pack_sequences)
         loss, metrics = value_loss(values, micro.old_values, micro.returns, micro.rollouts.response_mask,
                                    clip_range=self.algo.value_clip, loss_agg=self.algo.loss_agg,
                                    num_tokens=mb.num_tokens, num_seqs=mb.num_seqs)

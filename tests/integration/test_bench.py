@@ -176,11 +176,12 @@ def test_bench_step_layouts_are_the_demo_and_a_split_of_the_cores(tmp_path):
 
 def test_bench_learner_on_cpu_arranges_ragged_rows_as_the_driver_does():
     """The learner bench on CPU (fp32, gloo, one rank) with ragged rows: arranged longest first
-    and cut by a token budget, or left as generated; the same real tokens either way."""
-    common = ("learner", "--preset", "tiny", "--cpu", "--options", "full,full+logits", "--seq-len", "48",
-              "--prompt-len", "16", "--micro-batch", "2", "--micro-steps", "3", "--steps", "1", "--ragged")
-    arranged = bench(*common, "--micro-tokens", "64")
-    unsorted = bench(*common, "--unsorted")
+    and cut by a token budget (packed rows: of real tokens), or left as generated; the same real
+    tokens either way."""
+    common = ("learner", "--preset", "tiny", "--cpu", "--seq-len", "48", "--prompt-len", "16", "--micro-batch", "2",
+              "--micro-steps", "3", "--steps", "1", "--ragged")
+    arranged = bench(*common, "--options", "full,full+logits,full+packed", "--micro-tokens", "64")
+    unsorted = bench(*common, "--options", "full,full+logits", "--unsorted")
     for out in (arranged, unsorted):
         assert out["bench"] == "learner" and out["device"] == "cpu"
         for name, figures in out["options"].items():
@@ -191,3 +192,6 @@ def test_bench_learner_on_cpu_arranges_ragged_rows_as_the_driver_does():
     assert arranged["options"]["full"]["tokens"] == unsorted["options"]["full"]["tokens"] < 6 * 48
     # Rows of up to 48 tokens under a 64-token budget: the longest run alone, short ones in pairs.
     assert arranged["options"]["full"]["micro_sizes"][0] == 1
+    # Packed, a pass holds rows whose real tokens fit the budget: never fewer rows per pass.
+    packed = arranged["options"]["full+packed"]["micro_sizes"]
+    assert len(packed) <= len(arranged["options"]["full"]["micro_sizes"])

@@ -86,6 +86,8 @@ def test_micro_batching_and_world_size_give_the_same_update(ray_local, tiny_mode
         "2 ranks, micro 3 (uneven, padded micro-batches)": dict(world_size=2, micro_batch_size=3),
         # Rows of 5-12 tokens: passes of 1 to 4 rows, split to match across ranks.
         "2 ranks, micro-batches by a 24-token budget": dict(world_size=2, micro_batch_size=3, micro_batch_tokens=24),
+        "2 ranks, packed rows of up to 24 real tokens": dict(world_size=2, micro_batch_size=3, micro_batch_tokens=24,
+                                                             pack_sequences=True),
     }
     from transformers import AutoModelForCausalLM
 
@@ -131,19 +133,24 @@ def test_chunked_head_gives_the_logits_paths_update_with_a_tied_head(ray_local, 
     assert worst < 1e-5, f"weights differ by {worst:.2e}"
 
 
-def test_compiled_blocks_give_the_same_update(ray_local, tiny_model_dir):
-    """Inductor fuses and reorders float sums, so the weights agree to rounding, not bit for
-    bit: compared, like micro-batching above, relative to the size of the update."""
+@pytest.mark.parametrize("option", [
+    {"compile": True},          # compiled blocks
+    {"pack_sequences": True},   # padding-free: rows packed into one, attention per row
+])
+def test_compiled_blocks_and_packed_rows_give_the_same_update(ray_local, tiny_model_dir, option):
+    """Inductor fuses and reorders float sums, and packed rows run matmuls of other shapes, so
+    the weights agree to rounding, not bit for bit: compared, like micro-batching above,
+    relative to the size of the update."""
     from transformers import AutoModelForCausalLM
 
     initial = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()
     reference, ref_norm = updated_weights(ray_local, tiny_model_dir, world_size=2, micro_batch_size=3)
-    got, norm = updated_weights(ray_local, tiny_model_dir, world_size=2, micro_batch_size=3, compile=True)
-    assert abs(norm - ref_norm) / ref_norm < 1e-4, f"gradient norm {norm} != {ref_norm}"
+    got, norm = updated_weights(ray_local, tiny_model_dir, world_size=2, micro_batch_size=3, **option)
+    assert abs(norm - ref_norm) / ref_norm < 1e-4, f"{option}: gradient norm {norm} != {ref_norm}"
     delta_ref = torch.cat([(reference[k] - initial[k]).flatten() for k in reference])
     delta = torch.cat([(got[k] - initial[k]).flatten() for k in reference])
     rel = float((delta - delta_ref).norm() / delta_ref.norm())
-    assert rel < 1e-3, f"compiled blocks: update differs by {rel:.2e} (relative)"
+    assert rel < 1e-3, f"{option}: update differs by {rel:.2e} (relative)"
 
 
 def test_a_non_finite_loss_skips_the_update_on_every_rank_and_is_counted(ray_local, tiny_model_dir):

@@ -27,6 +27,8 @@ def test_two_ppo_steps_end_to_end(tmp_path, tiny_model_dir):
                      "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", f"model.path={tiny_model_dir}",
                      f"data.train_path={train}", f"data.eval_path={evals}", f"run.dir={run_dir}",
                      "trainer.sample_table_every=1", "model.max_model_len=64", f"reward.functions={functions}",
+                     # Padding-free learner passes (the other jobs in the suite run padded ones).
+                     "learner.pack_sequences=true",
                      f"reward.model={{path: {rm_dir}, weight: 0.001}}", "reward.num_workers=2",
                      *ESTIMATOR_CASES["grpo"],
                      env={"PYTHONPATH": str(tmp_path)})
@@ -45,8 +47,10 @@ def test_two_ppo_steps_end_to_end(tmp_path, tiny_model_dir):
         # exact match is ~never hit by a random model; the user function gives 0.25 x 2.0 to
         # every sample; the reward model adds a small, sample-dependent term.
         assert r["reward/mean"] == pytest.approx(0.5, abs=0.05) and r["reward/std"] > 0
-        # After every sync the engines sample from the learner's weights exactly (fp32).
+        # After every sync the engines sample from the learner's weights exactly (fp32), and
+        # the learner's packed rows give the same log-probs as the engines.
         assert r["rollout/logprob_mismatch"] <= 1e-3
+        assert r["learner/padding_fraction"] == 0.0
         assert r["timing/weight_sync"] > 0 and r["sync/megabytes"] > 0
         # One node, no autoscaling: the push went through the learner's shared memory.
         assert r["sync/shared_memory"] == 1.0

@@ -102,6 +102,14 @@ def test_micro_batch_sizes_by_tokens_fill_a_budget_and_match_across_ranks():
     assert sizes[0][0] == 1  # the 900-token row runs alone
 
 
+def test_packed_micro_batches_fill_a_budget_with_real_tokens():
+    lengths = [500, 300, 250, 200, 120, 100, 90, 40]
+    (sizes,) = micro_batch_sizes(lengths, [list(range(8))], rows_per_micro=1, token_budget=600, packed=True)
+    assert sizes == [1, 2, 5]  # 500 | 300 + 250 | 200 + 120 + 100 + 90 + 40 = 550
+    # Padded, the same budget holds fewer rows: a pass costs rows x its longest row.
+    assert micro_batch_sizes(lengths, [list(range(8))], 1, 600) == [[1, 2, 3, 2]]
+
+
 def test_micro_batch_sizes_split_the_largest_passes_of_a_rank_that_needs_fewer():
     lengths = [400, 400, 100, 100, 100, 100]
     shards = [[0, 1], [2, 3, 4, 5]]  # rank 0 needs 2 passes of 400, rank 1 fits one pass of 4 x 100

@@ -1,6 +1,7 @@
 """The critic is the policy checkpoint's trunk under a zero value head, loaded quietly but
 checked: the causal LM's head is expected to be left over, a missing trunk weight is not.
-The chunked head gives the logits path's log-probs, entropy and gradients on real models."""
+The chunked head gives the logits path's log-probs, entropy and gradients on real models, and
+so do packed rows (``learner.pack_sequences``), for the policy and the critic."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from learner.batch import RolloutBatch
-from learner.models import check_linear_head, final_hidden_states, load_critic, load_policy, sequence_logprobs
+from learner.models import (check_linear_head, final_hidden_states, load_critic, load_policy, sequence_logprobs,
+                            sequence_values)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_tied_model_dir"])
@@ -51,23 +53,45 @@ def _rollouts(vocab: int) -> RolloutBatch:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_tied_model_dir"])
-def test_chunked_head_gives_the_logits_paths_log_probs_entropy_and_gradients(request, fixture):
-    model = load_policy(str(request.getfixturevalue(fixture)), torch.float64)
-    batch = _rollouts(model.config.vocab_size)
+@pytest.mark.parametrize("chunked, packed", [(True, False), (True, True), (False, True)])
+def test_chunked_head_and_packed_rows_give_the_logits_paths_log_probs_entropy_and_gradients(request, fixture,
+                                                                                           chunked, packed):
+    path = str(request.getfixturevalue(fixture))
+    batch = _rollouts(load_policy(path, torch.float64).config.vocab_size)
     coef = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     results = []
-    for chunked in (True, False):
-        model.zero_grad(set_to_none=True)
-        lp, ent = sequence_logprobs(model, batch, 0.8, with_entropy=True, chunked_head=chunked)
+    # The reference: the model's own lm_head and logits over padded rows, default attention.
+    for model, kwargs in ((load_policy(path, torch.float64), dict(chunked_head=False)),
+                          (load_policy(path, torch.float64, packed=packed), dict(chunked_head=chunked, packed=packed))):
+        lp, ent = sequence_logprobs(model, batch, 0.8, with_entropy=True, **kwargs)
         ((lp * coef).sum() + 0.1 * (ent * batch.response_mask).sum()).backward()
         results.append((lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (lp, ent, grads), (ref_lp, ref_ent, ref_grads) = results
+    (ref_lp, ref_ent, ref_grads), (lp, ent, grads) = results
+    assert float(batch.response_mask.sum()) < batch.response_mask.numel()  # padding is in the test
     torch.testing.assert_close(lp, ref_lp, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ent, ref_ent, rtol=1e-9, atol=1e-9)
+    assert float(ent[batch.response_mask == 0].abs().sum()) == 0.0
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-7, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
-    sequence_logprobs(model, batch, 0.8, check_head=True)  # a plain linear head passes the check
+    if chunked:
+        sequence_logprobs(model, batch, 0.8, check_head=True, packed=packed)  # a plain linear head passes
+
+
+def test_packed_rows_give_the_critics_values_and_gradients(tiny_model_dir):
+    batch = _rollouts(load_policy(str(tiny_model_dir), torch.float64).config.vocab_size)
+    results = []
+    for packed in (False, True):
+        critic = load_critic(str(tiny_model_dir), torch.float64, packed=packed)
+        torch.nn.init.normal_(critic.value_head.weight, generator=torch.Generator().manual_seed(2))
+        values = sequence_values(critic, batch, packed=packed)
+        (values ** 2).sum().backward()
+        results.append((values.detach(), {n: p.grad.clone() for n, p in critic.named_parameters()}))
+    (ref_values, ref_grads), (values, grads) = results
+    assert float(values.abs().sum()) > 0
+    torch.testing.assert_close(values, ref_values, rtol=1e-9, atol=1e-9)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-7, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_a_head_that_is_not_linear_is_refused_by_name(tiny_model_dir):
@@ -78,6 +102,6 @@ def test_a_head_that_is_not_linear_is_refused_by_name(tiny_model_dir):
     sequence_logprobs(model, batch, 1.0)  # unchecked, the other log-probs would pass silently
     with pytest.raises(ValueError, match="chunked_head=false"):
         sequence_logprobs(model, batch, 1.0, check_head=True)
-    hidden, logits = final_hidden_states(model, batch.input_ids, batch.attention_mask)
+    hidden, logits = final_hidden_states(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     with pytest.raises(ValueError, match="not lm_head"):
         check_linear_head(model, hidden, logits)
