@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from learner.batch import RolloutBatch, response_positions
 from learner.head import linear_logprobs
 from learner.losses import logprobs_and_entropy
-from learner.packing import PACKED_ATTENTION, pack_rows
+from learner.packing import PACKED_ATTENTION, check_packable, pack_rows
 
 log = logging.getLogger("rlrelay")
 
@@ -57,7 +57,10 @@ def check_model_dir(path: str) -> None:
 def load_policy(path: str, dtype: torch.dtype, packed: bool = False) -> nn.Module:
     """``packed``: attention that can run packed rows (``learner.pack_sequences``)."""
     check_model_dir(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=_attention(packed))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=_attention(packed))
+    if packed:
+        check_packable(model)
+    return model
 
 
 def load_critic(path: str, dtype: torch.dtype, packed: bool = False) -> Critic:
@@ -73,6 +76,8 @@ def load_critic(path: str, dtype: torch.dtype, packed: bool = False) -> Critic:
     with _quiet_load_report():
         trunk, info = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True,
                                                 attn_implementation=_attention(packed))
+    if packed:
+        check_packable(trunk)
     if info["missing_keys"]:
         raise ValueError(f"model path {path!r}: the critic's trunk lacks weights the checkpoint should hold, "
                          f"e.g. {sorted(info['missing_keys'])[:3]}")

@@ -30,6 +30,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+try:
+    from torch.nn.attention.varlen import varlen_attn  # FlashAttention's variable-length kernel (CUDA)
+except ImportError:  # torch < 2.9: per-row SDPA everywhere
+    varlen_attn = None
+
 PACKED_ATTENTION = "rlrelay_packed"
 """The ``attn_implementation`` name the learner's models load with under ``learner.pack_sequences``."""
 
@@ -88,7 +93,7 @@ def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
         raise ValueError("learner.pack_sequences supports neither sliding-window attention nor attention dropout "
                          f"(sliding_window={sliding_window}, dropout={dropout}); set learner.pack_sequences=false")
     gqa = query.shape[1] != key.shape[1]
-    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+    if varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
         out = _varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, gqa)  # [N, Hq, D]
     else:
         out = _per_row(query, key, value, cu_seq_lens_q, scaling, gqa)
@@ -97,8 +102,6 @@ def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
 
 def _varlen(query: Tensor, key: Tensor, value: Tensor, starts: Tensor, max_length: int | None,
             scaling: float | None, gqa: bool) -> Tensor:
-    from torch.nn.attention.varlen import varlen_attn  # CUDA FlashAttention; imported where it runs
-
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, H, D]
     if max_length is None:
         max_length = int((starts[1:] - starts[:-1]).max())
@@ -114,6 +117,15 @@ def _per_row(query: Tensor, key: Tensor, value: Tensor, starts: Tensor, scaling:
                                            is_causal=True, scale=scaling, enable_gqa=gqa)
             for lo, hi in zip(bounds[:-1], bounds[1:])]
     return torch.cat(rows, dim=2)[0].transpose(0, 1)  # [N, Hq, D]
+
+
+def check_packable(model: torch.nn.Module) -> None:
+    """Packed rows are kept apart only if every attention layer calls transformers' attention
+    interface with the keyword arguments the model was given; a model class that does not
+    (``_supports_attention_backend`` false) would silently attend across rows."""
+    if not model.is_backend_compatible():
+        raise ValueError(f"{type(model).__name__} does not route its attention through transformers' attention "
+                         "interface, so its rows cannot be packed: set learner.pack_sequences=false")
 
 
 def packed_mask(*, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from learner.packing import PACKED_ATTENTION, pack_rows, packed_attention
+from learner.packing import PACKED_ATTENTION, check_packable, pack_rows, packed_attention
 
 
 def _padded(lengths: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,3 +100,15 @@ def test_a_packed_model_runs_padded_batches_as_sdpa_and_saves_a_config_vllm_can_
     assert packed.config._attn_implementation == PACKED_ATTENTION
     packed.save_pretrained(tmp_path)
     assert PACKED_ATTENTION not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
+
+
+def test_a_model_whose_attention_bypasses_the_interface_is_refused_by_name():
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+
+    class OwnAttention(Qwen2ForCausalLM):  # as a model class that computes attention itself declares
+        _supports_attention_backend = False
+
+    check_packable(Qwen2ForCausalLM(config))
+    with pytest.raises(ValueError, match="OwnAttention.*pack_sequences=false"):
+        check_packable(OwnAttention(config))
