@@ -161,10 +161,12 @@ def _model_inputs(batch: RolloutBatch, pos: torch.Tensor, packed: bool) -> tuple
         rows, width = batch.input_ids.shape
         offsets = torch.arange(rows, device=pos.device)[:, None] * width
         return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask), offsets + pos
-    rows = pack_rows(batch.input_ids, batch.attention_mask)
+    packed_rows = pack_rows(batch.input_ids, batch.attention_mask)
     # Padding columns of short responses point past their row; clamped, they are masked out.
-    flat = rows.flat_index(pos).clamp(max=rows.input_ids.shape[1] - 1)
-    return dict(input_ids=rows.input_ids, position_ids=rows.position_ids, **rows.attention_kwargs()), flat
+    flat = packed_rows.flat_index(pos).clamp(max=packed_rows.input_ids.shape[1] - 1)
+    inputs = dict(input_ids=packed_rows.input_ids, position_ids=packed_rows.position_ids,
+                  **packed_rows.attention_kwargs())
+    return inputs, flat
 
 
 def _to_response_frame(values: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor | None:

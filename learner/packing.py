@@ -21,6 +21,8 @@ transformers' own SDPA attention, and its mask function is SDPA's for padded cal
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,7 @@ try:
     from torch.nn.attention.varlen import varlen_attn  # FlashAttention's variable-length kernel (CUDA)
 except ImportError:  # torch < 2.9: per-row SDPA everywhere
     varlen_attn = None
+_VARLEN_PARAMETERS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn else frozenset()
 
 PACKED_ATTENTION = "rlrelay_packed"
 """The ``attn_implementation`` name the learner's models load with under ``learner.pack_sequences``."""
@@ -93,7 +96,9 @@ def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
         raise ValueError("learner.pack_sequences supports neither sliding-window attention nor attention dropout "
                          f"(sliding_window={sliding_window}, dropout={dropout}); set learner.pack_sequences=false")
     gqa = query.shape[1] != key.shape[1]
-    if varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+    flash = varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+    default_scale = scaling is None or math.isclose(scaling, query.shape[-1] ** -0.5)
+    if flash and (default_scale or "scale" in _VARLEN_PARAMETERS):
         out = _varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, gqa)  # [N, Hq, D]
     else:
         out = _per_row(query, key, value, cu_seq_lens_q, scaling, gqa)
@@ -105,8 +110,15 @@ def _varlen(query: Tensor, key: Tensor, value: Tensor, starts: Tensor, max_lengt
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, H, D]
     if max_length is None:
         max_length = int((starts[1:] - starts[:-1]).max())
-    return varlen_attn(q, k, v, starts, starts, max_length, max_length, scale=scaling, window_size=(-1, 0),
-                       enable_gqa=gqa)
+    # torch 2.10's signature takes is_causal; later ones a window, (-1, 0) being causal.
+    kwargs = dict(window_size=(-1, 0)) if "window_size" in _VARLEN_PARAMETERS else dict(is_causal=True)
+    if scaling is not None and "scale" in _VARLEN_PARAMETERS:
+        kwargs["scale"] = scaling
+    if gqa and "enable_gqa" in _VARLEN_PARAMETERS:
+        kwargs["enable_gqa"] = True
+    elif gqa:  # each key/value head serves a group of query heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, starts, starts, max_length, max_length, **kwargs)
 
 
 @torch.compiler.disable  # row boundaries are data: a compiled block calls this loop eagerly
