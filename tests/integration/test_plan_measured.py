@@ -91,6 +91,17 @@ def build(config: dict, batch: int, prompt: int, response: int):
     return model, arch, rollouts, shape
 
 
+def as_planned(shape: LearnerShape, rollouts: RolloutBatch, chunked: bool) -> LearnerShape:
+    """The planner sizes the head for full response rows, the worst case. The chunked head
+    takes the real response tokens only (the logits path computes every response column), so
+    for it the plan is given this batch's real response tokens per row."""
+    if not chunked:
+        return shape
+    real = int(rollouts.response_mask.sum())
+    assert real % rollouts.size == 0, "the test batch must hold a whole number of real tokens per row"
+    return dataclasses.replace(shape, response_len=real // rollouts.size)
+
+
 def micro_step(model, rollouts: RolloutBatch, chunked: bool = True) -> None:
     """Forward and backward of one micro-batch as ``LearnerRank._policy_loss`` computes it."""
     mask = rollouts.response_mask
@@ -156,7 +167,8 @@ def test_peak_of_a_training_step_is_within_ten_percent(name, checkpointing, chun
     tracker = LiveBytes([*model.parameters(), *model.buffers(), *state])
     with tracker:
         train_step(model, opt, rollouts, chunked=chunked)  # two micro-batches: gradients exist during the second
-    planned = plan_memory(arch, shape, MemoryOptions(activation_checkpointing=checkpointing, chunked_head=chunked))
+    planned = plan_memory(arch, as_planned(shape, rollouts, chunked),
+                          MemoryOptions(activation_checkpointing=checkpointing, chunked_head=chunked))
     policy = planned.active["policy"]
     expected = planned.resident["policy"].total + policy.activations + policy.logits
     measured = before + tracker.peak
@@ -178,7 +190,8 @@ def test_bf16_activations_and_logits_are_within_ten_percent(name, chunked):
     with tracker:
         for _ in range(2):
             micro_step(model, rollouts, chunked)
-    planned = plan_memory(arch, dataclasses.replace(shape, mixed_precision=True), MemoryOptions(chunked_head=chunked))
+    planned = plan_memory(arch, dataclasses.replace(as_planned(shape, rollouts, chunked), mixed_precision=True),
+                          MemoryOptions(chunked_head=chunked))
     policy = planned.active["policy"]
     expected = 2 * arch.policy_params + policy.activations + policy.logits  # + the model's own bf16 gradients
     print(f"{name} bf16 chunked={chunked}: peak measured {tracker.peak} B, planned {expected} B, ratio {tracker.peak / expected:.3f}")
@@ -218,7 +231,7 @@ def test_fsdp2_peak_matches_torchs_fsdp_memory_tracker(name, sharding, gloo_worl
     with tracker:
         train_step(model, opt, rollouts, micro=1)  # one micro-batch: no gradients at its peak yet
     (measured,) = [snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values()]
-    planned = plan_memory(arch, shape, MemoryOptions(sharding=sharding))
+    planned = plan_memory(arch, as_planned(shape, rollouts, True), MemoryOptions(sharding=sharding))
     expected = planned.peak.total - planned.resident["policy"].gradients
     print(f"{name} FSDP2 {sharding}: peak measured {measured} B, planned {expected} B, ratio {measured / expected:.3f}")
     assert 0.9 <= measured / expected <= 1.1
