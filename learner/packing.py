@@ -57,9 +57,8 @@ class PackedRows:
 
     def attention_kwargs(self) -> dict:
         """What the model's forward passes down to ``packed_attention`` (transformers'
-        variable-length keyword names)."""
-        return dict(cu_seq_lens_q=self.starts, cu_seq_lens_k=self.starts,
-                    max_length_q=self.max_length, max_length_k=self.max_length)
+        variable-length keyword names; keys and queries share the bounds)."""
+        return dict(cu_seq_lens_q=self.starts, max_length_q=self.max_length)
 
     def flat_index(self, positions: Tensor) -> Tensor:
         """Packed index of each ``positions[i, t]`` of row ``i``.  # [B, T] -> [B, T]"""
@@ -71,13 +70,13 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor) -> PackedRows:
     lengths = attention_mask.sum(dim=1)  # [B]
     if int(lengths.min()) < 1:
         raise ValueError("cannot pack a row with no tokens")
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
     real = attention_mask.bool()
-    if not bool((real == (torch.arange(real.shape[1], device=real.device) < lengths[:, None])).all()):
+    if not bool((real == (columns < lengths[:, None])).all()):
         raise ValueError("pack_rows needs right-padded rows: each row's real tokens first")
-    positions = torch.cumsum(attention_mask, dim=1) - 1  # [B, L]: 0..len-1 on real tokens
     starts = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=input_ids.device)
     starts[1:] = torch.cumsum(lengths, dim=0)
-    return PackedRows(input_ids=input_ids[real][None], position_ids=positions[real][None], starts=starts,
+    return PackedRows(input_ids=input_ids[real][None], position_ids=columns[real][None], starts=starts,
                       max_length=int(lengths.max()))
 
 
@@ -105,11 +104,9 @@ def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
     return out[None], None
 
 
-def _varlen(query: Tensor, key: Tensor, value: Tensor, starts: Tensor, max_length: int | None,
+def _varlen(query: Tensor, key: Tensor, value: Tensor, starts: Tensor, max_length: int,
             scaling: float | None, gqa: bool) -> Tensor:
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, H, D]
-    if max_length is None:
-        max_length = int((starts[1:] - starts[:-1]).max())
     # torch 2.10's signature takes is_causal; later ones a window, (-1, 0) being causal.
     kwargs = dict(window_size=(-1, 0)) if "window_size" in _VARLEN_PARAMETERS else dict(is_causal=True)
     if scaling is not None and "scale" in _VARLEN_PARAMETERS:
