@@ -155,11 +155,11 @@ def spread(values: list[float]) -> dict:
     """Median, min and max of repeated measurements (and the runs themselves)."""
     if not values:
         raise ValueError("no measurements")
-    return {"median": _round(statistics.median(values)), "min": _round(min(values)),
-            "max": _round(max(values)), "runs": [_round(v) for v in values]}
+    return {"median": significant(statistics.median(values)), "min": significant(min(values)),
+            "max": significant(max(values)), "runs": [significant(v) for v in values]}
 
 
-def _round(x: float) -> float:
+def significant(x: float) -> float:
     """Four significant digits: the machines are noisier than that."""
     if x == 0 or not math.isfinite(x):
         return x
@@ -254,7 +254,7 @@ def process_memory_mib(pid: int) -> dict:
     import psutil
 
     info = psutil.Process(pid).memory_full_info()
-    return {"rss_mib": _round(info.rss / 2**20), "uss_mib": _round(info.uss / 2**20)}
+    return {"rss_mib": significant(info.rss / 2**20), "uss_mib": significant(info.uss / 2**20)}
 
 
 class BareActor:

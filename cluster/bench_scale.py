@@ -29,7 +29,7 @@ import time
 
 from actors.rollout_worker import EngineSettings, WeightLoadReport, WorkerStatus
 from actors.types import GenerateRequest, Rollout
-from cluster.bench import BareActor, bench_config, process_memory_mib, spread
+from cluster.bench import BareActor, bench_config, process_memory_mib, significant, spread
 from learner.weight_bucket import WeightUpdate, verify
 
 log = logging.getLogger("rlrelay")
@@ -202,7 +202,7 @@ class _SizeBench:
                                        "total_s")},
             "actor_set_loop_s": round(step_median - statistics.median(hand), 4),
             "push_s": spread(pushes),
-            "records_mib_per_step": round(record_bytes / 2**20, 2),
+            "records_mib_per_step": significant(record_bytes / 2**20),
             "stand_in_overruns": overruns,
             "actor_rss_mib_median": statistics.median(m["rss_mib"] for m in memory),
             "actor_uss_mib_median": statistics.median(m["uss_mib"] for m in memory),
@@ -318,7 +318,7 @@ def _extrapolate(per_size: list[dict], wait_cost: dict, args) -> dict:
         "actor_set_loop_s_linear_fit": at_target([s["actor_set_loop_s"] for s in per_size]),
         "actor_set_ray_wait_loop_s": round(float(wait_loop_s), 4),
         "push_s_linear_fit": at_target(medians("push_s")),
-        "stand_in_memory_gib": round(target * statistics.median(s["actor_uss_mib_median"] for s in per_size) / 1024, 1),
+        "stand_in_memory_gib": significant(target * statistics.median(s["actor_uss_mib_median"] for s in per_size) / 1024),
         "raylet_mib_linear_fit": at_target([s["ray_processes_mib"].get("raylet", 0.0) for s in per_size]),
         "gcs_mib_linear_fit": at_target([s["ray_processes_mib"].get("gcs_server", 0.0) for s in per_size]),
     }

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.bench import bench_config, build_model, process_memory_mib, shape_from_args, spread
+from cluster.bench import bench_config, build_model, process_memory_mib, shape_from_args, significant, spread
 
 TRANSPORTS = ("shared_memory", "object_store")
 """Both are measured step by step whatever ``--transport`` the production pushes use."""
@@ -137,12 +137,12 @@ def run(args) -> dict:
                      "kv_cache_gib": args.kv_cache_gib, "learner": "1 FSDP2 rank over gloo, 2 threads",
                      "rollout_worker_threads": 1},
         "copy_bandwidth_gbps": spread(copy_gbps),
-        "copy_bound_s": round(bound_s, 4),
+        "copy_bound_s": significant(bound_s),
         "actors_start_s": round(start_s, 2),
         "production": {
             "transport": transport,
             "push_s": spread(column(production, "push_s")),
-            "push_first_s": round(production[0]["push_s"], 4),
+            "push_first_s": significant(production[0]["push_s"]),
             "export_s": spread(column(production, "export_s")),
             "broadcast_s": spread(column(production, "broadcast_s")),
             "worker_verify_s": spread(column(production, "verify_s")),
