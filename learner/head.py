@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from learner.losses import softmax_dtype
+
 CHUNK_TOKENS = 1024
 """Tokens per chunk: a chunk's float32 buffers are ~0.6 GB each on a 150k vocabulary."""
 
@@ -58,7 +60,7 @@ def _scaled_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: 
     dtype, as the model's own ``lm_head`` would give them, then upcast (a softmax in bf16 is too
     coarse)."""
     logits = F.linear(h, weight, bias)
-    scaled = logits.to(_softmax_dtype(logits.dtype))
+    scaled = logits.to(softmax_dtype(logits.dtype))
     # In place when the upcast made a copy, or when the logits are already float32 and this
     # function's own temporary.
     return scaled.div_(temperature)
@@ -92,10 +94,6 @@ def _chunk_grad_logits(h: Tensor, weight: Tensor, bias: Tensor | None, labels: T
     return grad.div_(temperature).to(h.dtype)
 
 
-def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 @functools.cache
 def _compiled(fn):
     return torch.compile(fn, dynamic=True)
@@ -114,7 +112,7 @@ class _LinearLogprobs(torch.autograd.Function):
             lse.append(chunk_lse)
             if with_entropy:
                 entropy.append(ent)
-        dtype = _softmax_dtype(hidden.dtype)
+        dtype = softmax_dtype(hidden.dtype)
         empty = hidden.new_empty(0, dtype=dtype)
         logprobs = torch.cat(logprobs) if logprobs else empty
         lse = torch.cat(lse) if lse else empty
@@ -141,7 +139,7 @@ class _LinearLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         # float32 accumulators: summing a bf16 [V, H] gradient over chunks in bf16 would round.
-        acc = _softmax_dtype(weight.dtype)
+        acc = softmax_dtype(weight.dtype)
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
         for start in range(0, hidden.shape[0], chunk_tokens):

@@ -166,9 +166,13 @@ def value_loss(
     return loss, metrics
 
 
-def _upcast(x: Tensor) -> Tensor:
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     """bf16/fp16 -> float32 (softmax in half precision is too coarse); float64 stays."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.to(softmax_dtype(x.dtype))
 
 
 def _entropy_rows(logits: Tensor) -> Tensor:
