@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -172,9 +171,7 @@ def test_prepare_demo_assets_builds_once_then_returns_the_cache(tmp_path):
 
     before = file_state(tmp_path)
     logs.clear()
-    started = time.perf_counter()
     again = prepare_demo_assets(TINY, tmp_path, log=logs.append)
-    assert time.perf_counter() - started < 0.5
     assert again == assets
     assert not any("warm-start" in line for line in logs)  # no retraining
     assert file_state(tmp_path) == before

@@ -110,7 +110,7 @@ def user_rewards(tmp_path, monkeypatch) -> str:
 
             def slow(prompt, response, answer):
                 if response == "hang":
-                    time.sleep(2.0)
+                    time.sleep(5.0)
                 return 1.0
             """
         )
@@ -284,9 +284,9 @@ def test_hung_function_times_out_and_later_samples_still_score(user_rewards):
     results = worker.score(requests_for("a", "hang", "b", "c"))
     elapsed = time.monotonic() - start
 
-    # Well under the 2 s sleep: the samples after the hung one ran on a fresh thread, not
-    # behind the stuck call.
-    assert elapsed < 1.0
+    # Well under the 5 s sleep: the samples after the hung one ran on a fresh thread, not
+    # behind the stuck call (the margin is wide: these machines are shared and noisy).
+    assert elapsed < 3.0
     assert [r.reward for r in results[0:1] + results[2:]] == [1.0, 1.0, 1.0]
     assert math.isnan(results[1].reward)
     assert results[1].error == f"reward function '{user_rewards}:slow' timed out after 0.2 s"
@@ -294,7 +294,7 @@ def test_hung_function_times_out_and_later_samples_still_score(user_rewards):
     # The next batch is not held up by the still-sleeping thread either.
     start = time.monotonic()
     assert [r.reward for r in worker.score(requests_for("d"))] == [1.0]
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 2.0  # the stuck thread still sleeps for seconds
 
 
 def test_reward_model_failure_fails_every_sample_of_the_call(tmp_path):
