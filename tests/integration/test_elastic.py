@@ -20,7 +20,9 @@ from helpers import ESTIMATOR_CASES, REPO, check_estimator_steps, run_cli, write
 
 pytestmark = pytest.mark.integration
 
-PROMPTS, SAMPLES, STEPS = 8, 4, 100
+# More steps than the test will ever reach: SIGTERM ends the run, and `n < STEPS` checks it
+# stopped early however slowly the machine runs.
+PROMPTS, SAMPLES, STEPS = 8, 4, 100_000
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -35,14 +37,17 @@ def test_scale_up_and_down_while_training(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent),
            "RLRELAY_STATE_DIR": str(tmp_path / "jobs")}
-    # A slow reward (20 ms a sample) keeps every step >= 0.6 s, so the job outlives the scaling.
-    job = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "train", "deploy/jobs/demo.yaml", f"trainer.steps={STEPS}",
-         "rollout.num_workers=1", f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}",
-         "model.max_model_len=64", f"model.path={tiny_model_dir}", f"data.train_path={train}", f"run.dir={run_dir}",
-         "run.name=elastic-test", "trainer.sample_table_every=0", "trainer.eval_every=0",
-         "reward.functions=[rewards_for_tests:slow_length]"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A slow reward (20 ms a sample) keeps every step >= 0.6 s. The job's output goes to files:
+    # a pipe nobody reads until the end would fill and block the job.
+    out_path, err_path = tmp_path / "train.out", tmp_path / "train.err"
+    with out_path.open("w") as out_file, err_path.open("w") as err_file:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "train", "deploy/jobs/demo.yaml", f"trainer.steps={STEPS}",
+             "rollout.num_workers=1", f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}",
+             "model.max_model_len=64", f"model.path={tiny_model_dir}", f"data.train_path={train}", f"run.dir={run_dir}",
+             "run.name=elastic-test", "trainer.sample_table_every=0", "trainer.eval_every=0",
+             "reward.functions=[rewards_for_tests:slow_length]"],
+            cwd=REPO, env=env, stdout=out_file, stderr=err_file, text=True, start_new_session=True)
     try:
         deadline = time.time() + 300
         while not any(r.get("step", 0) >= 2 and "reward/mean" in r for r in rows(run_dir)):
@@ -63,7 +68,8 @@ def test_scale_up_and_down_while_training(tmp_path, tiny_model_dir):
         # The job needs no more steps: a first SIGTERM ends it after the step in progress.
         at_stop = len([r for r in rows(run_dir) if "reward/mean" in r])
         job.send_signal(signal.SIGTERM)
-        out, err = job.communicate(timeout=300)
+        job.wait(timeout=300)
+        out, err = out_path.read_text(), err_path.read_text()
         assert job.returncode == 0, err[-4000:]
     finally:
         if job.poll() is None:
