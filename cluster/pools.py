@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import ray
 import torch
 from ray.autoscaler.sdk import request_resources
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -49,7 +49,27 @@ def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
             ray.get(ready[0])
         except RayActorError as e:
             raise WorkerFailure(f"{what[refs.index(ready[0])]} died: {e}") from e
+        except RayTaskError:
+            # A dead rank often shows first as a collective error in a live peer ("connection
+            # closed by peer"); name the dead worker if one of the others turns out to be one.
+            _raise_if_one_died(pending, refs, what, min(DEATH_GRACE_S, max(0.0, deadline - time.monotonic())))
+            raise
     return ray.get(list(refs))
+
+
+DEATH_GRACE_S = 10.0
+"""How long a failed call waits for its peers' results before it is reported as it is."""
+
+
+def _raise_if_one_died(pending: list, refs: list, what: Sequence[str], timeout_s: float) -> None:
+    done, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
+    for ref in done:
+        try:
+            ray.get(ref)
+        except RayActorError as e:
+            raise WorkerFailure(f"{what[refs.index(ref)]} died: {e}") from e
+        except RayTaskError:
+            continue
 
 
 def weight_transport(setting: str, nodes: int, autoscale: bool) -> str:
