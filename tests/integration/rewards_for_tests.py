@@ -7,6 +7,15 @@ def length(prompt: str, response: str, answer: str | None) -> float:
     return len(response) / 8.0
 
 
+def paced_length(prompt: str, response: str, answer: str | None) -> float:
+    """``length``'s values at 20 ms a sample: a run that is killed "right after" a checkpoint
+    appears then has seconds, not a fraction of one, before its next checkpoint."""
+    import time
+
+    time.sleep(0.02)
+    return length(prompt, response, answer)
+
+
 def slow_length(prompt: str, response: str, answer: str | None) -> float:
     """Like ``length`` unscaled, but takes 20 ms a sample, so a scoring call lasts long enough
     to be interrupted."""

@@ -27,7 +27,7 @@ def args(model, train, run_dir) -> list[str]:
             "trainer.async_staleness=1", "rollout.num_workers=1", f"rollout.prompts_per_step={PROMPTS}",
             f"rollout.samples_per_prompt={SAMPLES}", "model.max_model_len=64", f"model.path={model}",
             f"data.train_path={train}", f"run.dir={run_dir}", "trainer.sample_table_every=0",
-            "reward.functions=[rewards_for_tests:length]", "learner.lr=1e-3", *ESTIMATOR_CASES["rloo"]]
+            "reward.functions=[rewards_for_tests:paced_length]", "learner.lr=1e-3", *ESTIMATOR_CASES["rloo"]]
 
 
 def expected_prompt_sums(train: Path) -> list[float]:

@@ -15,6 +15,9 @@ from helpers import run_cli
 pytestmark = pytest.mark.integration
 
 TINY_MODEL = ("--hidden", "128", "--layers", "2", "--intermediate", "256")
+ROUNDING = 2e-3
+"""Relative slack for sums of figures: each is printed to four significant digits (an error of
+up to 5e-4 of its value), so a sum of parts and the printed total may differ by ~1e-3 of it."""
 
 
 def bench(*args: str) -> dict:
@@ -70,7 +73,7 @@ def test_bench_sync_breaks_a_push_into_parts_that_add_up():
     for i in range(2):
         # export and broadcast are consecutive parts of one push; verify and load lie inside the broadcast.
         assert prod["export_s"]["runs"][i] + prod["broadcast_s"]["runs"][i] == pytest.approx(
-            prod["push_s"]["runs"][i], abs=2e-3)
+            prod["push_s"]["runs"][i], rel=ROUNDING, abs=2e-3)
         assert prod["worker_verify_s"]["runs"][i] + prod["worker_load_s"]["runs"][i] <= prod["broadcast_s"]["runs"][i]
     assert prod["transport"] == out["target"]["transport"] == "shared_memory"  # auto, on a one-node cluster
     for inst in out["instrumented"].values():
@@ -78,7 +81,7 @@ def test_bench_sync_breaks_a_push_into_parts_that_add_up():
             assert_spread(inst[name], n=2)
         for i in range(2):
             parts = sum(inst[k]["runs"][i] for k in ("gather_s", "pack_s", "put_s", "worker_get_s"))
-            assert parts == pytest.approx(inst["ours_s"]["runs"][i], abs=2e-3)
+            assert parts == pytest.approx(inst["ours_s"]["runs"][i], rel=ROUNDING, abs=2e-3)
             assert inst["checksum_pass_s"]["runs"][i] > 0
         assert inst["buckets"] == inst["tensors"] > 1  # one bucket (or slot) per tensor
     assert sorted(out["instrumented"]) == ["object_store", "shared_memory"]
@@ -105,7 +108,7 @@ def test_bench_scale_measures_the_control_plane_with_stand_in_workers():
             total = parts["total_s"]["runs"][i]
             summed = sum(parts[k]["runs"][i] for k in ("build_s", "dispatch_s", "fetch_s", "merge_s")) \
                 + parts["wait_beyond_latency_s"]["runs"][i] + 0.05
-            assert summed == pytest.approx(total, abs=2e-3)
+            assert summed == pytest.approx(total, rel=ROUNDING, abs=2e-3)
         assert_spread(size["push_s"], n=2)
         assert size["records_mib_per_step"] > 0
         assert size["actor_uss_mib_median"] > 0
@@ -140,17 +143,17 @@ def test_bench_step_takes_steps_apart_and_compares_overlap_with_its_bound():
             for i in range(2):
                 step = r["step_s"]["runs"][i]
                 # The parts are the step's critical path, and the controller's samples/s is per step.
-                assert sum(p["runs"][i] for p in r["step_parts_s"].values()) == pytest.approx(step, abs=5e-3)
+                assert sum(p["runs"][i] for p in r["step_parts_s"].values()) == pytest.approx(step, rel=ROUNDING, abs=5e-3)
                 assert r["samples_per_s"]["runs"][i] == pytest.approx(32 / step, rel=1e-2)
                 if mode == "sync":  # waiting on the rollout is generating and scoring it
                     acting = r["rollout_s"]["generate"]["runs"][i] + r["rollout_s"]["score"]["runs"][i]
-                    assert acting <= r["step_parts_s"]["wait_rollout"]["runs"][i] + 2e-3
+                    assert acting <= r["step_parts_s"]["wait_rollout"]["runs"][i] * (1 + ROUNDING) + 2e-3
         overlap = layout["overlap"]
         assert overlap["sync_step_s"] == layout["sync"]["step_s"]
         assert overlap["async_step_s"] == layout["async"]["step_s"]
         for i in range(2):
             assert overlap["sync_generation_s"]["runs"][i] + overlap["sync_training_s"]["runs"][i] == pytest.approx(
-                overlap["sync_step_s"]["runs"][i], abs=2e-3)
+                overlap["sync_step_s"]["runs"][i], rel=ROUNDING, abs=2e-3)
         assert overlap["bound_s"] == max(overlap["sync_generation_s"]["median"], overlap["sync_training_s"]["median"])
         assert overlap["async_to_bound"] == pytest.approx(overlap["async_step_s"]["median"] / overlap["bound_s"],
                                                           abs=1e-3)

@@ -27,9 +27,11 @@ PROMPTS = [Prompt(index=i, text=f"{10 + i}+{i * 3 % 90 + 10}=", answer=str(i)) f
 
 
 def config(*overrides):
+    # A 15 s probe timeout: a live worker generating while two replacement engines start on a
+    # loaded 2-core machine can be slow to answer, and an extra restart would break the counts.
     return load_config(None, ["rollout.num_cpus=0.5", "rollout.num_threads=1", "rollout.kv_cache_gib=0.1",
-                              "model.max_model_len=64", "rollout.max_new_tokens=24", "rollout.health_interval_s=1", "rollout.health_timeout_s=4",
-                              *overrides])
+                              "model.max_model_len=64", "rollout.max_new_tokens=24", "rollout.health_interval_s=1",
+                              "rollout.health_timeout_s=15", *overrides])
 
 
 def busy_member(pool: RolloutPool, exclude=(), timeout: float = 60):

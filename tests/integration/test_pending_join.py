@@ -27,7 +27,8 @@ def pool(ray, awaiting_resources) -> ActorSet:
     # Member 0 fits the 4-CPU test instance; every later member asks for 64 CPUs.
     actors = ActorSet("echo", spawn=lambda i: (small if i == 0 else huge).remote(),
                       prepare=lambda h: h.ping.remote(), size=1, timeout_s=30,
-                      awaiting_resources=awaiting_resources)
+                      awaiting_resources=awaiting_resources,
+                      max_restarts=1000)  # a slow machine replaces the joiner many times a run
     actors.wait_ready()
     actors.start_timeout_s = 1.0  # short, for the joiner only
     actors.resize(2)

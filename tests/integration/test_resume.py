@@ -27,7 +27,7 @@ def job_args(tiny_model_dir, train, run_dir) -> list[str]:
     return ["train", "deploy/jobs/demo.yaml", "trainer.steps=4", "trainer.save_every=2", "rollout.num_workers=1",
             "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", "model.max_model_len=64",
             f"model.path={tiny_model_dir}", f"data.train_path={train}", f"run.dir={run_dir}",
-            "trainer.sample_table_every=0", "reward.functions=[rewards_for_tests:length]",
+            "trainer.sample_table_every=0", "reward.functions=[rewards_for_tests:paced_length]",
             "learner.lr=1e-3", *ESTIMATOR_CASES["gae"]]  # a critic and a reference model to restore too
 
 

@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,9 +29,6 @@ from helpers import _log_records, run_cli, write_addition_data
 
 pytestmark = pytest.mark.integration
 
-# Unusual ports: other tests start local instances with Ray's defaults.
-GCS_PORT, DASHBOARD_PORT, AGENT_PORT, CLIENT_PORT = 6390, 8275, 52375, 23001
-ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
 JOB_ID = re.compile(r"submitted job (\S+)")
 
 
@@ -51,10 +49,14 @@ class Head:
                     if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "WANDB_API_KEY")}
         head_env.update(self.env, RAY_USAGE_STATS_ENABLED="0")
         self.log = (root / "head.log").open("w")
+        # Ports free now, not fixed ones: other tests' Ray instances and other jobs on a shared
+        # machine may hold any given port.
+        gcs, dashboard, agent, client = free_ports(4)
+        self.address = f"http://127.0.0.1:{dashboard}"
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             f"--port={GCS_PORT}", "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
-             f"--dashboard-agent-listen-port={AGENT_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
+             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
              "--num-cpus=4", f"--temp-dir={root / 'ray'}", "--disable-usage-stats"],
             env=head_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -63,7 +65,7 @@ class Head:
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.process.returncode}:\n{self.log_text()}")
-            if http_status("/api/jobs/", token=self.token) == 200:
+            if http_status(self.address, "/api/jobs/", token=self.token) == 200:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the job API did not answer within {timeout} s:\n{self.log_text()}")
@@ -97,8 +99,20 @@ class Head:
         return (self.root / "head.log").read_text()[-4000:]
 
 
-def http_status(path: str, token: str | None = None) -> int:
-    request = urllib.request.Request(f"{ADDRESS}{path}")
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports nothing listens on (held open together so they differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def http_status(address: str, path: str, token: str | None = None) -> int:
+    request = urllib.request.Request(f"{address}{path}")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -124,7 +138,7 @@ def head():
 
 
 def submit(head: Head, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return run_cli("submit", *args, "--address", ADDRESS, env=head.env, timeout=timeout)
+    return run_cli("submit", *args, "--address", head.address, env=head.env, timeout=timeout)
 
 
 def test_submit_two_steps_and_wait_for_success(head, tmp_path, tiny_model_dir):
@@ -134,7 +148,8 @@ def test_submit_two_steps_and_wait_for_success(head, tmp_path, tiny_model_dir):
     result = submit(head, "deploy/jobs/demo.yaml", "run.name=submit-test", "trainer.steps=2",
                     "rollout.num_workers=1", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4",
                     "model.max_model_len=64", f"model.path={tiny_model_dir}", f"data.train_path={train}",
-                    f"data.eval_path={evals}", f"run.dir={run_dir}", "--wait", "--timeout", "240")
+                    f"data.eval_path={evals}", f"run.dir={run_dir}", "--wait", "--timeout", "480",
+                    timeout=540)  # a job's start-up alone is ~50 s here: room for a loaded machine
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     job_id = JOB_ID.search(result.stdout).group(1)
@@ -145,11 +160,11 @@ def test_submit_two_steps_and_wait_for_success(head, tmp_path, tiny_model_dir):
     assert summary["steps_completed"] == 2
 
     # The job's logs hold the training's own final line; `rlrelay jobs` lists the job.
-    logs = run_cli("logs", job_id, "--address", ADDRESS, env=head.env, timeout=60)
+    logs = run_cli("logs", job_id, "--address", head.address, env=head.env, timeout=60)
     assert logs.returncode == 0, logs.stderr
     final = json.loads(next(line for line in logs.stdout.splitlines() if line.startswith('{"run_dir"')))
     assert final["steps_completed"] == 2 and final["run_dir"] == str(run_dir)
-    listed = run_cli("jobs", "--address", ADDRESS, env=head.env, timeout=60)
+    listed = run_cli("jobs", "--address", head.address, env=head.env, timeout=60)
     assert re.search(rf"^{re.escape(job_id)}\s+SUCCEEDED", listed.stdout, re.M), listed.stdout + listed.stderr
 
     # The W&B run carries the Ray job id as a tag (and so in its config, under run.wandb_tags).
@@ -172,15 +187,15 @@ def test_stop_a_running_job(head, tmp_path, tiny_model_dir):
                     f"data.train_path={train}", f"run.dir={tmp_path / 'run'}", timeout=60)
     assert result.returncode == 0, result.stderr
     job_id = JOB_ID.search(result.stdout).group(1)
-    stopped = run_cli("stop", job_id, "--address", ADDRESS, "--timeout", "60", env=head.env, timeout=90)
+    stopped = run_cli("stop", job_id, "--address", head.address, "--timeout", "60", env=head.env, timeout=90)
     assert stopped.returncode == 0, stopped.stderr
     assert f"job {job_id}: STOPPED" in stopped.stdout
 
 
 def test_clients_without_the_token_are_refused(head):
     # Plain HTTP without a token, and the CLI with a wrong one.
-    assert http_status("/api/jobs/") == 401
-    wrong = run_cli("jobs", "--address", ADDRESS, env={**head.env, "RAY_AUTH_TOKEN": secrets.token_hex(32)},
+    assert http_status(head.address, "/api/jobs/") == 401
+    wrong = run_cli("jobs", "--address", head.address, env={**head.env, "RAY_AUTH_TOKEN": secrets.token_hex(32)},
                     timeout=60)
     assert wrong.returncode != 0
     assert "auth" in wrong.stderr.lower(), wrong.stderr[-2000:]
@@ -206,7 +221,7 @@ def test_a_job_knows_its_submission_id(head):
     code = "import os; from cluster.jobs import current_submission_id; print('ID', current_submission_id(os.environ))"
     env = {**os.environ, **head.env}
     env.pop("RAY_ADDRESS", None)
-    result = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ADDRESS,
+    result = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.address,
                              "--submission-id", "plain-ray-job-1", "--working-dir", ".",
                              "--runtime-env-json", json.dumps({"excludes": [".venv/", ".git/", "runs/", ".cache/"]}),
                              "--", "python", "-c", code],
