@@ -11,6 +11,7 @@ fan-out/fan-in of each step's work with a timeout on every wait.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ from reward.types import ScoreRequest, ScoreResult
 from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
 
 
+DEATH_GRACE_S = 10.0
+"""How long a failed call waits for its peers' results before it is reported as it is."""
+
+
 def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
     """``ray.get`` of every ref with one deadline, turning Ray's errors into one that names the
     worker. Results are checked as they arrive, so a dead worker is named at once, not after
@@ -46,30 +51,24 @@ def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
             slow = [what[refs.index(r)] for r in pending]
             raise WorkerFailure(f"no answer within {timeout_s:.0f} s from {', '.join(slow)}")
         try:
-            ray.get(ready[0])
-        except RayActorError as e:
-            raise WorkerFailure(f"{what[refs.index(ready[0])]} died: {e}") from e
+            _get_naming_death(ready[0], refs, what)
         except RayTaskError:
             # A dead rank often shows first as a collective error in a live peer ("connection
             # closed by peer"); name the dead worker if one of the others turns out to be one.
-            _raise_if_one_died(pending, refs, what, min(DEATH_GRACE_S, max(0.0, deadline - time.monotonic())))
+            grace = min(DEATH_GRACE_S, max(0.0, deadline - time.monotonic()))
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=grace)
+            for ref in done:
+                with contextlib.suppress(RayTaskError):
+                    _get_naming_death(ref, refs, what)
             raise
     return ray.get(list(refs))
 
 
-DEATH_GRACE_S = 10.0
-"""How long a failed call waits for its peers' results before it is reported as it is."""
-
-
-def _raise_if_one_died(pending: list, refs: list, what: Sequence[str], timeout_s: float) -> None:
-    done, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
-    for ref in done:
-        try:
-            ray.get(ref)
-        except RayActorError as e:
-            raise WorkerFailure(f"{what[refs.index(ref)]} died: {e}") from e
-        except RayTaskError:
-            continue
+def _get_naming_death(ref, refs: list, what: Sequence[str]):
+    try:
+        return ray.get(ref)
+    except RayActorError as e:
+        raise WorkerFailure(f"{what[refs.index(ref)]} died: {e}") from e
 
 
 def weight_transport(setting: str, nodes: int, autoscale: bool) -> str:
