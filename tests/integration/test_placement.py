@@ -33,12 +33,21 @@ def test_ranks_are_packed_per_node_and_ordered_by_node(three_nodes):
     try:
         nodes = placement.nodes
         assert sorted(placement.rank_bundles) == [0, 1, 2, 3]
-        # PACK fills nodes before spilling: 4 one-CPU bundles fit on two 2-CPU nodes, or 2+1+1.
-        assert len(set(nodes)) <= 3 and max(nodes.count(n) for n in set(nodes)) == 2
+        # PACK fills nodes before spilling: 4 one-CPU bundles on the two 2-CPU nodes, the
+        # 1-CPU head left out (SPREAD would use all three nodes).
+        assert len(set(nodes)) == 2 and all(nodes.count(n) == 2 for n in nodes), nodes
         # Ranks of a node are consecutive, and rank 0 is on the node of bundle 0 (the rendezvous).
         runs = [n for i, n in enumerate(nodes) if i == 0 or nodes[i - 1] != n]
         assert len(runs) == len(set(nodes)), nodes
         assert placement.rank_bundles[0] == 0
+    finally:
+        remove_placement_group(placement.group)
+
+
+def test_ranks_that_fit_one_node_share_it(three_nodes):
+    placement = learner_placement(world_size=2, num_cpus=1.0, num_gpus=0.0, timeout_s=60)
+    try:
+        assert len(set(placement.nodes)) == 1, placement.nodes  # SPREAD would put them on two nodes
     finally:
         remove_placement_group(placement.group)
 

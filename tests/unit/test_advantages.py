@@ -297,11 +297,16 @@ def test_reinforce_pp_baseline_pipeline_sequence_rewards():
     mask = ragged_mask([2, 3, 1, 2])
     rewards = token_level_rewards(group_mean_baseline(scores, groups), mask)
     out = reinforce_pp_advantages(rewards, mask)
-    # Real returns: row0 [.5,.5], row1 [-.5,-.5,-.5], rows 2,3 zero; mean -0.5/8, then whitened.
-    assert out[0, 0] == out[0, 1] > 0
-    assert (out[1, :3] < 0).all() and out[1, 0] == out[1, 2]
-    assert out[2, 0] == out[3, 0] == out[3, 1]
-    assert (out[mask == 0] == 0).all()
+    # Real returns: row0 [.5,.5], row1 [-.5,-.5,-.5], rows 2,3 zero; mean -0.5/8 = -0.0625,
+    # population std sqrt(1.21875 / 8) = 0.390312; whitened: (r + 0.0625) / 0.390312.
+    # Skipping either step changes every value: without the baseline the returns are 1, 0, 1, 1
+    # per row; without whitening they stay 0.5, -0.5, 0, 0.
+    std = math.sqrt(1.21875 / 8)
+    expected = torch.zeros(mask.shape, dtype=out.dtype)
+    expected[0, :2] = 0.5625 / std  # 1.4411
+    expected[1, :3] = -0.4375 / std  # -1.1209
+    expected[2, :1] = expected[3, :2] = 0.0625 / std  # 0.1601
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------- reward shaping ----------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from actors.types import Rollout
-from learner.batch import arrange_by_length, collate, micro_batch_sizes, response_positions, split_evenly
+from learner.batch import TrainBatch, arrange_by_length, collate, micro_batch_sizes, response_positions, split_evenly
 
 
 def rollout(prompt, response, logprobs):
@@ -29,9 +29,23 @@ def test_collate_frames_and_positions():
 
 
 def test_select_trims_both_frames():
-    rs = [rollout([5, 6, 7], [8, 9], [-0.1, -0.2]), rollout([5], [4, 3, 2, 1], [-1.0, -2.0, -3.0, -4.0])]
-    b = collate(rs, pad_token_id=0).select([0])
-    assert b.input_ids.shape == (1, 5) and b.response_mask.shape == (1, 2)
+    # Row 1 is the longer in both frames (7 tokens, 4 of response): selecting row 0 alone must
+    # cut the sequence frame from 7 to 5 and the response frame from 4 to 2.
+    rs = [rollout([5, 6, 7], [8, 9], [-0.1, -0.2]), rollout([5, 5, 5], [4, 3, 2, 1], [-1.0, -2.0, -3.0, -4.0])]
+    full = collate(rs, pad_token_id=0)
+    b = full.select([0])
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9]] and b.attention_mask.tolist() == [[1, 1, 1, 1, 1]]
+    assert b.prompt_lengths.tolist() == [3] and b.response_mask.tolist() == [[1, 1]]
+    torch.testing.assert_close(b.rollout_logprobs, torch.tensor([[-0.1, -0.2]]))
+    # A TrainBatch cuts its response-frame tensors to the same width, rows in the order asked.
+    adv = torch.tensor([[1.0, 2.0, 0.0, 0.0], [3.0, 4.0, 5.0, 6.0]])
+    train = TrainBatch(rollouts=full, old_logprobs=-adv, advantages=adv, returns=None, old_values=None,
+                       ref_logprobs=adv * 10, importance_weights=None)
+    picked = train.select([1, 0])
+    assert picked.rollouts.input_ids.shape == (2, 7) and picked.advantages.tolist() == [[3, 4, 5, 6], [1, 2, 0, 0]]
+    assert picked.old_logprobs.tolist() == [[-3, -4, -5, -6], [-1, -2, 0, 0]]
+    assert picked.ref_logprobs.tolist() == [[30, 40, 50, 60], [10, 20, 0, 0]] and picked.returns is None
+    assert train.select([0]).advantages.tolist() == [[1, 2]]
 
 
 def _padded_positions(lengths, rows, num_micro):

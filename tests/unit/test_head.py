@@ -95,13 +95,20 @@ def test_bfloat16_matches_naive_bfloat16_logits_and_keeps_dtypes():
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_extreme_logits_stay_finite():
+def test_extreme_logits_match_float64():
+    """Logits ~1e4, where float32's spacing is ~1e-3 and exp overflows without the max shift:
+    values and gradients stay within a few of those steps of the float64 reference."""
     hidden, weight, _, labels = inputs(bias=False, dtype=torch.float32)
-    hidden = (hidden.detach() * 1e3).requires_grad_()  # logits ~1e4: naive lse - sum(p z) cancels
+    hidden = (hidden.detach() * 1e3).requires_grad_()
     lp, ent = linear_logprobs(hidden, weight, labels, with_entropy=True)
-    assert torch.isfinite(lp).all() and torch.isfinite(ent).all() and (ent >= -1e-4).all()
+    hidden64 = hidden.detach().double().requires_grad_()
+    ref_lp, ref_ent = naive(hidden64, weight.detach().double(), None, labels, 1.0)
+    # Measured: log-probs within 1.3e-3, entropy within 2.4e-4 over six seeds (entropies 0-0.04).
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=0, atol=4e-3)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=0, atol=1e-3)
     (gh,) = torch.autograd.grad((lp + ent).sum(), [hidden])
-    assert torch.isfinite(gh).all()
+    (ref_gh,) = torch.autograd.grad((ref_lp + ref_ent).sum(), [hidden64])
+    torch.testing.assert_close(gh.double(), ref_gh, rtol=0, atol=1e-3 * float(ref_gh.abs().max()))
 
 
 def test_bad_arguments_are_named():

@@ -62,6 +62,13 @@ def random_batch(seed: int, dtype=torch.float64):
     return logprobs, old, adv, mask
 
 
+def plant_dual_clipped_tokens(logprobs, old, adv):
+    """Two real tokens with ratio e^2.5 ~ 12 and a negative advantage, so a dual clip of 3 caps
+    them (random ratios above stay below 2 and would never reach it)."""
+    for i, t in ((0, 0), (3, 5)):
+        logprobs[i, t], adv[i, t] = old[i, t] + 2.5, -1.0
+
+
 # ---------- aggregate ----------
 
 
@@ -89,6 +96,7 @@ def test_aggregate_unknown_mode_names_mode_and_choices():
 @pytest.mark.parametrize("clip_low,clip_high,dual_clip", [(0.2, 0.2, None), (0.2, 0.28, 3.0)])
 def test_policy_loss_matches_loop_reference(mode, clip_low, clip_high, dual_clip):
     logprobs, old, adv, mask = random_batch(1)
+    plant_dual_clipped_tokens(logprobs, old, adv)
     weights = torch.rand(mask.shape, dtype=torch.float64) + 0.5
     loss, metrics = policy_loss(
         logprobs, old, adv, mask.bool(), clip_low=clip_low, clip_high=clip_high,
@@ -119,6 +127,7 @@ def test_policy_loss_matches_loop_reference(mode, clip_low, clip_high, dual_clip
         assert "dual_clipfrac" not in metrics
     else:
         assert metrics["dual_clipfrac"] == pytest.approx(sum(capped) / len(capped))
+        assert metrics["dual_clipfrac"] == pytest.approx(2 / sum(LENGTHS))  # the planted tokens
 
 
 def test_policy_loss_at_ratio_one_is_minus_mean_advantage():
@@ -226,12 +235,14 @@ SPLITS = [(0, 1), (1, 4), (4, 6)]  # uneven micro-batches, one of a single row
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 def test_policy_loss_is_invariant_to_micro_batch_split(mode):
     logprobs, old, adv, mask = random_batch(4)
+    plant_dual_clipped_tokens(logprobs, old, adv)  # in the first and second micro-batches
     weights = torch.rand(mask.shape, dtype=torch.float64) + 0.5
     kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, loss_agg=mode)
 
     full_lp = logprobs.clone().requires_grad_(True)
-    full, _ = policy_loss(full_lp, old, adv, mask, importance_weights=weights, **kwargs)
+    full, metrics = policy_loss(full_lp, old, adv, mask, importance_weights=weights, **kwargs)
     full.backward()
+    assert metrics["dual_clipfrac"] > 0 and 0 < metrics["clipfrac"] < 1
 
     num_tokens, num_seqs = mask.sum().item(), float(mask.shape[0])
     split_lp = logprobs.clone().requires_grad_(True)
