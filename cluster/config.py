@@ -251,6 +251,15 @@ class Config:
                            ("reward.num_workers", self.reward.num_workers)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1 (got {value})")
+        # A zero would make every call overrun at once, and every worker be replaced as hung.
+        for key, seconds in (("rollout.timeout_s", r.timeout_s), ("rollout.health_interval_s", r.health_interval_s),
+                             ("rollout.health_timeout_s", r.health_timeout_s), ("reward.timeout_s", self.reward.timeout_s)):
+            if not seconds > 0:
+                raise ConfigError(f"{key} must be > 0 seconds (got {seconds})")
+        for key, value in (("rollout.max_restarts", r.max_restarts), ("reward.max_restarts", self.reward.max_restarts),
+                           ("data.eval_limit", self.data.eval_limit)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0 (got {value})")
         if r.weight_transport not in WEIGHT_TRANSPORTS:
             raise ConfigError(f"rollout.weight_transport: {r.weight_transport!r} is not one of "
                               f"{', '.join(WEIGHT_TRANSPORTS)}")
@@ -302,7 +311,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text(), f"config file {str(path)!r}") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     for item in overrides:
@@ -311,7 +320,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key = key.strip()
         _check_key(key)
-        _set_path(raw, key.split("."), yaml.safe_load(value) if value.strip() else None, key)
+        if not value.strip():  # most often an unset shell variable: `data.train_path=$TRAIN`
+            raise ConfigError(f"override {item!r} has no value (write {key}=null to unset it)")
+        _set_path(raw, key.split("."), parse_yaml(value, f"override {item!r}"), key)
     cfg = _build(Config, raw, "")
     try:
         cfg.validate()
@@ -320,6 +331,39 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping: PyYAML keeps the last one, so a
+    second ``rollout:`` section would silently replace the first."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may repeat what it merges
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, typing.Hashable):
+            continue  # construct_mapping refuses it, with its own message
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML (safe, no duplicate keys); errors name ``where`` and the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as e:
+        line = f" at line {e.problem_mark.line + 1}" if e.problem_mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML{line}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

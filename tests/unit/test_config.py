@@ -42,6 +42,15 @@ def test_unknown_key_is_named(override, named):
     ("rollout.max_new_tokens=64", "must be below model.max_model_len"),
     ("reward.on_failure=ignore", "reward.on_failure"),
     ("trainer.steps", "not of the form key=value"),
+    ("rollout.timeout_s=0", r"rollout.timeout_s must be > 0 seconds \(got 0.0\)"),
+    ("rollout.health_timeout_s=-1", "rollout.health_timeout_s must be > 0"),
+    ("rollout.health_interval_s=0", "rollout.health_interval_s must be > 0"),
+    ("reward.timeout_s=0", "reward.timeout_s must be > 0"),
+    ("reward.max_restarts=-1", "reward.max_restarts must be >= 0"),
+    ("data.eval_limit=-3", r"data.eval_limit must be >= 0 \(got -3\)"),
+    # An empty value is most often an unset shell variable; it must not quietly mean "default".
+    ("data.train_path=", r"'data.train_path=' has no value \(write data.train_path=null"),
+    ("trainer.steps=[1", r"override 'trainer.steps=\[1': invalid YAML at line 1"),
 ])
 def test_bad_values_fail_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -55,6 +64,31 @@ def test_yaml_unknown_key_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("rollout:\n  num_workers: 4\ntrainer:\n  steps: 2\nrollout:\n  num_workers: 1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml.*line 5: key 'rollout' is given twice"):
+        load_config(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("rollout:\n  num_workers: 4\n  num_workers: 2\n")
+    with pytest.raises(ConfigError, match=r"line 3: key 'num_workers' is given twice"):
+        load_config(nested)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rollout:\n  num_workers: [2\ntrainer:\n  steps: 2\n")
+    with pytest.raises(ConfigError, match=r"config file '.*broken.yaml': invalid YAML at line \d"):
+        load_config(broken)
+    # Merge keys may restate what they merge; that is not a duplicate.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("reward: &common {max_restarts: 3, num_workers: 2}\n"
+                      "rollout:\n  <<: *common\n  num_workers: 5\n")
+    cfg = load_config(merged)
+    assert (cfg.rollout.max_restarts, cfg.rollout.num_workers, cfg.reward.num_workers) == (3, 5, 2)
+
+
+def test_null_override_unsets_an_optional_value():
+    assert load_config(DEMO, ["reward.model={path: /rm}", "reward.model=null"]).reward.model is None
 
 
 def test_group_estimators_need_several_samples():
