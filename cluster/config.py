@@ -62,7 +62,7 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     """Prompt datasets: JSONL, one object per line with ``prompt`` (text, or a list of chat
-    messages ``{"role", "content"}``) and optional ``answer``."""
+    messages ``{"role": system|user|assistant|tool, "content"}``) and optional ``answer``; UTF-8."""
 
     train_path: str | None = None
     """Training prompts; None uses the demo's generated arithmetic problems."""

@@ -10,6 +10,9 @@ from pathlib import Path
 from actors.types import ChatMessage, Prompt
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 class DataError(ValueError):
     """A dataset file is missing or malformed; the message names the file and line."""
 
@@ -23,11 +26,15 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise DataError(f"dataset file {str(path)!r} does not exist")
     prompts: list[Prompt] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decoded per line, so that bad bytes are reported with their line
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -56,6 +63,8 @@ def _parse(obj: object, index: int, where: str) -> Prompt:
         for m in raw:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise DataError(f"{where}: each chat message needs string 'role' and 'content'")
+            if m["role"] not in CHAT_ROLES:  # chat templates render an unknown role as text, or fail later
+                raise DataError(f"{where}: chat role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}")
             messages.append(ChatMessage(role=m["role"], content=m["content"]))
         return Prompt(index=index, messages=tuple(messages), answer=answer)
     raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of chat messages")
@@ -107,7 +116,10 @@ def drop_too_long(prompts: list[Prompt], encode, limit: int, policy: str, source
     dropped. ``policy="error"`` raises on the first longer one instead, naming it."""
     kept = []
     for p in prompts:
-        n = len(encode(p))
+        try:
+            n = len(encode(p))
+        except Exception as e:  # e.g. a chat template that refuses the roles' order: name the prompt
+            raise DataError(f"{source}: prompt {p.index} cannot be encoded: {type(e).__name__}: {e}") from e
         if n <= limit:
             kept.append(p)
         elif policy == "error":

@@ -33,6 +33,7 @@ def test_loads_text_and_chat_prompts(tmp_path):
     ('{"prompt": "   "}', "d.jsonl:2: the prompt is empty"),
     ('{"prompt": [{"role": "user"}]}', "d.jsonl:2: each chat message"),
     ('{"prompt": "x", "answer": [1]}', "d.jsonl:2: 'answer' must be"),
+    ('{"prompt": [{"role": "human", "content": "hi"}]}', "d.jsonl:2: chat role 'human' is not one of system, user"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
     path = write(tmp_path / "d.jsonl", [json.dumps({"prompt": "ok"}), line])
@@ -75,3 +76,25 @@ def test_too_long_prompts_error_by_default_or_are_dropped_and_counted(tmp_path):
     kept, dropped = drop_too_long(prompts, encode, limit=6, policy="skip", source="x")
     assert [p.index for p in kept] == [0, 2] and dropped == 2
     assert drop_too_long(prompts, encode, limit=12, policy="error", source="x") == (prompts, 0)
+
+
+def test_bytes_that_are_not_utf8_are_named_with_their_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt": "ok"}).encode() + b"\n" + '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 \(byte 0xe9 at column 16\)"):
+        load_prompts(path)
+
+
+def test_a_prompt_the_encoder_refuses_is_named():
+    from actors.types import ChatMessage, Prompt
+
+    prompts = [Prompt(index=0, text="fine"),
+               Prompt(index=1, messages=(ChatMessage(role="assistant", content="first"),))]
+
+    def encode(p):  # as a chat template that insists on alternating roles, user first
+        if p.messages and p.messages[0].role != "user":
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+        return [0]
+
+    with pytest.raises(DataError, match=r"eval set: prompt 1 cannot be encoded: ValueError: Conversation roles"):
+        drop_too_long(prompts, encode, limit=8, policy="skip", source="eval set")
