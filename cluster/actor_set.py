@@ -19,6 +19,7 @@ re-raised at once, naming the member, instead of being retried forever.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,6 +34,12 @@ log = logging.getLogger("rlrelay")
 
 class WorkerFailure(RuntimeError):
     """A remote worker failed in a way that cannot be recovered; the message names it."""
+
+
+def init_error(e: RayActorError) -> str:
+    """The exception line of an actor's failed constructor, out of Ray's traceback text."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 @dataclass
@@ -129,6 +136,10 @@ class ActorSet:
             try:
                 ray.get(ref)
             except (RayActorError, ActorUnavailableError) as e:
+                if isinstance(e, RayActorError) and e.actor_init_failed:
+                    # Its constructor raised (a misspelled reward function, a model that does not
+                    # load): a replacement would raise the same, so stop here and say why.
+                    raise WorkerFailure(f"{self.label(mid)} could not start: {init_error(e)}") from e
                 self._lost(mid, f"died while starting ({type(e).__name__})")
                 continue
             except RayTaskError as e:

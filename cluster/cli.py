@@ -68,12 +68,17 @@ def train_command(args) -> int:
     cfg = load(args)
     from cluster.launch import train
 
+    from cluster.config import ConfigError
+    from cluster.data import DataError
     from cluster.security import InsecureClusterError
 
     try:
         summary = train(cfg, resume=args.resume)
     except InsecureClusterError as e:
         print(f"rlrelay: refused: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, DataError) as e:  # found before the run started: no traceback to read
+        print(f"rlrelay: {'data' if isinstance(e, DataError) else 'config'} error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"run_dir": str(cfg.run.path), "steps_completed": summary.steps_completed,
                       "eval_before": summary.eval_before, "eval_after": summary.eval_after,

@@ -150,7 +150,8 @@ class RewardModelConfig:
     """A reward model (Hugging Face sequence classification, one logit)."""
 
     path: str
-    """Local model directory; ``demo`` uses the demo's own trained reward model."""
+    """Local model directory (Hugging Face sequence classification, one logit; checked for a
+    ``config.json`` before Ray starts). ``reward.train.train_reward_model`` trains one."""
     weight: float = 1.0
     """Weight in the total reward."""
     batch_size: int = 32

@@ -114,6 +114,21 @@ def start_control(cfg: Config):
                       f"set run.name to another name")
 
 
+def check_reward_config(cfg: Config) -> None:
+    """What every reward worker would check in its constructor, once here before Ray starts, so
+    that a misspelled function or a missing reward model is one clear error, not N failed actors."""
+    from reward.rules import resolve_reward_function
+
+    for spec in cfg.reward.functions:
+        try:
+            resolve_reward_function(spec.name)
+        except ValueError as e:
+            raise ConfigError(f"reward.functions: {e}") from None
+    if cfg.reward.model is not None and not (Path(cfg.reward.model.path) / "config.json").is_file():
+        raise ConfigError(f"reward.model.path {cfg.reward.model.path!r} is not a model directory "
+                          f"(no config.json): give a local Hugging Face sequence-classification model")
+
+
 def train(cfg: Config, resume: str | None = None) -> RunSummary:
     """Run one training job to completion and write its summary.
 
@@ -149,6 +164,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         if skipped[name]:
             log.warning("skipped %d %s prompt(s) longer than %d tokens (data.too_long=skip)", skipped[name], name,
                         limit)
+    check_reward_config(cfg)
     if cfg.rollout.prompts_per_step > len(train_prompts):
         raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) exceeds the "
                           f"{len(train_prompts)} prompts of {paths.train_path} that fit")

@@ -1,5 +1,5 @@
-"""A small trainer for a reward model: the demo uses it to teach a tiny seq-cls model to tell
-correct answers from wrong ones.
+"""A small trainer for a reward model: teaches a sequence-classification model (one logit) to
+tell good responses from bad ones, e.g. correct answers from wrong ones.
 
 Loss: binary cross-entropy on the single logit (labels are 1.0 for good, 0.0 for bad, or a
 probability in between). Then the logit the scorer returns is the log-odds that a response is

@@ -1,6 +1,7 @@
 """``pools.wait``: a dead worker is named even when a live peer's error arrives first (a rank
 whose collective lost its peer fails with a connection error before Ray reports the death),
-and a plain task error is still raised as itself."""
+and a plain task error is still raised as itself. A worker whose constructor raises is named
+with the constructor's error, by ``wait`` and by ``ActorSet``, at once and without restarts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import pytest
 from ray.exceptions import RayTaskError
 
-from cluster.actor_set import WorkerFailure
+from cluster.actor_set import ActorSet, WorkerFailure
 from cluster.pools import wait
 
 pytestmark = pytest.mark.integration
@@ -53,3 +54,27 @@ def test_a_task_error_with_no_death_is_raised_as_itself(ray_local):
     failing, fine = peers(ray_local, 2)
     with pytest.raises(RayTaskError, match="Connection closed by peer"):
         wait([failing.lose_peer.remote(), fine.sleep.remote(0.1)], 120, ["rank 0", "rank 1"])
+
+
+class BadStart:
+    def __init__(self) -> None:
+        raise ValueError("unknown reward function 'exact_mach'")
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_constructor_error_is_named_by_wait(ray_local):
+    handle = ray_local.remote(BadStart).options(num_cpus=0.25).remote()
+    with pytest.raises(WorkerFailure, match=r"^rank 0 could not start: ValueError: unknown reward function 'exact_mach'$"):
+        wait([handle.ready.remote()], 120, ["rank 0"])
+
+
+def test_a_constructor_error_stops_an_actor_set_without_restarts(ray_local):
+    actors = ActorSet("reward worker", lambda mid: ray_local.remote(BadStart).options(num_cpus=0.25).remote(),
+                      lambda handle: handle.ready.remote(), 2, timeout_s=60, max_restarts=8)
+    started = time.monotonic()
+    with pytest.raises(WorkerFailure, match=r"could not start: ValueError: unknown reward function 'exact_mach'$"):
+        actors.wait_ready(timeout_s=120)
+    assert actors.restarts == 0  # a replacement would raise the same
+    assert time.monotonic() - started < 60

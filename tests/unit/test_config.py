@@ -123,3 +123,18 @@ def test_weight_transport_is_checked_and_auto_picks_by_cluster_shape():
     assert weight_transport("auto", nodes=1, autoscale=True) == "object_store"
     assert weight_transport("object_store", nodes=1, autoscale=False) == "object_store"
     assert weight_transport("shared_memory", nodes=3, autoscale=True) == "shared_memory"
+
+
+def test_reward_settings_are_checked_before_any_worker_starts(tmp_path):
+    from cluster.launch import check_reward_config
+
+    check_reward_config(load_config(DEMO))  # the demo's exact_match resolves
+    with pytest.raises(ConfigError, match=r"reward.functions: unknown reward function 'exact_mach': built-ins are"):
+        check_reward_config(load_config(DEMO, ["reward.functions=[exact_mach]"]))
+    with pytest.raises(ConfigError, match=r"reward.functions: .*'no_such_module_x:score'.*cannot import"):
+        check_reward_config(load_config(DEMO, ["reward.functions=[no_such_module_x:score]"]))
+    with pytest.raises(ConfigError, match=r"reward.model.path '.*rm' is not a model directory \(no config.json\)"):
+        check_reward_config(load_config(DEMO, [f"reward.model={{path: {tmp_path / 'rm'}}}"]))
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text("{}")
+    check_reward_config(load_config(DEMO, [f"reward.model={{path: {tmp_path / 'rm'}}}"]))
