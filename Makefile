@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Afresh each time: a second `make demo` replaces the first run's outputs in runs/demo.
 demo: install
-	$(VENV)/bin/rlrelay train deploy/jobs/demo.yaml
+	$(VENV)/bin/rlrelay train deploy/jobs/demo.yaml run.overwrite=true
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -43,6 +43,10 @@ class RunConfig:
     """Extra W&B tags."""
     cache_dir: str = ".cache/rlrelay"
     """Where built assets (the demo's warm-started model and data) are cached between runs."""
+    overwrite: bool = False
+    """A fresh run (no ``--resume``) whose run directory holds an earlier run's checkpoints or
+    metrics is refused, since the two would mix (checkpoint rotation, ``--resume auto``);
+    true removes the earlier run's checkpoints, metrics, summary and final model first."""
 
     @property
     def path(self) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -114,6 +115,26 @@ def start_control(cfg: Config):
                       f"set run.name to another name")
 
 
+def clear_earlier_run(run_dir: Path, checkpoints: CheckpointManager, overwrite: bool) -> None:
+    """Refuse a fresh run where an earlier run left checkpoints or metrics (rotation would delete
+    the new run's checkpoints in favour of the old, higher-numbered ones, and a later
+    ``--resume auto`` would pick one of those), or remove them with ``run.overwrite``."""
+    earlier = checkpoints.checkpoints()
+    metrics = run_dir / "metrics.jsonl"
+    if not earlier and not (metrics.is_file() and metrics.stat().st_size):
+        return
+    what = f"{len(earlier)} checkpoint(s), the latest {earlier[-1]}" if earlier else f"{metrics}"
+    if not overwrite:
+        raise ConfigError(f"run directory {run_dir} holds an earlier run ({what}): --resume auto continues it, "
+                          f"another run.name or run.dir starts a new one beside it, run.overwrite=true replaces it")
+    log.warning("run.overwrite=true: removing the earlier run in %s (%s)", run_dir, what)
+    for path in earlier:
+        shutil.rmtree(path)
+    shutil.rmtree(run_dir / "final_model", ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def check_reward_config(cfg: Config) -> None:
     """What every reward worker would check in its constructor, once here before Ray starts, so
     that a misspelled function or a missing reward model is one clear error, not N failed actors."""
@@ -173,6 +194,8 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     checkpoints = CheckpointManager(Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints"),
                                     keep_last=cfg.trainer.keep_last)
     resume_from = resolve_resume(resume, checkpoints)
+    if resume is None:
+        clear_earlier_run(run_dir, checkpoints, overwrite=cfg.run.overwrite)
     resumed = read_checkpoint(resume_from)[0] if resume_from else None
     resolved = replace(cfg, model=replace(cfg.model, path=paths.model_path),
                        data=replace(cfg.data, train_path=paths.train_path, eval_path=paths.eval_path))

@@ -74,3 +74,31 @@ def test_non_tensor_entries_are_refused(tmp_path):
 def test_missing_metadata_is_a_clear_error(tmp_path):
     with pytest.raises(BaseException, match="not a complete rlrelay checkpoint"):
         dcp.load({"w": torch.ones(2)}, storage_reader=JsonMetadataReader(str(tmp_path)))
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_one_in_its_directory(tmp_path):
+    from cluster.config import ConfigError
+    from cluster.launch import clear_earlier_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    manager = CheckpointManager(run / "checkpoints", keep_last=2)
+    clear_earlier_run(run, manager, overwrite=False)  # nothing there: a fresh start is fine
+    (run / "metrics.jsonl").write_text("")
+    clear_earlier_run(run, manager, overwrite=False)  # an empty metrics file is no earlier run
+
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(.*metrics.jsonl\): --resume auto continues it"):
+        clear_earlier_run(run, manager, overwrite=False)
+    for step in (20, 30):
+        (run / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"2 checkpoint\(s\), the latest .*step-000030\).*run.overwrite=true"):
+        clear_earlier_run(run, manager, overwrite=False)
+    assert (run / "metrics.jsonl").read_text()  # refusing touched nothing
+
+    (run / "summary.json").write_text("{}")
+    (run / "final_model").mkdir()
+    (run / "wandb").mkdir()  # W&B keeps each run under its own id: left alone
+    clear_earlier_run(run, manager, overwrite=True)
+    assert manager.checkpoints() == []
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "wandb"]
