@@ -10,7 +10,9 @@ Used by the rollout and reward pools. Guarantees, for one ``run``:
   chunk goes back to the queue, and a replacement starts; a replacement is ``prepare``-d
   (rollout workers: loaded with the current weights) before it gets any work;
 - nothing waits forever: every wait is bounded, and after ``max_restarts`` replacements
-  in a run of the job the set gives up with an error naming what failed.
+  in a run of the job the set gives up with an error naming what failed; a replacement may
+  wait for cluster resources beyond ``start_timeout_s`` while others serve, but a set with
+  no member able to work for ``start_timeout_s`` fails.
 
 An exception raised *inside* a member's method (bad input, a bug) is not a death: it is
 re-raised at once, naming the member, instead of being retried forever.
@@ -196,6 +198,7 @@ class ActorSet:
         queue = deque(range(len(chunks)))
         results: dict[int, Any] = {}
         inflight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (member, chunk)
+        stalled_since = None  # since when no member could take work
         while len(results) < len(chunks):
             self._poll_joins(timeout=0)
             for member in self.members.values():
@@ -205,6 +208,16 @@ class ActorSet:
                     member.busy_since = time.monotonic()
             if not inflight and not self._joining:
                 raise WorkerFailure(f"no {self.name} is alive to take the remaining work")
+            if inflight:
+                stalled_since = None
+            elif stalled_since is None:
+                stalled_since = time.monotonic()
+            elif time.monotonic() - stalled_since > self.start_timeout_s:
+                # Only replacements that wait for cluster resources are left (their own start
+                # clocks pause while they wait): bounded too, so a cluster that lost its
+                # rollout nodes for good does not hold the run for ever.
+                raise WorkerFailure(f"no {self.name} could take work for {self.start_timeout_s:.0f} s: "
+                                    f"{len(self._joining)} waiting to start (ray status shows what the cluster lacks)")
             waitable = list(inflight) + list(self._joining)
             ready, _ = ray.wait(waitable, num_returns=1, timeout=1.0)
             for ref in ready:

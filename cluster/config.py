@@ -114,6 +114,10 @@ class RolloutConfig:
     killed, replaced, and its prompts re-dispatched."""
     max_restarts: int = 8
     """Replacements of dead or hung rollout workers allowed over the whole job."""
+    start_timeout_s: float = 600.0
+    """Longest a worker may take to start (engine load, weights) before it is treated as hung; a
+    replacement waiting for cluster resources may wait longer while other workers serve, but a
+    pool with no worker able to generate for this long stops the run."""
     health_interval_s: float = 10.0
     """A worker busy this long gets a health ping (answered concurrently with its work)."""
     health_timeout_s: float = 30.0
@@ -257,7 +261,8 @@ class Config:
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1 (got {value})")
         # A zero would make every call overrun at once, and every worker be replaced as hung.
-        for key, seconds in (("rollout.timeout_s", r.timeout_s), ("rollout.health_interval_s", r.health_interval_s),
+        for key, seconds in (("rollout.timeout_s", r.timeout_s), ("rollout.start_timeout_s", r.start_timeout_s),
+                             ("rollout.health_interval_s", r.health_interval_s),
                              ("rollout.health_timeout_s", r.health_timeout_s), ("reward.timeout_s", self.reward.timeout_s)):
             if not seconds > 0:
                 raise ConfigError(f"{key} must be > 0 seconds (got {seconds})")

@@ -126,7 +126,7 @@ class RolloutPool:
         self.actors = ActorSet("rollout worker", spawn=lambda i: actor.remote(i, self.settings),
                                prepare=self._prepare, size=r.num_workers, timeout_s=r.timeout_s,
                                max_restarts=r.max_restarts, health_interval_s=r.health_interval_s,
-                               health_timeout_s=r.health_timeout_s,
+                               health_timeout_s=r.health_timeout_s, start_timeout_s=r.start_timeout_s,
                                awaiting_resources=lambda: not fits(ray.available_resources(), self.bundle))
 
     def _prepare(self, handle) -> ray.ObjectRef:

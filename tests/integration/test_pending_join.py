@@ -1,5 +1,6 @@
 """A scale-up the cluster has no room for waits for resources instead of being declared dead
-(and replaced, and counted) once the start timeout passes; the pool serves meanwhile."""
+(and replaced, and counted) once the start timeout passes; the pool serves meanwhile. A pool
+with no member able to work fails after the start timeout instead of waiting for ever."""
 
 from __future__ import annotations
 
@@ -52,6 +53,24 @@ def test_a_joiner_that_never_starts_with_room_to_spare_is_replaced(ray_local):
     actors.run(list(range(12)), lambda h, x: h.work.remote(x))
     assert actors.restarts >= 1  # declared dead after the start timeout, a replacement started
     actors.resize(1)
+
+
+def test_a_pool_left_with_only_unplaceable_replacements_fails_after_the_start_timeout(ray_local):
+    from cluster.actor_set import WorkerFailure
+
+    bundle = {"CPU": 64}
+    small, huge = ray_local.remote(Echo).options(num_cpus=0.25), ray_local.remote(Echo).options(num_cpus=64)
+    actors = ActorSet("echo", spawn=lambda i: (small if i == 0 else huge).remote(),
+                      prepare=lambda h: h.ping.remote(), size=1, timeout_s=30,
+                      awaiting_resources=lambda: not fits(ray_local.available_resources(), bundle))
+    actors.wait_ready()
+    actors.start_timeout_s = 2.0
+    (only,) = actors.members.values()
+    ray_local.kill(only.handle, no_restart=True)  # its replacement asks for 64 CPUs: never placed
+    started = time.monotonic()
+    with pytest.raises(WorkerFailure, match=r"no echo could take work for 2 s: 1 waiting to start"):
+        actors.run(list(range(4)), lambda h, x: h.work.remote(x))
+    assert actors.restarts == 1 and time.monotonic() - started < 60
 
 
 class Slot:
