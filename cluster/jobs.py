@@ -23,9 +23,11 @@ import os
 import secrets
 import shlex
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cluster.security import (InsecureClusterError, check_cluster_auth, client_auth_env, is_secret_name,
                               leaked_secrets)
@@ -39,8 +41,13 @@ FORWARDED_ENV = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL"
 JOB_TAG_PREFIX = "ray-job:"
 TIMED_OUT = 124  # like timeout(1)
 POLL_S = 2.0
+API_TIMEOUT_S = 60.0
+"""Longest one request to the job API may take, but a submission."""
+SUBMIT_TIMEOUT_S = 600.0
+"""Longest a submission may take: it uploads the working directory first."""
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+T = TypeVar("T")
 
 
 def register(sub) -> None:
@@ -121,8 +128,8 @@ def submit_command(args) -> int:
     client = _connect(address, allow_insecure=args.allow_insecure)
     runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
     try:
-        client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
-                          metadata={"rlrelay_run": cfg.run.name})
+        bounded(client.submit_job, entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                metadata={"rlrelay_run": cfg.run.name}, timeout_s=SUBMIT_TIMEOUT_S)
     except Exception as e:  # the job server reports every refusal as a RuntimeError with its text
         return _fail(f"submission refused by {address}: {e}", 1)
     print(f"submitted job {submission_id} to {address}")
@@ -140,7 +147,7 @@ def submit_command(args) -> int:
 
 def jobs_command(args) -> int:
     client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure)
-    jobs = [j for j in client.list_jobs() if j.submission_id]
+    jobs = [j for j in bounded(client.list_jobs) if j.submission_id]
     print(f"{'SUBMISSION ID':<36} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
     for job in sorted(jobs, key=lambda j: j.start_time or 0):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
@@ -154,8 +161,8 @@ def logs_command(args) -> int:
     if args.follow:
         return follow(client, args.job, timeout=args.timeout)
     try:
-        print(client.get_job_logs(args.job), end="")
-    except RuntimeError as e:
+        print(bounded(client.get_job_logs, args.job), end="")
+    except (RuntimeError, OSError) as e:
         return _fail(str(e), 1)
     return 0
 
@@ -163,8 +170,8 @@ def logs_command(args) -> int:
 def stop_command(args) -> int:
     client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure)
     try:
-        client.stop_job(args.job)
-    except RuntimeError as e:
+        bounded(client.stop_job, args.job)
+    except (RuntimeError, OSError) as e:
         return _fail(str(e), 1)
     status = wait_until_done(client, args.job, deadline=time.monotonic() + args.timeout)
     if status is None:
@@ -202,15 +209,24 @@ def follow(client, submission_id: str, *, timeout: float) -> int:
         print(f"rlrelay: job {submission_id} still running after {timeout:.0f} s (it keeps running; "
               f"`rlrelay stop {submission_id}` stops it)", file=sys.stderr)
         return TIMED_OUT
-    info = client.get_job_info(submission_id)
+    info = bounded(client.get_job_info, submission_id)
     print(f"job {submission_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""))
     return 0 if status == "SUCCEEDED" else 1
 
 
 def wait_until_done(client, submission_id: str, *, deadline: float) -> str | None:
     """The job's terminal status, or None if it has none by ``deadline`` (time.monotonic)."""
+    warned = False
     while True:
-        status = client.get_job_status(submission_id).value
+        try:
+            status = bounded(client.get_job_status, submission_id).value
+        except OSError as e:  # the dashboard restarting or not answering: the job itself may be fine
+            if time.monotonic() >= deadline:
+                raise
+            if not warned:
+                print(f"rlrelay: the job API did not answer ({e}); retrying until the deadline", file=sys.stderr)
+                warned = True
+            status = None
         if status in TERMINAL:
             return status
         if time.monotonic() >= deadline:
@@ -294,9 +310,33 @@ def _connect(address: str, *, allow_insecure: bool):
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return bounded(JobSubmissionClient, address)
     except Exception as e:  # unreachable, refused, wrong version: Ray words each differently
         raise SystemExit(_fail(f"cannot use the Ray job API at {address}: {e}", 1)) from None
+
+
+def bounded(call: Callable[..., T], *args, timeout_s: float | None = None, **kwargs) -> T:
+    """``call(*args, **kwargs)`` with a deadline. Ray's job client sends its HTTP requests with no
+    timeout, so a dashboard that accepts a connection and never answers would block a command
+    past its own ``--timeout``; the call runs in a daemon thread, abandoned if it overruns."""
+    timeout_s = API_TIMEOUT_S if timeout_s is None else timeout_s
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call(*args, **kwargs)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True, name="rlrelay-job-api")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"the Ray job API did not answer {getattr(call, '__name__', 'a call')} "
+                           f"within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _fail(message: str, code: int) -> int:

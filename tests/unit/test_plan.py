@@ -108,6 +108,8 @@ def test_trained_state_is_fp32_shards_with_master_weights_under_bf16():
 
 
 def test_activation_formula_by_hand():
+    # This pins the formula the module docstring documents, term by term, against edits; that the
+    # formula is right is checked against measured memory in tests/integration/test_plan_measured.py.
     # Qwen2.5-0.5B, bf16, seq 1024: h 896, q 896 (kv heads repeated, so k and v are q-sized), i 4864.
     per_layer = 2 * (4 * 896 + 2 * 2 * 896 + 4) + 2 * (4 * 896) + 4 * 14 + 2 * 1024 + 4 * 2 * 4864
     assert layer_activation_bytes(qwen_05b(), 2, 1024) == per_layer == 62_528
@@ -119,6 +121,7 @@ def test_activation_formula_by_hand():
 
 
 def test_logits_formula_by_hand():
+    # Pins the documented terms (measured: test_plan_measured.py, both head paths, fp32 and bf16).
     v, h = 151936, 896
     # Chunked head, 16 x 512 response tokens in bf16: hidden states and their gradient, the
     # head's fp32 gradient plus a bf16 product and cast, one chunk of 1024 at 14 bytes.
