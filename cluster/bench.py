@@ -1,4 +1,4 @@
-"""``rlrelay bench rollout|sync|scale``: figures measured in one run, printed as a table or,
+"""``rlrelay bench rollout|sync|scale|step|learner|reward``: figures measured in one run, printed as a table or,
 with ``--json``, as one JSON object.
 
 - ``rollout`` (``cluster/bench_rollout.py``): tokens/s of vLLM through a ``RolloutWorker`` and
@@ -8,6 +8,8 @@ with ``--json``, as one JSON object.
   machine's memory-copy bandwidth measured in the same run.
 - ``scale`` (``cluster/bench_scale.py``): the control plane alone, a stand-in worker that sleeps
   instead of generating, run through the real ``RolloutPool`` at several pool sizes.
+- ``reward`` (``cluster/bench_reward.py``): a reward worker's cost per function call with the
+  functions in a child process against in a thread, and the child's start time.
 
 Every figure is measured ``--repeats`` (or ``--steps``/``--pushes``) times after a warm-up and
 reported as median, min and max: the machines are shared and single runs are noisy.
@@ -79,6 +81,13 @@ def register(sub) -> None:
     learner_args(learn)
     _common_args(learn)
     learn.set_defaults(handler=bench_command, bench_module="cluster.bench_learner")
+
+    rw = bench.add_parser("reward", help="per-call cost of reward functions in a child process vs a thread")
+    from cluster.bench_reward import register_args as reward_args  # argparse only at import
+
+    reward_args(rw)
+    _common_args(rw)
+    rw.set_defaults(handler=bench_command, bench_module="cluster.bench_reward")
 
     c = bench.add_parser("scale", help="controller overhead per step with stand-in workers (no vLLM)")
     c.add_argument("--workers", default="4,8,16,32", help="pool sizes, comma-separated, grown in order")

@@ -16,6 +16,7 @@ from typing import Any
 from cluster.config_parse import ConfigError, build, check_key, parse_yaml, set_path
 from cluster.demo import DemoSettings
 from learner.config import GROUP_ESTIMATORS, AlgorithmConfig, LearnerConfig
+from reward.types import ISOLATIONS
 
 
 @dataclass(kw_only=True)
@@ -177,7 +178,11 @@ class RewardConfig:
     num_threads: int = 1
     """torch threads per reward worker."""
     timeout_s: float = 30.0
-    """Per-sample timeout of a reward function, and (x number of samples) the driver's wait."""
+    """Timeout of one reward-function call; the driver waits that long per call it sent."""
+    isolation: str = "process"
+    """Where reward functions run: ``process`` (a child process per worker, killed and restarted
+    when a call overruns, even one holding the GIL) or ``thread`` (saves the pipe round trip, ~17 us
+    a call, `rlrelay bench reward`; an overrunning call is abandoned, and one holding the GIL cannot be timed out)."""
     max_restarts: int = 8
     """Replacements of dead or hung reward workers allowed over the whole job."""
     on_failure: str = "error"
@@ -296,6 +301,8 @@ class Config:
                               f"sampling) compares samples of a prompt: rollout.samples_per_prompt must be >= 2")
         if self.reward.on_failure not in ("error", "zero"):
             raise ConfigError(f"reward.on_failure: {self.reward.on_failure!r} is not one of error, zero")
+        if self.reward.isolation not in ISOLATIONS:
+            raise ConfigError(f"reward.isolation: {self.reward.isolation!r} is not one of {', '.join(ISOLATIONS)}")
         if self.run.wandb_mode not in ("auto", "online", "offline", "disabled"):
             raise ConfigError(f"run.wandb_mode: {self.run.wandb_mode!r} is not one of auto, online, offline, disabled")
         if self.algorithm.overlong_buffer > r.max_new_tokens:

@@ -210,6 +210,7 @@ class RewardPool:
     def __init__(self, cfg: Config, reward_model_path: str | None) -> None:
         rc = cfg.reward
         self.timeout_s = rc.timeout_s
+        self.calls_per_sample = max(1, len(rc.functions))
         functions = [RewardFunctionSpec(name=f.name, weight=f.weight) for f in rc.functions]
         model = None
         if rc.model is not None:
@@ -220,7 +221,7 @@ class RewardPool:
         self.actors = ActorSet(
             "reward worker", size=rc.num_workers, timeout_s=rc.timeout_s, max_restarts=rc.max_restarts,
             spawn=lambda _: actor.remote(functions, model, timeout_s=rc.timeout_s, num_threads=rc.num_threads,
-                                         device=device),
+                                         device=device, isolation=rc.isolation),
             prepare=lambda handle: handle.ping.remote())
 
     def ready(self) -> None:
@@ -229,8 +230,8 @@ class RewardPool:
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         parts = max(1, sum(m.ready for m in self.actors.members.values()))
         chunks = [list(requests[lo:hi]) for lo, hi in split_evenly(len(requests), parts) if hi > lo]
-        # Each sample may use its whole per-call timeout; the worker itself never waits longer.
-        longest = max(len(c) for c in chunks) * self.timeout_s + 60
+        # Each call may use its whole timeout; the worker itself never waits longer.
+        longest = max(len(c) for c in chunks) * self.calls_per_sample * self.timeout_s + 60
         results = self.actors.run(chunks, lambda handle, chunk: handle.score.remote(chunk), timeout_s=longest)
         return [s for part in results for s in part]
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ISOLATIONS = ("process", "thread")
+"""Where rule functions run: a child process of the worker (default) or a thread of it."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScoreRequest:

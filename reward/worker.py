@@ -4,6 +4,11 @@ A plain class; ``cluster/`` wraps it with ``ray.remote``. Each sample's reward i
 ``sum(weight_i * component_i)`` over the configured scorers, in order: the rule functions in
 configuration order, then the reward model. A sample whose scorer raised, timed out or gave a
 non-finite value comes back with ``error`` set and ``reward = nan``; the batch goes on.
+
+The rule functions run in a child process (``isolation="process"``, see `reward.isolated`), so
+a call that overruns its timeout is killed even when it holds the GIL; or in a thread of this
+process (``isolation="thread"``), which saves the pipe round trip but can only abandon an
+overrunning call, and cannot time out one that holds the GIL at all.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from reward.isolated import FunctionProcess, Outcome, run_call
 from reward.rules import resolve_reward_function
-from reward.types import ScoreRequest, ScoreResult
+from reward.types import ISOLATIONS, ScoreRequest, ScoreResult
 
 
 def _check_weight(owner: str, weight: float) -> None:
@@ -82,12 +88,9 @@ class _CallThread:
     def _run(self) -> None:
         while (call := self._calls.get()) is not None:
             future, fn, args = call
-            try:
-                future.set_result(fn(*args))
-            except BaseException as err:  # the caller reports whatever user code raised
-                future.set_exception(err)
+            future.set_result(run_call(fn, args))
 
-    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+    def submit(self, fn: Callable, args: tuple) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._calls.put((future, fn, args))
         return future
@@ -115,6 +118,7 @@ class RewardWorker:
         timeout_s: float = 30.0,
         num_threads: int | None = None,
         device: str = "cpu",
+        isolation: str = "process",
     ) -> None:
         for spec in functions:
             if not isinstance(spec, RewardFunctionSpec):
@@ -125,14 +129,27 @@ class RewardWorker:
             raise ValueError("a reward worker needs at least one reward function or a reward model")
         if not (math.isfinite(timeout_s) and timeout_s > 0):
             raise ValueError(f"reward timeout_s must be a positive number of seconds, got {timeout_s}")
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"reward isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
         if num_threads is not None:
             if num_threads < 1:
                 raise ValueError(f"reward worker num_threads must be >= 1, got {num_threads}")
             # Ray sets OMP_NUM_THREADS from the actor's CPU share (often 1); say it explicitly.
             torch.set_num_threads(num_threads)
 
-        # Resolve now so a misspelled function fails at launch, not on the first batch.
-        self._functions = [(spec, resolve_reward_function(spec.name)) for spec in functions]
+        # Resolve now (here or in the child) so a misspelled function fails at launch, not on
+        # the first batch.
+        self._specs = list(functions)
+        self._process: FunctionProcess | None = None
+        self._thread_functions: list[Callable] = []
+        self._caller: _CallThread | None = None
+        if functions and isolation == "process":
+            self._process = FunctionProcess([spec.name for spec in functions])
+        elif functions:
+            self._thread_functions = [resolve_reward_function(spec.name) for spec in functions]
+            self._caller = _CallThread()
+        # A call in flight belongs to one score() at a time (the actor also answers pings).
+        self._call_lock = threading.Lock()
         self._model_spec = model
         self._model = None
         if model is not None:
@@ -142,7 +159,6 @@ class RewardWorker:
             self._model = RewardModelScorer(model.path, device=device, batch_size=model.batch_size,
                                             max_length=model.max_length)
         self._timeout_s = timeout_s
-        self._caller = _CallThread()
         self._scored = 0
         self._failures = 0
         self._timeouts = 0
@@ -168,11 +184,11 @@ class RewardWorker:
         for i, request in enumerate(requests):
             components: list[float] = []
             error: str | None = None
-            for spec, fn in self._functions:
+            for index, spec in enumerate(self._specs):
                 if error is not None:  # the sample has failed; spare the remaining calls
                     components.append(math.nan)
                     continue
-                value, error = self._call(spec.name, fn, request)
+                value, error = self._call(index, request)
                 components.append(value)
             if self._model is not None:
                 value = model_values[i]
@@ -181,7 +197,7 @@ class RewardWorker:
                     error = model_error or (None if math.isfinite(value) else f"reward model returned {value}")
 
             if error is None:
-                weights = [spec.weight for spec, _ in self._functions]
+                weights = [spec.weight for spec in self._specs]
                 if self._model_spec is not None:
                     weights.append(self._model_spec.weight)
                 reward = sum(w * c for w, c in zip(weights, components))
@@ -202,25 +218,43 @@ class RewardWorker:
             error = f"reward model {self._model.path!r} failed: {type(err).__name__}: {err}"
             return [math.nan] * len(requests), error
 
-    def _call(self, name: str, fn: Callable, request: ScoreRequest) -> tuple[float, str | None]:
+    def _call(self, index: int, request: ScoreRequest) -> tuple[float, str | None]:
         """Run one rule function with the timeout; return (value, None) or (nan, why not)."""
-        future = self._caller.submit(fn, request.prompt, request.response, request.answer)
-        try:
-            raised = future.exception(timeout=self._timeout_s)
-        except concurrent.futures.TimeoutError:
+        name = self._specs[index].name
+        args = (request.prompt, request.response, request.answer)
+        with self._call_lock:
+            if self._process is not None:
+                outcome = self._process.call(index, args, self._timeout_s)
+            else:
+                outcome = self._call_in_thread(self._thread_functions[index], args)
+        kind = outcome[0]
+        if kind == "timed_out":
             self._timeouts += 1
+            return math.nan, f"reward function {name!r} timed out after {self._timeout_s:g} s"
+        if kind == "crashed":
+            return math.nan, f"reward function {name!r} ended its process (exit code {outcome[1]})"
+        if kind == "raised":
+            return math.nan, f"reward function {name!r} raised {outcome[1]}: {outcome[2]}"
+        if kind == "not_a_number":
+            return math.nan, f"reward function {name!r} returned {outcome[1]}, not a number"
+        value = outcome[1]
+        if not math.isfinite(value):
+            return math.nan, f"reward function {name!r} returned {value}"
+        return value, None
+
+    def _call_in_thread(self, fn: Callable, args: tuple) -> Outcome:
+        future = self._caller.submit(fn, args)
+        try:
+            return future.result(timeout=self._timeout_s)
+        except concurrent.futures.TimeoutError:
             # Python cannot kill a thread stuck in user code. Abandon it (it exits if the call
             # ever returns) and start a fresh one, so later calls are not queued behind it.
             # Each such hang costs one idle thread; the `timeouts` count shows how many.
             self._caller.retire()
             self._caller = _CallThread()
-            return math.nan, f"reward function {name!r} timed out after {self._timeout_s:g} s"
-        if raised is not None:
-            return math.nan, f"reward function {name!r} raised {type(raised).__name__}: {raised}"
-        value = future.result()
-        if not isinstance(value, numbers.Real):
-            return math.nan, f"reward function {name!r} returned {type(value).__name__}, not a number"
-        value = float(value)
-        if not math.isfinite(value):
-            return math.nan, f"reward function {name!r} returned {value}"
-        return value, None
+            return ("timed_out",)
+
+    def close(self) -> None:
+        """Stop the reward-function process, if any (it also dies with this process)."""
+        if self._process is not None:
+            self._process.close()

@@ -23,3 +23,13 @@ def slow_length(prompt: str, response: str, answer: str | None) -> float:
 
     time.sleep(0.02)
     return float(len(response))
+
+
+def backtracking_length(prompt: str, response: str, answer: str | None) -> float:
+    """Like ``length`` unscaled, but a 7-character response sends the regex engine into
+    exponential backtracking, which holds the GIL for as long as it runs (for ever, in effect)."""
+    import re
+
+    if len(response) == 7:
+        re.match(r"(a+)+$", "a" * 64 + "b")
+    return float(len(response))

@@ -1,4 +1,4 @@
-"""`rlrelay bench rollout|sync|scale|step|learner` through the real CLI, with tiny settings: each prints one
+"""`rlrelay bench rollout|sync|scale|step|learner|reward` through the real CLI, with tiny settings: each prints one
 JSON object whose figures are present and consistent. No assertion on speed: the machines are
 shared, and a bench that is slow today is still correct."""
 
@@ -201,3 +201,14 @@ def test_bench_learner_on_cpu_arranges_ragged_rows_as_the_driver_does():
     # Packed, a pass holds rows whose real tokens fit the budget: never fewer rows per pass.
     packed = arranged["options"]["full+packed"]["micro_sizes"]
     assert len(packed) <= len(arranged["options"]["full"]["micro_sizes"])
+
+
+def test_bench_reward_times_both_isolations_on_the_same_samples():
+    out = bench("reward", "--samples", "50", "--repeats", "2", "--functions", "exact_match,numeric_match")
+    assert out["bench"] == "reward"
+    assert out["functions"] == ["exact_match", "numeric_match"] and out["samples"] == 50
+    for isolation in ("process", "thread"):
+        assert_spread(out["us_per_call"][isolation], n=2)
+    assert out["process_over_thread_us_per_call"] == pytest.approx(
+        out["us_per_call"]["process"]["median"] - out["us_per_call"]["thread"]["median"], abs=0.1)
+    assert_spread(out["process_start_ms"], n=2)

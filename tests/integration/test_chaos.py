@@ -1,7 +1,7 @@
 """Chaos: rollout and reward workers killed (Ray kill, SIGKILL) or frozen (SIGSTOP) in the
 middle of their work. Every prompt is generated and every response scored exactly once, the
 samples are the ones an undisturbed pool produces, and replacements serve the current
-weights."""
+weights. A reward function stuck in C code fails its sample, not the worker."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -142,3 +143,39 @@ def test_killed_reward_worker_loses_nothing(ray_local):
         assert [r.reward for r in results] == [float(i) for i in range(200)]
     finally:
         rewards.shutdown()
+
+
+def reward_processes() -> list[int]:
+    """Pids of live reward-function child processes on this machine."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().split(") ")[-1][0]
+        except (OSError, IndexError):
+            continue
+        if b"reward.isolated" in cmdline and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_reward_call_holding_the_gil_fails_its_sample_not_the_worker(ray_local):
+    cfg = config("reward.num_workers=1", "reward.timeout_s=3", "reward.functions=[rewards_for_tests:backtracking_length]")
+    rewards = RewardPool(cfg, None)
+    try:
+        rewards.ready()
+        requests = [ScoreRequest(prompt="p", response="x" * i, answer=None) for i in range(10)]
+        results = rewards.score(requests)
+        # The call was killed at its timeout, the sample named; the worker kept answering its
+        # health pings meanwhile, so it was not replaced as hung.
+        assert results[7].error == "reward function 'rewards_for_tests:backtracking_length' timed out after 3 s"
+        assert [r.reward for i, r in enumerate(results) if i != 7] == [float(i) for i in range(10) if i != 7]
+        assert rewards.restarts == 0
+        assert reward_processes()
+    finally:
+        rewards.shutdown()
+    # The reward worker's function process ends with it.
+    deadline = time.time() + 30
+    while reward_processes() and time.time() < deadline:
+        time.sleep(0.2)
+    assert reward_processes() == []

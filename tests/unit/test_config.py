@@ -41,6 +41,7 @@ def test_unknown_key_is_named(override, named):
     ("algorithm.dual_clip=0.5", "algorithm.dual_clip must be > 1"),
     ("rollout.max_new_tokens=64", "must be below model.max_model_len"),
     ("reward.on_failure=ignore", "reward.on_failure"),
+    ("reward.isolation=fork", "reward.isolation: 'fork' is not one of process, thread"),
     ("trainer.steps", "not of the form key=value"),
     ("rollout.timeout_s=0", r"rollout.timeout_s must be > 0 seconds \(got 0.0\)"),
     ("rollout.health_timeout_s=-1", "rollout.health_timeout_s must be > 0"),

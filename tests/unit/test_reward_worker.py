@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import textwrap
 import time
-import uuid
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from transformers import (
 from reward.model_scorer import RewardModelScorer
 from reward.train import train_reward_model
 from reward.types import ScoreRequest
-from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
+from reward.worker import ISOLATIONS, RewardFunctionSpec, RewardModelSpec, RewardWorker
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=:.,?"
 
@@ -83,40 +81,6 @@ def one_torch_thread():
 
 PROMPTS = ["12+30=", "what is 7+8? ", "a", "hello there, how are you?"]
 RESPONSES = ["42", "15", "the answer is fifteen", ""]
-
-
-@pytest.fixture
-def user_rewards(tmp_path, monkeypatch) -> str:
-    """A user module of reward functions on sys.path, under a fresh name."""
-    name = f"user_rewards_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(
-        textwrap.dedent(
-            """
-            import time
-
-            def length(prompt, response, answer):
-                return float(len(response))
-
-            def boom(prompt, response, answer):
-                if response == "bad":
-                    raise KeyError("no grader for this response")
-                return 1.0
-
-            def nonfinite(prompt, response, answer):
-                return {"nan": float("nan"), "inf": float("inf")}.get(response, 2.0)
-
-            def text(prompt, response, answer):
-                return "1.0"
-
-            def slow(prompt, response, answer):
-                if response == "hang":
-                    time.sleep(30.0)
-                return 1.0
-            """
-        )
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return name
 
 
 def requests_for(*responses: str, answer: str | None = "42") -> list[ScoreRequest]:
@@ -247,9 +211,11 @@ def test_num_threads_sets_torch_threads_for_the_process():
         RewardWorker([RewardFunctionSpec(name="exact_match")], num_threads=0)
 
 
-def test_raising_and_nonfinite_functions_fail_only_their_sample(user_rewards):
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_raising_and_nonfinite_functions_fail_only_their_sample(user_rewards, isolation):
     worker = RewardWorker(
-        [RewardFunctionSpec(name=f"{user_rewards}:boom"), RewardFunctionSpec(name=f"{user_rewards}:nonfinite")]
+        [RewardFunctionSpec(name=f"{user_rewards}:boom"), RewardFunctionSpec(name=f"{user_rewards}:nonfinite")],
+        isolation=isolation,
     )
     results = worker.score(requests_for("ok", "bad", "nan", "inf", "fine"))
 
@@ -264,8 +230,9 @@ def test_raising_and_nonfinite_functions_fail_only_their_sample(user_rewards):
     assert worker.stats() == {"scored": 2, "failures": 3, "timeouts": 0}
 
 
-def test_non_number_return_value_fails_the_sample(user_rewards):
-    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:text")])
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_non_number_return_value_fails_the_sample(user_rewards, isolation):
+    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:text")], isolation=isolation)
     (result,) = worker.score(requests_for("42"))
     assert math.isnan(result.reward)
     assert result.error == f"reward function '{user_rewards}:text' returned str, not a number"
@@ -278,14 +245,15 @@ def test_builtin_refusing_a_missing_answer_fails_the_sample_not_the_batch():
     assert results[1].reward == 1.0
 
 
-def test_hung_function_times_out_and_later_samples_still_score(user_rewards):
-    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:slow")], timeout_s=2.0)
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_hung_function_times_out_and_later_samples_still_score(user_rewards, isolation):
+    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:slow")], timeout_s=2.0, isolation=isolation)
     start = time.monotonic()
     results = worker.score(requests_for("a", "hang", "b", "c"))
     elapsed = time.monotonic() - start
 
-    # Well under the 30 s sleep: the samples after the hung one ran on a fresh thread, not
-    # behind the stuck call. The limit applies to every call, so it is wide enough that a
+    # Well under the 30 s sleep: the samples after the hung one ran on a fresh thread or
+    # process, not behind the stuck call. The limit applies to every call, so it is wide enough that a
     # pause of a loaded machine does not time out a normal sample.
     assert elapsed < 15.0
     assert [r.reward for r in results[0:1] + results[2:]] == [1.0, 1.0, 1.0]
@@ -295,7 +263,7 @@ def test_hung_function_times_out_and_later_samples_still_score(user_rewards):
     # The next batch is not held up by the still-sleeping thread either.
     start = time.monotonic()
     assert [r.reward for r in worker.score(requests_for("d"))] == [1.0]
-    assert time.monotonic() - start < 10.0  # the stuck thread sleeps for another ~28 s
+    assert time.monotonic() - start < 10.0  # a stuck thread sleeps for another ~28 s
 
 
 def test_reward_model_failure_fails_every_sample_of_the_call(tmp_path):

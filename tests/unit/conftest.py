@@ -1,0 +1,63 @@
+"""Fixtures of the reward-worker tests: a user module of reward functions."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+
+import pytest
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch) -> str:
+    """A user module of reward functions on sys.path, under a fresh name."""
+    name = f"user_rewards_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import re
+            import time
+
+            def length(prompt, response, answer):
+                return float(len(response))
+
+            def boom(prompt, response, answer):
+                if response == "bad":
+                    raise KeyError("no grader for this response")
+                return 1.0
+
+            def nonfinite(prompt, response, answer):
+                return {"nan": float("nan"), "inf": float("inf")}.get(response, 2.0)
+
+            def text(prompt, response, answer):
+                return "1.0"
+
+            def slow(prompt, response, answer):
+                if response == "hang":
+                    time.sleep(30.0)
+                return 1.0
+
+            def backtrack(prompt, response, answer):
+                # (a+)+$ on "aaa...b" backtracks exponentially inside the C regex engine, which
+                # holds the GIL throughout: no other thread of the process runs meanwhile.
+                if response == "hang":
+                    re.match(r"(a+)+$", "a" * 64 + "b")
+                return 1.0
+
+            def exits(prompt, response, answer):
+                if response == "exit":
+                    os._exit(7)
+                return 1.0
+
+            def chatty(prompt, response, answer):
+                print("scoring", response)  # must not reach the worker's protocol pipe
+                return float(len(response))
+
+            def pid(prompt, response, answer):
+                return float(os.getpid())
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name

@@ -1,0 +1,127 @@
+"""Reward functions in a child process: what only a process can do (kill a call holding the
+GIL, survive a function that ends its process) and what it must not change (results, errors)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from reward.isolated import FunctionProcess, run_call
+from reward.types import ScoreRequest
+from reward.worker import RewardFunctionSpec, RewardWorker
+
+
+def requests_for(*responses: str) -> list[ScoreRequest]:
+    return [ScoreRequest(prompt="q: ", response=r, answer="42") for r in responses]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child not yet reaped is a zombie: gone for our purposes.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[-1][0] != "Z"
+
+
+def test_a_call_holding_the_gil_is_killed_at_its_timeout(user_rewards):
+    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:backtrack")], timeout_s=2.0)
+    start = time.monotonic()
+    results = worker.score(requests_for("a", "hang", "b"))
+    # The regex would run for longer than the universe is old; in a thread of this process
+    # the timeout could not even be noticed until it returned.
+    assert time.monotonic() - start < 15.0
+    assert [r.reward for r in (results[0], results[2])] == [1.0, 1.0]
+    assert results[1].error == f"reward function '{user_rewards}:backtrack' timed out after 2 s"
+    assert worker.stats() == {"scored": 2, "failures": 1, "timeouts": 1}
+    worker.close()
+
+
+def test_a_function_that_ends_its_process_fails_only_its_sample(user_rewards):
+    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:exits")])
+    results = worker.score(requests_for("a", "exit", "b"))
+    assert [r.reward for r in (results[0], results[2])] == [1.0, 1.0]
+    assert math.isnan(results[1].reward)
+    assert results[1].error == f"reward function '{user_rewards}:exits' ended its process (exit code 7)"
+    assert worker.stats()["timeouts"] == 0
+    worker.close()
+
+
+def test_prints_of_a_function_do_not_disturb_the_protocol(user_rewards, capfd):
+    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:chatty")])
+    assert [r.reward for r in worker.score(requests_for("abc", "de"))] == [3.0, 2.0]
+    worker.close()
+    assert "scoring abc" in capfd.readouterr().err
+
+
+def test_function_errors_are_those_of_the_thread_path(user_rewards):
+    for isolation in ("process", "thread"):
+        with pytest.raises(ValueError, match=f"'{user_rewards}:missing'.*has no attribute 'missing'"):
+            RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:missing")], isolation=isolation)
+    with pytest.raises(ValueError, match="isolation must be one of process, thread, got 'fork'"):
+        RewardWorker([RewardFunctionSpec(name="exact_match")], isolation="fork")
+
+
+def test_a_child_killed_between_calls_is_replaced_without_failing_a_sample(user_rewards):
+    functions = FunctionProcess([f"{user_rewards}:pid"])
+    (kind, first_pid) = functions.call(0, ("q", "a", None), timeout_s=10.0)
+    assert kind == "value" and int(first_pid) != os.getpid()
+    os.kill(int(first_pid), 9)
+    time.sleep(0.2)
+    (kind, second_pid) = functions.call(0, ("q", "a", None), timeout_s=10.0)
+    assert kind == "value" and second_pid != first_pid
+    assert functions.starts == 2
+    functions.close()
+    assert not alive(int(second_pid))
+
+
+def test_the_child_dies_with_the_worker_even_in_the_middle_of_a_call(user_rewards, tmp_path):
+    # A worker process (what a Ray actor is) that dies while its child is stuck in C code:
+    # nobody would ever read the child's pipe again, so the child must not outlive it.
+    script = textwrap.dedent(f"""
+        import os, sys, threading, time
+        sys.path[:0] = {[str(tmp_path), os.getcwd()]!r}
+        from reward.isolated import FunctionProcess
+        functions = FunctionProcess(["{user_rewards}:pid", "{user_rewards}:backtrack"])
+        print(int(functions.call(0, ("q", "a", None), timeout_s=10.0)[1]), flush=True)
+        threading.Thread(target=functions.call, args=(1, ("q", "hang", None), 600.0), daemon=True).start()
+        time.sleep(1.0)
+        os._exit(0)
+    """)
+    # stderr to a file: a child that outlived the script would hold a captured pipe open.
+    with open(tmp_path / "stderr", "w") as err:
+        out = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=err, text=True, timeout=60)
+    assert out.returncode == 0, (tmp_path / "stderr").read_text()
+    child = int(out.stdout.strip())
+    deadline = time.monotonic() + 10.0
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)
+
+
+class _BadFloat(float):
+    def __float__(self):
+        raise OverflowError("no float for you")
+
+
+class _BadMessage(Exception):
+    def __str__(self):
+        raise RuntimeError("nor a message")
+
+
+def _raise_bad_message(*args):
+    raise _BadMessage()
+
+
+def test_run_call_reports_user_code_failing_after_the_call_returned():
+    assert run_call(lambda *a: 2, ("q", "r", None)) == ("value", 2.0)
+    assert run_call(lambda *a: _BadFloat(1.0), ("q", "r", None)) == ("raised", "OverflowError", "no float for you")
+    assert run_call(_raise_bad_message, ("q", "r", None)) == ("raised", "_BadMessage", "<unprintable>")
+    assert run_call(lambda *a: [1.0], ("q", "r", None)) == ("not_a_number", "list")
