@@ -6,8 +6,10 @@ catastrophically). A process can always be killed: `FunctionProcess` keeps one c
 the configured functions, sends it one call at a time over a pipe, and on a timeout kills it
 and starts a fresh one for the next call.
 
-Both the child (``python -m reward.isolated``) and the parent's side live here, so the
-protocol is read in one place. Messages, each one pickled ``multiprocessing`` frame:
+Both the child (`_serve`) and the parent's side live here, so the protocol is read in one
+place. It runs over two pipes of its own, not the child's stdin/stdout, so nothing a user
+function or the interpreter's start-up prints can reach it. Messages, each one pickled
+``multiprocessing`` frame:
 
 - parent -> child, once: ``(sys_path, function_specs)``; child -> parent: ``("ready",)`` or
   ``("failed", message)`` when a spec does not resolve;
@@ -17,21 +19,35 @@ protocol is read in one place. Messages, each one pickled ``multiprocessing`` fr
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import numbers
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 Outcome = tuple
 """What one call came to: ``("value", float)``, ``("not_a_number", type_name)``,
-``("raised", type_name, message)``, ``("timed_out",)`` or ``("crashed", exit_code)``."""
+``("raised", type_name, message)``, ``("timed_out",)``, ``("crashed", exit_code)`` (negative:
+killed by that signal) or ``("not_started", message)`` (a replacement child failed to start)."""
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+START_TIMEOUT_S = 120.0
+"""Limit on the first start of the child (interpreter, then the user modules' imports)."""
+RESTART_TIMEOUT_S = 30.0
+"""Limit on starting a replacement after a timeout or a crash; the driver's wait on a batch
+allows it once per call."""
+
+# The package root goes first on the child's path, so a user module named `reward` in the
+# working directory cannot stand in for ours; then the child takes the parent's sys.path.
+_BOOT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+         "from reward.isolated import _serve; _serve(*map(int, sys.argv[1:]))")
 
 
 def run_call(fn: Callable, args: tuple) -> Outcome:
@@ -59,44 +75,57 @@ class FunctionProcess:
         functions.call(1, ("12+30=", "42", "42"), timeout_s=5.0)   # -> ("value", 1.0)
     """
 
-    def __init__(self, specs: Sequence[str], *, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, specs: Sequence[str], *, start_timeout_s: float = START_TIMEOUT_S) -> None:
         self._specs = list(specs)
-        self._start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen | None = None
         self._to_child: Connection | None = None
         self._from_child: Connection | None = None
+        self._stop = None
         self.starts = 0
         """Child processes started so far (1 + the restarts after timeouts and crashes)."""
-        self._start()
+        self._start(start_timeout_s)
 
-    def _start(self) -> None:
-        env = dict(os.environ)
-        # Only to find `reward.isolated` itself; the child then takes the parent's sys.path.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        self._proc = subprocess.Popen([sys.executable, "-m", "reward.isolated", str(os.getpid())],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    def _start(self, timeout_s: float) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        try:
+            # A session of its own: on a kill, the whole group goes, with anything the user
+            # function forked. stdout is our stderr, so a print goes to the worker's log.
+            self._proc = _spawn([sys.executable, "-c", _BOOT, str(to_child_r), str(from_child_w), str(os.getpid())],
+                                stdin=subprocess.DEVNULL, stdout=2, pass_fds=(to_child_r, from_child_w),
+                                start_new_session=True)
+        except BaseException:
+            os.close(to_child_w)
+            os.close(from_child_r)
+            raise
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
         self.starts += 1
-        # Connection objects own their descriptor, so give them copies and drop Popen's.
-        self._to_child = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
-        self._from_child = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
-        self._proc.stdin.close()
-        self._proc.stdout.close()
-        reply = self._exchange(([p for p in sys.path if isinstance(p, str)], self._specs), self._start_timeout_s)
+        self._to_child = Connection(to_child_w, readable=False)
+        self._from_child = Connection(from_child_r, writable=False)
+        # Also when the worker drops us without close(): no child outlives its handle.
+        self._stop = weakref.finalize(self, _stop_child, self._proc, self._to_child, self._from_child)
+        reply = self._exchange(([p for p in sys.path if isinstance(p, str)], self._specs), timeout_s)
+        if reply[0] == "ready":
+            return
+        self.close()
         if reply[0] == "failed":
-            self.close()
             raise ValueError(reply[1])
-        if reply[0] != "ready":
-            self.close()
-            what = "did not start" if reply[0] == "timed_out" else f"exited with code {reply[1]} while starting"
-            raise RuntimeError(f"the reward-function process {what} (within {self._start_timeout_s:g} s)")
+        if reply[0] == "timed_out":
+            raise RuntimeError(f"the reward-function process did not start within {timeout_s:g} s")
+        raise RuntimeError(f"the reward-function process {describe_exit(reply[1])} while starting")
 
     def call(self, index: int, args: tuple, timeout_s: float) -> Outcome:
         """Run function ``index`` on ``args`` in the child; a call that overruns or kills the
         child comes back as ``("timed_out",)`` or ``("crashed", code)``, and the next call gets
         a fresh child."""
         if self._proc is None or self._proc.poll() is not None:
-            self.close()  # died between calls (killed from outside): not this sample's fault
-            self._start()
+            self.close()  # gone since the last call (a timeout, or killed from outside)
+            try:
+                self._start(RESTART_TIMEOUT_S)
+            except (ValueError, RuntimeError) as err:
+                return ("not_started", str(err))
         outcome = self._exchange((index, args), timeout_s)
         if outcome[0] in ("timed_out", "crashed"):
             self.close()
@@ -108,20 +137,71 @@ class FunctionProcess:
             if not self._from_child.poll(timeout_s):
                 return ("timed_out",)
             return self._from_child.recv()
-        except (EOFError, OSError):  # the child died: a broken pipe or a closed one
-            self._proc.kill()
-            return ("crashed", self._proc.wait())
+        except (EOFError, OSError):  # the child is ending: a broken pipe or a closed one
+            proc = self._proc
+            try:
+                proc.wait(timeout=10.0)  # its own exit code, not our kill's
+            except subprocess.TimeoutExpired:  # closed the pipe yet lives on: killed below
+                pass
+            self.close()
+            return ("crashed", proc.returncode)
+        except BaseException:
+            # Interrupted between send and recv (KeyboardInterrupt, MemoryError): the reply
+            # would be read as the next call's. This child is done.
+            self.close()
+            raise
 
     def close(self) -> None:
         """Kill the child (it may be stuck in user code) and release the pipes."""
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            self._proc = None
-        for conn in (self._to_child, self._from_child):
-            if conn is not None:
-                conn.close()
-        self._to_child = self._from_child = None
+        if self._stop is not None:
+            self._stop()
+        self._proc = self._to_child = self._from_child = self._stop = None
+
+
+def describe_exit(code: int) -> str:
+    """``exited with code 7`` or ``was killed by signal 9`` (Popen's negative codes)."""
+    return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
+def _stop_child(proc: subprocess.Popen, *connections: Connection) -> None:
+    # The group outlives a reaped leader while anything it forked lives, and Linux does not
+    # hand out its number meanwhile, so this never reaches another process's group.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.kill()
+    proc.wait()
+    for conn in connections:
+        conn.close()
+
+
+_spawner: tuple[int, queue.SimpleQueue] | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn(args: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` from one long-lived thread of this process. Linux sends the
+    parent-death signal when the *thread* that started the child exits, and a caller's thread
+    (a Ray actor's task thread, a test's) may exit while the child serves on."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid():  # none yet, or we are a fork
+            _spawner = (os.getpid(), queue.SimpleQueue())
+            threading.Thread(target=_spawn_loop, args=(_spawner[1],), name="reward-spawner", daemon=True).start()
+        requests = _spawner[1]
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    requests.put((future, args, kwargs))
+    return future.result()
+
+
+def _spawn_loop(requests: queue.SimpleQueue) -> None:
+    while True:
+        future, args, kwargs = requests.get()
+        try:
+            future.set_result(subprocess.Popen(args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - the caller raises it
+            future.set_exception(err)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -134,18 +214,12 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _serve(parent_pid: int) -> None:
+def _serve(in_fd: int, out_fd: int, parent_pid: int) -> None:
     from reward.rules import resolve_reward_function
 
     _die_with_parent(parent_pid)
-    # The protocol keeps the original stdin/stdout; a user function's print() goes to stderr
-    # (the worker's log) instead of corrupting it.
-    from_parent = Connection(os.dup(0), writable=False)
-    to_parent = Connection(os.dup(1), readable=False)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)
-
+    from_parent = Connection(in_fd, writable=False)
+    to_parent = Connection(out_fd, readable=False)
     sys_path, specs = from_parent.recv()
     sys.path[:] = sys_path
     try:
@@ -161,6 +235,3 @@ def _serve(parent_pid: int) -> None:
             return
         to_parent.send(run_call(functions[index], args))
 
-
-if __name__ == "__main__":
-    _serve(int(sys.argv[1]))

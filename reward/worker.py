@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reward.isolated import FunctionProcess, Outcome, run_call
+from reward.isolated import FunctionProcess, Outcome, describe_exit, run_call
 from reward.rules import resolve_reward_function
 from reward.types import ISOLATIONS, ScoreRequest, ScoreResult
 
@@ -232,7 +232,9 @@ class RewardWorker:
             self._timeouts += 1
             return math.nan, f"reward function {name!r} timed out after {self._timeout_s:g} s"
         if kind == "crashed":
-            return math.nan, f"reward function {name!r} ended its process (exit code {outcome[1]})"
+            return math.nan, f"reward function {name!r} ended its process (it {describe_exit(outcome[1])})"
+        if kind == "not_started":
+            return math.nan, f"reward function {name!r} could not run: {outcome[1]}"
         if kind == "raised":
             return math.nan, f"reward function {name!r} raised {outcome[1]}: {outcome[2]}"
         if kind == "not_a_number":
@@ -256,5 +258,6 @@ class RewardWorker:
 
     def close(self) -> None:
         """Stop the reward-function process, if any (it also dies with this process)."""
-        if self._process is not None:
-            self._process.close()
+        with self._call_lock:
+            if self._process is not None:
+                self._process.close()

@@ -154,7 +154,7 @@ def reward_processes() -> list[int]:
             state = (proc / "stat").read_text().split(") ")[-1][0]
         except (OSError, IndexError):
             continue
-        if b"reward.isolated" in cmdline and state != "Z":
+        if any(b"from reward.isolated import _serve" in part for part in cmdline) and state != "Z":
             pids.append(int(proc.name))
     return pids
 

@@ -56,6 +56,16 @@ def user_rewards(tmp_path, monkeypatch) -> str:
 
             def pid(prompt, response, answer):
                 return float(os.getpid())
+
+            def forks(prompt, response, answer):
+                # Leaves a grandchild behind, writes its pid to the file named by `answer`, hangs.
+                child = os.fork()
+                if child == 0:
+                    time.sleep(300.0)
+                    os._exit(0)
+                with open(answer, "w") as f:
+                    f.write(str(child))
+                time.sleep(300.0)
             """
         )
     )

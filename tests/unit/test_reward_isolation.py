@@ -3,11 +3,14 @@ GIL, survive a function that ends its process) and what it must not change (resu
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -49,7 +52,7 @@ def test_a_function_that_ends_its_process_fails_only_its_sample(user_rewards):
     results = worker.score(requests_for("a", "exit", "b"))
     assert [r.reward for r in (results[0], results[2])] == [1.0, 1.0]
     assert math.isnan(results[1].reward)
-    assert results[1].error == f"reward function '{user_rewards}:exits' ended its process (exit code 7)"
+    assert results[1].error == f"reward function '{user_rewards}:exits' ended its process (it exited with code 7)"
     assert worker.stats()["timeouts"] == 0
     worker.close()
 
@@ -125,3 +128,79 @@ def test_run_call_reports_user_code_failing_after_the_call_returned():
     assert run_call(lambda *a: _BadFloat(1.0), ("q", "r", None)) == ("raised", "OverflowError", "no float for you")
     assert run_call(_raise_bad_message, ("q", "r", None)) == ("raised", "_BadMessage", "<unprintable>")
     assert run_call(lambda *a: [1.0], ("q", "r", None)) == ("not_a_number", "list")
+
+
+def test_start_up_output_of_the_interpreter_does_not_reach_the_protocol(tmp_path, monkeypatch, capfd):
+    # A sitecustomize (or .pth file) that prints runs before any code of ours in the child.
+    (tmp_path / "sitecustomize.py").write_text("print('hello from site')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    functions = FunctionProcess(["exact_match"], start_timeout_s=30.0)
+    assert functions.call(0, ("q", " 42 ", "42"), timeout_s=10.0) == ("value", 1.0)
+    functions.close()
+    assert "hello from site" in capfd.readouterr().err
+
+
+def test_a_user_module_named_reward_does_not_shadow_ours(tmp_path, monkeypatch):
+    (tmp_path / "reward.py").write_text("raise ImportError('the user module, not rlrelay')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    functions = FunctionProcess(["exact_match"], start_timeout_s=30.0)
+    assert functions.call(0, ("q", "42", "42"), timeout_s=10.0) == ("value", 1.0)
+    functions.close()
+
+
+def test_an_interrupted_call_does_not_shift_later_replies(user_rewards):
+    # Interrupted between sending a call and reading its reply, the reply would be read as
+    # the next call's; the child must go instead.
+    functions = FunctionProcess([f"{user_rewards}:length", f"{user_rewards}:slow"])
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(KeyboardInterrupt):
+            functions.call(1, ("q", "hang", None), timeout_s=20.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert functions.call(0, ("q", "abcd", None), timeout_s=10.0) == ("value", 4.0)
+    assert functions.call(0, ("q", "abcdef", None), timeout_s=10.0) == ("value", 6.0)
+    assert functions.starts == 2
+    functions.close()
+
+
+def test_the_child_outlives_the_thread_that_started_it(user_rewards):
+    # Linux's parent-death signal follows the thread that started a child; a Ray actor's
+    # task threads may come and go while the worker lives.
+    made = []
+    thread = threading.Thread(target=lambda: made.append(FunctionProcess([f"{user_rewards}:pid"])))
+    thread.start()
+    thread.join()
+    time.sleep(0.3)
+    (functions,) = made
+    kind, pid = functions.call(0, ("q", "a", None), timeout_s=10.0)
+    assert kind == "value" and functions.starts == 1
+    functions.close()
+    assert not alive(int(pid))
+
+
+def test_what_a_timed_out_function_forked_is_killed_with_it(user_rewards, tmp_path):
+    functions = FunctionProcess([f"{user_rewards}:forks"])
+    pid_file = tmp_path / "grandchild"
+    assert functions.call(0, ("q", "r", str(pid_file)), timeout_s=2.0) == ("timed_out",)
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10.0
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(grandchild)
+    functions.close()
+
+
+def test_a_dropped_handle_takes_its_child_with_it(user_rewards):
+    functions = FunctionProcess([f"{user_rewards}:pid"])
+    pid = int(functions.call(0, ("q", "a", None), timeout_s=10.0)[1])
+    del functions
+    gc.collect()
+    assert not alive(pid)
