@@ -53,6 +53,20 @@ class Batch:
     """``time.perf_counter()`` when generation and scoring ended (for rollout idle time)."""
 
 
+def check_complete(rollouts: list[Rollout], slots: range, per: int, step: int) -> None:
+    """Every (slot, sample) a generate call was asked for came back, once: a pool that lost or
+    doubled work while replacing workers must stop the run, not train on a skewed batch."""
+    keys = [(r.slot, r.sample_index) for r in rollouts]
+    want = {(slot, i) for slot in slots for i in range(per)}
+    missing, extra = want - set(keys), set(keys) - want
+    doubled = len(keys) - len(set(keys))
+    if missing or extra or doubled:
+        example = sorted(missing or extra)[:3]
+        raise RuntimeError(f"step {step}: generation returned {len(keys)} samples for {len(want)} asked: "
+                           f"{len(missing)} missing, {len(extra)} not asked for, {doubled} twice"
+                           + (f" (e.g. (slot, sample) {example})" if example else ""))
+
+
 class Collector:
     """Turns the next prompts of the dataset into a scored ``Batch``."""
 
@@ -82,6 +96,7 @@ class Collector:
                 # Refills take fresh slots, so every sample of the step keeps its own seed.
                 new = self.rollout.generate(prompts, self.sampling, step=step, seed=self.cfg.run.seed,
                                             first_slot=issued)
+                check_complete(new, range(issued, issued + len(prompts)), per, step)
                 issued += len(prompts)
             with _timed(timings, "score"):
                 new_scores, failed = self.score(new)
@@ -98,7 +113,7 @@ class Collector:
             rounds += 1
             if not algo.dynamic_sampling or len(rollouts) >= want * per or rounds > algo.dynamic_sampling_max_rounds:
                 break
-        # Exactly once: every (slot, sample) of the step appears once, whatever workers died.
+        # Exactly once: no (slot, sample) twice across rounds either, whatever workers died.
         keys = [(r.slot, r.sample_index) for r in rollouts]
         if len(set(keys)) != len(keys):
             raise RuntimeError(f"step {step}: duplicate samples in the batch ({len(keys) - len(set(keys))})")

@@ -264,10 +264,20 @@ class Config:
                              ("rollout.health_timeout_s", r.health_timeout_s), ("reward.timeout_s", self.reward.timeout_s)):
             if not seconds > 0:
                 raise ConfigError(f"{key} must be > 0 seconds (got {seconds})")
-        for key, value in (("rollout.max_restarts", r.max_restarts), ("reward.max_restarts", self.reward.max_restarts),
-                           ("data.eval_limit", self.data.eval_limit)):
-            if value < 0:
+        rw = self.reward
+        for key, value in (("rollout.max_restarts", r.max_restarts), ("reward.max_restarts", rw.max_restarts),
+                           ("data.eval_limit", self.data.eval_limit), ("rollout.num_cpus", r.num_cpus),
+                           ("rollout.num_gpus", r.num_gpus), ("reward.num_cpus", rw.num_cpus),
+                           ("reward.num_gpus", rw.num_gpus)):
+            if not value >= 0:  # also NaN
                 raise ConfigError(f"{key} must be >= 0 (got {value})")
+        for key, value in (("rollout.num_threads", r.num_threads), ("reward.num_threads", rw.num_threads),
+                           ("ray.num_cpus", 1 if self.ray.num_cpus is None else self.ray.num_cpus)):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1 (got {value})")
+        if not r.kv_cache_gib > 0 or not 0 < r.gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.kv_cache_gib must be > 0 and rollout.gpu_memory_utilization in (0, 1] "
+                              f"(got {r.kv_cache_gib}, {r.gpu_memory_utilization})")
         if r.weight_transport not in WEIGHT_TRANSPORTS:
             raise ConfigError(f"rollout.weight_transport: {r.weight_transport!r} is not one of "
                               f"{', '.join(WEIGHT_TRANSPORTS)}")

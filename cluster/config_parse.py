@@ -91,6 +91,8 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+    except ValueError as e:  # the section's own checks (__post_init__), which name the key
+        raise ConfigError(str(e)) from None
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:

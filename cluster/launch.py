@@ -170,7 +170,14 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     if any(p.answer is None for p in eval_prompts):
         raise ConfigError(f"data.eval_path {paths.eval_path}: every eval prompt needs an 'answer' "
                           f"(accuracy is exact match against it)")
-    tokenizer = AutoTokenizer.from_pretrained(paths.model_path)
+    model_path = str(paths.model_path)
+    if model_path.startswith(("/", ".", "~")) and not Path(model_path).expanduser().is_dir():
+        raise ConfigError(f"model.path {model_path!r} is not a directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(paths.model_path)
+    except (OSError, ValueError) as e:  # not a model directory (nor, offline, a hub name)
+        raise ConfigError(f"model.path {model_path!r}: cannot load a tokenizer from it: "
+                          f"{str(e).splitlines()[0]}") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ConfigError(f"the tokenizer of {paths.model_path} has neither a pad nor an eos token")

@@ -189,6 +189,9 @@ class LearnerConfig:
             raise ValueError("learner.lr and learner.critic_lr must be > 0")
         if self.timeout_s <= 0:
             raise ValueError("learner.timeout_s must be > 0")
+        if not (self.num_cpus >= 0 and self.num_gpus >= 0 and self.gpu_memory_gib > 0):
+            raise ValueError(f"learner.num_cpus and learner.num_gpus must be >= 0 and learner.gpu_memory_gib > 0 "
+                             f"(got {self.num_cpus}, {self.num_gpus}, {self.gpu_memory_gib})")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -74,6 +74,20 @@ def test_unknown_key_fails_at_once_naming_it():
     assert "no.such.key" in result.stderr
 
 
+def test_a_model_path_that_is_no_model_fails_before_ray_starts(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    base = ("train", "deploy/jobs/demo.yaml", f"data.train_path={data}", "data.eval_path=null",
+            "rollout.prompts_per_step=1", f"run.dir={tmp_path / 'run'}")
+    missing = run_cli(*base, f"model.path={tmp_path / 'nowhere'}", timeout=120)
+    assert missing.returncode == 2
+    assert f"config error: model.path '{tmp_path / 'nowhere'}' is not a directory" in missing.stderr
+    empty = run_cli(*base, f"model.path={tmp_path}", timeout=120)
+    assert empty.returncode == 2
+    assert f"config error: model.path '{tmp_path}': cannot load a tokenizer from it" in empty.stderr
+    assert "Traceback" not in missing.stderr + empty.stderr
+
+
 def test_a_prompt_longer_than_the_context_stops_the_run_before_it_starts(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in ["1+1=", "2+2=" * 40, "3+3="]))
