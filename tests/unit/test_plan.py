@@ -21,7 +21,7 @@ from cluster.memory_advice import advise, largest_micro_batch
 from cluster.memory_model import (GIB, LOSS_CHUNK_TOKENS, Architecture, LearnerShape, MemoryOptions, PlanError,
                                   activation_bytes, forward_logits_bytes, layer_activation_bytes, logits_bytes,
                                   memory_options, plan_memory, trained_state)
-from cluster.plan import KNOWN_CONFIGS, resolve_architecture
+from cluster.plan import KNOWN_CONFIGS, build_report, resolve_architecture
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_CONFIGS = sorted((REPO / "deploy" / "jobs").glob("*.yaml"))
@@ -325,3 +325,34 @@ def test_plan_module_does_not_import_torch():
     code = ("import sys, cluster.plan, cluster.memory_model, cluster.memory_advice; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def readme_fit_table() -> list[list[str]]:
+    """The rows of the README's "What fits, by the planner" table."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("What fits, by the planner"):]
+    section = section[:section.index("\n\n", section.index("| policy |"))]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| Qwen")]
+
+
+def test_the_readme_fit_table_is_what_the_planner_prints():
+    # The table is the planner's output; a change to the memory model must reprint it.
+    def plan(model: str, ranks: str, chunked: bool) -> tuple[str, bool, str | None]:
+        cfg = load_config(REPO / "deploy/jobs/gsm8k-0.5b-rm-1node.yaml", [
+            f"model.path=/models/{model}-Instruct", f"learner.world_size={ranks}", "model.max_model_len=2048",
+            "rollout.max_new_tokens=1024", "learner.micro_batch_size=4", f"learner.chunked_head={str(chunked).lower()}"])
+        arch, _ = resolve_architecture(cfg, None)
+        report = build_report(arch, LearnerShape.from_config(cfg), memory_options(cfg.learner), cfg)
+        alternative = (report["advice"] or [None])[0]
+        return (f"{report['total_bytes'] / GIB:.1f}", report["fits"],
+                alternative and f"{alternative['setting']}: {alternative['total_bytes'] / GIB:.1f}")
+
+    rows = readme_fit_table()
+    assert len(rows) == 6
+    for model, ranks, planned, fits, if_not, unchunked in rows:
+        total, fit, alternative = plan(model, ranks.split()[0], chunked=True)
+        assert (planned, fits) == (total, "yes" if fit else "no"), (model, ranks)
+        assert if_not == ("" if alternative is None else f"`{alternative.split(':')[0]}`:{alternative.split(':')[1]} GiB")
+        total, _, alternative = plan(model, ranks.split()[0], chunked=False)
+        assert unchunked == total + ("" if alternative is None else f" ({alternative.split(': ')[1]})"), (model, ranks)
