@@ -96,6 +96,8 @@ class Collector:
                 # Refills take fresh slots, so every sample of the step keeps its own seed.
                 new = self.rollout.generate(prompts, self.sampling, step=step, seed=self.cfg.run.seed,
                                             first_slot=issued)
+                # Exactly once, whatever workers died; rounds take disjoint slots, so across
+                # the step too.
                 check_complete(new, range(issued, issued + len(prompts)), per, step)
                 issued += len(prompts)
             with _timed(timings, "score"):
@@ -113,10 +115,6 @@ class Collector:
             rounds += 1
             if not algo.dynamic_sampling or len(rollouts) >= want * per or rounds > algo.dynamic_sampling_max_rounds:
                 break
-        # Exactly once: no (slot, sample) twice across rounds either, whatever workers died.
-        keys = [(r.slot, r.sample_index) for r in rollouts]
-        if len(set(keys)) != len(keys):
-            raise RuntimeError(f"step {step}: duplicate samples in the batch ({len(keys) - len(set(keys))})")
         all_raw = torch.cat(raw)
         scores_t = torch.cat(scores)
         if self.reward_norm is not None and len(scores_t):

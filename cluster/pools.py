@@ -210,8 +210,10 @@ class RewardPool:
 
     def __init__(self, cfg: Config, reward_model_path: str | None) -> None:
         rc = cfg.reward
-        self.calls_per_sample = max(1, len(rc.functions))
-        self.call_limit_s = rc.timeout_s + (RESTART_TIMEOUT_S if rc.isolation == "process" else 0.0)
+        # Each call may use its whole timeout, and (process isolation) the start of the child
+        # that replaces one that timed out; the worker itself never waits longer.
+        restart_s = RESTART_TIMEOUT_S if rc.isolation == "process" else 0.0
+        self.sample_limit_s = max(1, len(rc.functions)) * (rc.timeout_s + restart_s)
         functions = [RewardFunctionSpec(name=f.name, weight=f.weight) for f in rc.functions]
         model = None
         if rc.model is not None:
@@ -231,9 +233,7 @@ class RewardPool:
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         parts = max(1, sum(m.ready for m in self.actors.members.values()))
         chunks = [list(requests[lo:hi]) for lo, hi in split_evenly(len(requests), parts) if hi > lo]
-        # Each call may use its whole timeout, and (process isolation) the start of the child
-        # that replaces one that timed out; the worker itself never waits longer.
-        longest = max(len(c) for c in chunks) * self.calls_per_sample * self.call_limit_s + 60
+        longest = max(len(c) for c in chunks) * self.sample_limit_s + 60
         results = self.actors.run(chunks, lambda handle, chunk: handle.score.remote(chunk), timeout_s=longest)
         return [s for part in results for s in part]
 
