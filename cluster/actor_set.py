@@ -56,6 +56,11 @@ class Member:
     """Leaving: finishes its current chunk, gets no more, then is stopped."""
     busy_since: float | None = None
     last_probe: float = field(default_factory=time.monotonic)
+    """When it last showed it was alive (a call returned, or a ping was answered)."""
+    probe: ray.ObjectRef | None = None
+    """A health ping sent and not yet answered; it is judged by later passes of the loop,
+    never waited on, so probing many members (or a node of hung ones) never stalls the loop."""
+    probe_sent: float = 0.0
 
 
 class ActorSet:
@@ -223,53 +228,72 @@ class ActorSet:
             for ref in ready:
                 if ref in inflight:
                     mid, chunk = inflight.pop(ref)
-                    if self._collect(ref, mid):
-                        results[chunk] = ray.get(ref)
+                    ok, value = self._collect(ref, mid)
+                    if ok:
+                        results[chunk] = value
                     else:
                         queue.appendleft(chunk)
             self._check_health(inflight, requeue=queue.appendleft, timeout_s=timeout_s)
         self._poll_joins(timeout=0)
         return [results[i] for i in range(len(chunks))]
 
-    def _collect(self, ref: ray.ObjectRef, mid: int) -> bool:
-        """True if the call succeeded; a dead member is replaced, a raising one fails the run."""
+    def _collect(self, ref: ray.ObjectRef, mid: int) -> tuple[bool, Any]:
+        """``(True, result)`` if the call succeeded, ``(False, None)`` if its member died (it is
+        replaced); a member whose method raised fails the run. The result is fetched once
+        (a second ``ray.get`` of a large result deserialises it again)."""
         member = self.members.get(mid)
         try:
-            ray.get(ref, timeout=self.health_timeout_s)  # the call has returned: fetching is quick
+            value = ray.get(ref, timeout=self.health_timeout_s)  # the call has returned: fetching is quick
         except (RayActorError, ActorUnavailableError) as e:
             self._lost(mid, f"died ({type(e).__name__})")
-            return False
+            return False, None
         except RayTaskError as e:
             raise WorkerFailure(f"{self.label(mid)} failed: {e.cause!r}") from e
         if member is not None:
             member.busy_since = None
             member.last_probe = time.monotonic()
+            member.probe = None  # it answered with its result
             if member.draining:
                 self._retire(member)
-        return True
+        return True, value
 
     def _check_health(self, inflight: dict, requeue: Callable[[int], None] | None, timeout_s: float) -> None:
-        """Members busy for long get a ping (they serve pings concurrently with work); one
-        that does not answer, or that overruns its chunk, is treated as dead."""
+        """Members busy for long get a ping (they serve pings concurrently with work); one that
+        overruns its chunk, whose ping goes unanswered for ``health_timeout_s``, or whose ping
+        finds it dead is lost. Pings are sent and judged without blocking: every due member is
+        pinged at once, and the loop goes on collecting and dispatching while they are out."""
         now = time.monotonic()
+        probes = [m.probe for m in self.members.values() if m.probe is not None]
+        answered = set(ray.wait(probes, num_returns=len(probes), timeout=0)[0]) if probes else set()
         for ref, (mid, chunk) in list(inflight.items()):
             member = self.members.get(mid)
             if member is None:
                 continue
-            overran = now - member.busy_since > timeout_s
-            hung = False
-            if not overran and now - member.last_probe > self.health_interval_s:
-                member.last_probe = now
-                try:
-                    ray.get(member.handle.ping.remote(), timeout=self.health_timeout_s)
-                except (GetTimeoutError, RayActorError, ActorUnavailableError):
-                    hung = True
-            if overran or hung:
+            why = None
+            if now - member.busy_since > timeout_s:
+                why = f"overran its {timeout_s:.0f} s timeout"
+            elif member.probe in answered:
+                why = self._probe_answer(member, now)
+            elif member.probe is not None:
+                if now - member.probe_sent > self.health_timeout_s:
+                    why = f"did not answer a health ping within {self.health_timeout_s:.0f} s"
+            elif now - member.last_probe > self.health_interval_s:
+                member.probe, member.probe_sent = member.handle.ping.remote(), now
+            if why is not None:
                 inflight.pop(ref)
                 if requeue is not None:
                     requeue(chunk)
-                self._lost(mid, f"overran its {timeout_s:.0f} s timeout" if overran
-                           else f"did not answer a health ping within {self.health_timeout_s:.0f} s")
+                self._lost(mid, why)
+
+    def _probe_answer(self, member: Member, now: float) -> str | None:
+        """None if the member's answered ping shows it alive, else why it is lost."""
+        probe, member.probe = member.probe, None
+        try:
+            ray.get(probe, timeout=self.health_timeout_s)  # answered: fetching is quick
+        except (GetTimeoutError, RayActorError, ActorUnavailableError) as e:
+            return f"died ({type(e).__name__}, seen by a health ping)"
+        member.last_probe = now
+        return None
 
     def broadcast(self, call: Callable[[Any], ray.ObjectRef]) -> list[Any]:
         """``call(handle)`` once on every ready member (e.g. a weight push). A member that dies
@@ -286,8 +310,9 @@ class ActorSet:
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             for ref in ready:
                 mid, _ = inflight.pop(ref)
-                if self._collect(ref, mid):
-                    results.append(ray.get(ref))
+                ok, value = self._collect(ref, mid)
+                if ok:
+                    results.append(value)
             self._check_health(inflight, requeue=None, timeout_s=self.timeout_s)
             self._poll_joins(timeout=0)
         return results

@@ -9,14 +9,15 @@ seconds (it sleeps for whatever building the records left). The real ``RolloutPo
 - **breakdown**: the same step done by hand on the pool's actors (build the requests, submit
   them, wait, fetch and deserialise the records, merge); what ``pool.generate`` takes beyond
   this hand-made step is ``ActorSet.run``'s own loop (one ``ray.wait`` per completion, health
-  checks, fetching each result);
+  pings, fetching each result);
 - **push**: ``RolloutPool.load_weights`` of a small update to every member;
 - **memory**: RSS/USS of the stand-in processes, a bare Ray actor's for comparison, and the
   raylet and GCS (the driver's children), whose growth is Ray's bookkeeping per actor.
 
-A micro-benchmark of ``ray.wait`` over n ready refs gives the per-ref cost that makes
-``ActorSet.run``'s loop quadratic in the pool size. The figures are fitted linearly in the pool
-size and extrapolated to ``--extrapolate`` workers.
+A micro-benchmark drains n calls in flight on one threaded actor the way ``ActorSet.run``
+does (one ``ray.wait`` per completion over the calls still out) and gives the driver's CPU cost
+per completion at n. The figures are fitted linearly in the pool size and extrapolated to
+``--extrapolate`` workers.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def run(args) -> dict:
                              **bench.measure(pool), "ray_processes_mib": _ray_processes_mib()})
             log.info("bench scale: %d workers: step %.3f s, overhead share %.3f, push %.3f s", n,
                      per_size[-1]["step_s"]["median"], per_size[-1]["overhead_share"], per_size[-1]["push_s"]["median"])
-        wait_cost = _ray_wait_cost_us(ray)
+        wait_cost = _wait_loop_cost_us(ray)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -157,7 +158,7 @@ def run(args) -> dict:
         "bare_actor_memory": bare_memory,
         "ray_processes_mib_before": ray_base,
         "sizes": per_size,
-        "ray_wait_us_per_call": wait_cost,
+        "wait_loop_us_per_completion": wait_cost,
         "extrapolated": _extrapolate(per_size, wait_cost, args),
     }
 
@@ -267,20 +268,35 @@ def _ray_processes_mib() -> dict:
     return out
 
 
-def _ray_wait_cost_us(ray) -> dict:
-    """Microseconds of one ``ray.wait(refs, num_returns=1)`` over n ready refs: ActorSet.run
-    makes one such call per completed chunk, over all chunks still in flight."""
+class _Sleeper:
+    """Answers many calls at once (a threaded actor): n calls in flight without n processes."""
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def _wait_loop_cost_us(ray) -> dict:
+    """The driver's CPU microseconds per completed call when n calls are in flight and are
+    collected the way ``ActorSet.run`` collects them: one ``ray.wait(num_returns=1)`` over the
+    calls still out, then a ``ray.get`` of the one returned. The calls are sleeps spread over
+    1 s on one threaded actor, so what is timed is the waiting, not the work (CPU time of the
+    driver process, Ray's threads in it included)."""
     out = {}
+    sleeper = ray.remote(_Sleeper).options(num_cpus=0, max_concurrency=600).remote()
+    ray.get(sleeper.sleep.remote(0), timeout=120)
     for n in (32, 128, 512):
-        refs = [ray.put(i) for i in range(n)]
-        ray.wait(refs, num_returns=n, timeout=60)
         runs = []
-        for _ in range(5):
-            started = time.perf_counter()
-            for _ in range(20):
-                ray.wait(refs, num_returns=1, timeout=0)
-            runs.append((time.perf_counter() - started) / 20 * 1e6)
+        for _ in range(3):
+            pending = [sleeper.sleep.remote(0.2 + i / n) for i in range(n)]
+            started = time.process_time()
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=30)
+                if not ready:
+                    raise RuntimeError("a stand-in sleep did not return within 30 s")
+                ray.get(ready[0], timeout=30)
+            runs.append((time.process_time() - started) / n * 1e6)
         out[str(n)] = spread(runs)
+    ray.kill(sleeper)
     return out
 
 
@@ -300,12 +316,12 @@ def _extrapolate(per_size: list[dict], wait_cost: dict, args) -> dict:
     def medians(key: str, sub: str | None = None) -> list[float]:
         return [(s[sub][key] if sub else s[key])["median"] for s in per_size]
 
-    # ActorSet.run waits once per completed chunk over the chunks still in flight: sum over k of
-    # wait(k) ~ N * intercept + slope * N^2 / 2.
+    # One completion's cost with n calls in flight, fitted in n, times the N completions of a
+    # step that gives every worker one chunk.
     n_refs = np.array([float(k) for k in wait_cost])
     wait_us = np.array([v["median"] for v in wait_cost.values()])
     w_slope, w_intercept = np.polyfit(n_refs, wait_us, 1)
-    wait_loop_s = (target * w_intercept + w_slope * target * target / 2) / 1e6
+    wait_loop_s = target * (w_intercept + w_slope * target) / 1e6
     step_overhead = at_target(medians("overhead_s"))
     return {
         "workers": target,
@@ -316,7 +332,7 @@ def _extrapolate(per_size: list[dict], wait_cost: dict, args) -> dict:
         "parts_s_linear_fit": {name: at_target(medians(name, "breakdown"))
                                for name in ("build_s", "dispatch_s", "wait_beyond_latency_s", "fetch_s", "merge_s")},
         "actor_set_loop_s_linear_fit": at_target([s["actor_set_loop_s"] for s in per_size]),
-        "actor_set_ray_wait_loop_s": round(float(wait_loop_s), 4),
+        "actor_set_wait_loop_cpu_s": round(float(wait_loop_s), 4),
         "push_s_linear_fit": at_target(medians("push_s")),
         "stand_in_memory_gib": significant(target * statistics.median(s["actor_uss_mib_median"] for s in per_size) / 1024),
         "raylet_mib_linear_fit": at_target([s["ray_processes_mib"].get("raylet", 0.0) for s in per_size]),

@@ -116,9 +116,10 @@ def test_bench_scale_measures_the_control_plane_with_stand_in_workers():
         assert size["records_mib_per_step"] > 0
         assert size["actor_uss_mib_median"] > 0
     assert out["bare_actor_memory"]["rss_mib"] > 0
-    assert set(out["ray_wait_us_per_call"]) == {"32", "128", "512"}
+    assert set(out["wait_loop_us_per_completion"]) == {"32", "128", "512"}
+    assert all(v["median"] > 0 for v in out["wait_loop_us_per_completion"].values())
     extra = out["extrapolated"]
-    assert extra["workers"] == 16 and math.isfinite(extra["actor_set_ray_wait_loop_s"])
+    assert extra["workers"] == 16 and math.isfinite(extra["actor_set_wait_loop_cpu_s"])
     assert extra["stand_in_memory_gib"] > 0
 
 
