@@ -89,6 +89,7 @@ class Collector:
         rollouts: list[Rollout] = []
         scores: list[torch.Tensor] = []
         raw: list[torch.Tensor] = []
+        penalties: list[torch.Tensor] = []  # what reward shaping added to each generated sample
         filtered, rounds, issued, failures = 0, 0, 0, 0
         while True:
             with _timed(timings, "generate"):
@@ -104,7 +105,9 @@ class Collector:
                 new_scores, failed = self.score(new)
                 failures += failed
             raw.append(new_scores)
-            new_scores = self.shape(new_scores, new)
+            shaped = self.shape(new_scores, new)
+            penalties.append(shaped - new_scores)
+            new_scores = shaped
             if algo.dynamic_sampling:
                 keep = filter_uniform_groups(new_scores, group_ids(new))
                 filtered += int((~keep).sum()) // per
@@ -121,7 +124,10 @@ class Collector:
             self.reward_norm.update(scores_t)
             scores_t = self.reward_norm.normalize(scores_t)
         metrics = {"reward/mean": float(all_raw.mean()), "reward/std": float(all_raw.std(unbiased=False)),
-                   "reward/failures": float(failures), "rollout/filtered_groups": float(filtered),
+                   "reward/failures": float(failures),
+                   # DAPO's overlong penalty, averaged over every generated sample (0 when off).
+                   "reward/overlong_penalty_mean": float(torch.cat(penalties).mean()),
+                   "rollout/filtered_groups": float(filtered),
                    "rollout/generation_rounds": float(rounds),
                    # Identifies the prompts a step trained on: equal between runs that see the same data.
                    "data/prompt_index_sum": float(sum(r.prompt_index for r in rollouts if r.sample_index == 0)),

@@ -273,9 +273,16 @@ def learner_placement(world_size: int, num_cpus: float, num_gpus: float, timeout
         raise WorkerFailure(f"the learner's {world_size} bundle(s) of {bundle} could not be placed within "
                             f"{timeout_s:.0f} s: the cluster lacks free resources (ray status shows them)") from None
     node_of = placement_group_table(group)["bundles_to_node_id"]
-    # Group ranks by node so that rank order follows the hardware (NCCL rings, local ranks).
-    order = sorted(range(world_size), key=lambda b: (node_of[b] != node_of[0], node_of[b], b))
+    order = ranks_by_node([node_of[b] for b in range(world_size)])
     return LearnerPlacement(group=group, rank_bundles=order, nodes=[node_of[b] for b in order])
+
+
+def ranks_by_node(node_of: Sequence[str]) -> list[int]:
+    """Bundle indices in rank order: bundles of a node consecutive, bundle 0's node first (its
+    address is the rendezvous), so rank order follows the hardware (NCCL rings, local ranks).
+    Ray's PACK placement usually lists bundles grouped already; this makes it so whatever the
+    listing."""
+    return sorted(range(len(node_of)), key=lambda b: (node_of[b] != node_of[0], node_of[b], b))
 
 
 class LearnerGroup:

@@ -39,11 +39,21 @@ def test_bf16_update_runs_and_the_plan_matches_the_measured_peak(model_dir, opti
     assert 0.75 <= figures["planned_over_measured"] <= 1.25, figures
 
 
-def test_packed_rows_match_padded_rows_in_bf16(model_dir):
+def test_packed_rows_match_padded_rows_in_bf16(model_dir, monkeypatch):
     """``learner.pack_sequences`` on CUDA runs FlashAttention's variable-length kernel; its
     log-probs and gradients must match the padded SDPA path to bf16 rounding."""
+    from learner import packing
     from learner.batch import RolloutBatch
     from learner.models import load_policy, sequence_logprobs
+
+    varlen_calls = []  # the kernel, not the per-row SDPA fallback, must be what ran
+
+    def counted_varlen(*args, **kwargs):
+        varlen_calls.append(1)
+        return varlen(*args, **kwargs)
+
+    varlen = packing._varlen
+    monkeypatch.setattr(packing, "_varlen", counted_varlen)
 
     g = torch.Generator().manual_seed(0)
     prompts, responses = torch.tensor([40, 17, 64, 5]), torch.tensor([60, 90, 12, 33])
@@ -62,6 +72,7 @@ def test_packed_rows_match_padded_rows_in_bf16(model_dir):
         lp.sum().backward()
         results.append((lp.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float()))
     (ref_lp, ref_grad), (lp, grad) = results
+    assert varlen_calls, "the packed pass fell back to per-row SDPA (torch without torch.nn.attention.varlen?)"
     mask = rollouts.response_mask.bool()
     assert float((lp - ref_lp)[mask].abs().mean()) < 2e-2, float((lp - ref_lp)[mask].abs().max())
     assert float((grad - ref_grad).norm() / ref_grad.norm()) < 5e-2

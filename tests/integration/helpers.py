@@ -137,7 +137,8 @@ ESTIMATOR_HOSTS = {"gae": "test_resume", "grpo": "test_train_e2e", "rloo": "test
 
 def check_estimator_steps(name: str, steps: list[dict]) -> None:
     """The step rows of a job run with ``ESTIMATOR_CASES[name]``: finite, and the parts of the
-    algorithm the case turns on show in its metrics."""
+    algorithm the case turns on show in its metrics where a metric shows them (reward
+    normalisation and ``loss_agg`` have none: their math is unit-tested, here they only run)."""
     import math
 
     assert len(steps) >= 2, f"{name}: needs at least two steps, got {len(steps)}"
@@ -152,6 +153,8 @@ def check_estimator_steps(name: str, steps: list[dict]) -> None:
         assert all("kl/value" in r for r in steps), name  # a reference model was built and used
     if name == "dr_grpo":
         assert not any("kl/value" in r for r in steps)  # no KL, no reference model
+    if name != "reinforce_pp_baseline":  # the only case with an overlong buffer
+        assert all(r["reward/overlong_penalty_mean"] == 0 for r in steps), name
     if name == "rloo":
         assert steps[-1]["kl/coef"] != 0.05  # the adaptive controller moved
         assert "tis/weight_mean" in steps[0]
@@ -162,3 +165,5 @@ def check_estimator_steps(name: str, steps: list[dict]) -> None:
         # and generates again (the metric itself is logged with 0 when the option is off).
         assert sum(r["rollout/filtered_groups"] for r in steps) > 0
         assert max(r["rollout/generation_rounds"] for r in steps) > 1
+        # Responses run to max_new_tokens, inside the 4-token buffer: the penalty bites.
+        assert min(r["reward/overlong_penalty_mean"] for r in steps) < 0

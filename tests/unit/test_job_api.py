@@ -25,10 +25,9 @@ def test_bounded_gives_up_on_an_http_request_that_never_gets_an_answer():
         server.bind(("127.0.0.1", 0))
         server.listen(4)
         url = f"http://127.0.0.1:{server.getsockname()[1]}/api/jobs/x"
-        started = time.monotonic()
+        # Unbounded, the request would wait for ever (until pytest's timeout fails the test).
         with pytest.raises(TimeoutError, match="did not answer get within 0.5 s"):
             jobs.bounded(requests.get, url, timeout_s=0.5)
-        assert time.monotonic() - started < 5
 
 
 class FlakyClient:

@@ -218,6 +218,9 @@ def test_advice_climbs_the_ladder_in_order_and_skips_what_is_on():
                                              "learner.cpu_offload=true"]
     totals = [p.total_bytes for _, p in steps]
     assert totals == sorted(totals, reverse=True) and steps[-1][1].fits
+    # Rungs already on are skipped: checkpointing is on and sharding is full already.
+    turned_on = advise(arch, job, MemoryOptions(activation_checkpointing=True))
+    assert [r.setting for r, _ in turned_on] == ["learner.reference_offload=true", "learner.cpu_offload=true"]
     no_reference = advise(arch, shape(world_size=1, micro_batch_size=4), MemoryOptions())
     assert "learner.reference_offload=true" not in [r.setting for r, _ in no_reference]
     assert advise(qwen_05b(), shape(), MemoryOptions()) == []  # fits: nothing to do

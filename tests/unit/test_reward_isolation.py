@@ -36,11 +36,9 @@ def alive(pid: int) -> bool:
 
 def test_a_call_holding_the_gil_is_killed_at_its_timeout(user_rewards):
     worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:backtrack")], timeout_s=2.0)
-    start = time.monotonic()
+    # The regex would run for longer than the universe is old (the test would hang until
+    # pytest's timeout); in a thread of this process the timeout could not even be noticed.
     results = worker.score(requests_for("a", "hang", "b"))
-    # The regex would run for longer than the universe is old; in a thread of this process
-    # the timeout could not even be noticed until it returned.
-    assert time.monotonic() - start < 15.0
     assert [r.reward for r in (results[0], results[2])] == [1.0, 1.0]
     assert results[1].error == f"reward function '{user_rewards}:backtrack' timed out after 2 s"
     assert worker.stats() == {"scored": 2, "failures": 1, "timeouts": 1}

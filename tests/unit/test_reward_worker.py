@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -248,22 +247,15 @@ def test_builtin_refusing_a_missing_answer_fails_the_sample_not_the_batch():
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_hung_function_times_out_and_later_samples_still_score(user_rewards, isolation):
     worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:slow")], timeout_s=2.0, isolation=isolation)
-    start = time.monotonic()
+    # The hung call never returns: had the samples after it waited behind it (a worker joining
+    # the stuck thread or process), this test would hang until pytest's own timeout fails it.
     results = worker.score(requests_for("a", "hang", "b", "c"))
-    elapsed = time.monotonic() - start
-
-    # Well under the 30 s sleep: the samples after the hung one ran on a fresh thread or
-    # process, not behind the stuck call. The limit applies to every call, so it is wide enough that a
-    # pause of a loaded machine does not time out a normal sample.
-    assert elapsed < 15.0
     assert [r.reward for r in results[0:1] + results[2:]] == [1.0, 1.0, 1.0]
     assert math.isnan(results[1].reward)
     assert results[1].error == f"reward function '{user_rewards}:slow' timed out after 2 s"
     assert worker.stats() == {"scored": 3, "failures": 1, "timeouts": 1}
-    # The next batch is not held up by the still-sleeping thread either.
-    start = time.monotonic()
+    # The next batch is not held up by the still-stuck call either.
     assert [r.reward for r in worker.score(requests_for("d"))] == [1.0]
-    assert time.monotonic() - start < 10.0  # a stuck thread sleeps for another ~28 s
 
 
 def test_reward_model_failure_fails_every_sample_of_the_call(tmp_path):

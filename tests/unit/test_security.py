@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from cluster.jobs import current_submission_id, job_env, job_tag, new_submission_id, resolve_address, train_entrypoint
+from cluster import security
 from cluster.security import (InsecureClusterError, address_host, check_cluster_auth, client_auth_env, is_loopback,
-                              is_secret_name, leaked_secrets, redact, token_source)
+                              is_secret_name, leaked_secrets, redact, require_token_auth, token_source)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -232,3 +233,14 @@ def test_submit_refuses_a_config_outside_the_working_directory(tmp_path):
     config.write_text("trainer: {steps: 2}\n")
     result = rlrelay("submit", str(config), env={})
     assert result.returncode == 2 and "not inside the uploaded working directory" in result.stderr
+
+
+def test_a_local_instance_that_started_without_token_auth_is_refused(monkeypatch, caplog):
+    # What Ray reports after start-up decides, whatever the environment said before it.
+    monkeypatch.setattr(security, "token_auth_active", lambda: False)
+    with pytest.raises(InsecureClusterError, match="started without token authentication"):
+        require_token_auth(allow_insecure=False)
+    require_token_auth(allow_insecure=True)
+    assert "going on: allow_insecure" in caplog.text
+    monkeypatch.setattr(security, "token_auth_active", lambda: True)
+    require_token_auth(allow_insecure=False)
