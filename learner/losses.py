@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from learner.advantages import masked_mean
-
-LOSS_AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+from learner.config import LOSS_AGG_MODES
 
 # exp() of a log-ratio beyond this is far outside any clip range; clamping keeps one
 # diverged token from turning the loss into inf and every gradient into NaN.

@@ -21,8 +21,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from reward.isolated import FunctionProcess, Outcome, describe_exit, run_call
 from reward.rules import resolve_reward_function
 from reward.types import ISOLATIONS, ScoreRequest, ScoreResult
@@ -131,11 +129,8 @@ class RewardWorker:
             raise ValueError(f"reward timeout_s must be a positive number of seconds, got {timeout_s}")
         if isolation not in ISOLATIONS:
             raise ValueError(f"reward isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
-        if num_threads is not None:
-            if num_threads < 1:
-                raise ValueError(f"reward worker num_threads must be >= 1, got {num_threads}")
-            # Ray sets OMP_NUM_THREADS from the actor's CPU share (often 1); say it explicitly.
-            torch.set_num_threads(num_threads)
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"reward worker num_threads must be >= 1, got {num_threads}")
 
         # Resolve now (here or in the child) so a misspelled function fails at launch, not on
         # the first batch.
@@ -153,8 +148,15 @@ class RewardWorker:
         self._model_spec = model
         self._model = None
         if model is not None:
-            # Imported here: transformers costs a rule-only worker ~4 s of start-up (measured).
+            # Imported here: transformers and torch cost a rule-only worker ~4 s of start-up
+            # (measured) and ~130 MiB.
+            import torch
+
             from reward.model_scorer import RewardModelScorer
+
+            if num_threads is not None:
+                # Ray sets OMP_NUM_THREADS from the actor's CPU share (often 1); say it explicitly.
+                torch.set_num_threads(num_threads)
 
             self._model = RewardModelScorer(model.path, device=device, batch_size=model.batch_size,
                                             max_length=model.max_length)

@@ -1,12 +1,16 @@
 """The config tree: YAML + overrides, and failing fast with the key named."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cluster.config import Config, ConfigError, load_config
 
-DEMO = Path(__file__).resolve().parents[2] / "deploy" / "jobs" / "demo.yaml"
+REPO = Path(__file__).resolve().parents[2]
+
+DEMO = REPO / "deploy" / "jobs" / "demo.yaml"
 
 
 def test_demo_config_loads_and_overrides_apply():
@@ -147,3 +151,13 @@ def test_reward_settings_are_checked_before_any_worker_starts(tmp_path):
     (tmp_path / "rm").mkdir()
     (tmp_path / "rm" / "config.json").write_text("{}")
     check_reward_config(load_config(DEMO, [f"reward.model={{path: {tmp_path / 'rm'}}}"]))
+
+
+def test_the_cli_and_the_config_do_not_import_torch():
+    # `rlrelay --help` and `rlrelay config` stay instant (torch costs ~0.7 s and ~130 MiB a
+    # process), and the bench's bare actor, which imports cluster.bench, stays bare.
+    code = ("import sys; from cluster.cli import main; import cluster.bench; "
+            "assert main(['config', 'deploy/jobs/demo.yaml', 'trainer.steps=3']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, text=True)
+    assert '"steps": 3' in out.stdout
