@@ -382,11 +382,37 @@ def copy_bandwidth(nbytes: int = 2 * GIB, repeats: int = 5) -> dict:
             "device_to_host_pinned": rate(lambda: host.copy_(dev, non_blocking=True), 1)}
 
 
+def brief(result: dict) -> str:
+    """One line per option: the figures the README's GPU table takes (medians)."""
+    lines = [f"{result['device']}, torch {result['torch']}, preset {result['preset']}, "
+             f"micro-batch {result['batch']['micro_batch']} x {result['batch']['micro_steps']}, "
+             f"seq {result['batch']['seq_len']}" + (", ragged" if result["batch"]["ragged"] else "")]
+    for name, f in result["options"].items():
+        if "error" in f:
+            lines.append(f"  {name}: ERROR {f['error']}")
+            continue
+        parts = [f"{f['train_tokens_per_s']['median'] / 1e3:.1f}k tok/s", f"update {f['update_s']['median']:.3f} s"]
+        if "mfu" in f:
+            parts.append(f"MFU {100 * f['mfu']['median']:.1f} %")
+        if "peak_allocated_gib" in f:
+            parts.append(f"peak {f['peak_allocated_gib']} GiB (planned {f['planned_tensors_gib']})")
+        else:
+            parts.append(f"peak RSS {f['peak_rss_gib']} GiB (planned {f['planned_total_gib']})")
+        lines.append(f"  {name}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":  # the GPU machine has no Ray: `python -m cluster.bench_learner [args]`
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m cluster.bench_learner")
     register_args(parser)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", metavar="FILE", help="write the JSON to FILE and print one line per option")
     ns = parser.parse_args()
-    print(json.dumps(run(ns), indent=2))
+    measured = run(ns)
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(measured, indent=2))
+        print(brief(measured))
+    else:
+        print(json.dumps(measured, indent=2))

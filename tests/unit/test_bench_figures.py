@@ -1,4 +1,5 @@
-"""Bench figures keep significant digits, so a tiny measurement never prints as zero."""
+"""Bench figures keep significant digits, so a tiny measurement never prints as zero; the learner
+bench's one-line summary per option."""
 import math
 
 import pytest
@@ -28,3 +29,17 @@ def test_spread_reports_median_min_max_and_runs():
     assert out == {"median": 2e-5, "min": 1e-5, "max": 3e-5, "runs": [2e-5, 1e-5, 3e-5]}
     with pytest.raises(ValueError, match="no measurements"):
         spread([])
+
+
+def test_the_learner_bench_brief_has_a_line_per_option_and_names_errors():
+    from cluster.bench_learner import brief
+
+    figures = {"train_tokens_per_s": {"median": 74300.0}, "update_s": {"median": 0.882}, "mfu": {"median": 0.2121},
+               "peak_allocated_gib": 42.4, "planned_tensors_gib": 50.9}
+    result = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "preset": "0.5b", "options": {
+        "grad_op+compile": figures, "grad_op+compile+logits": {"error": "no result within 900 s (exit code None)"}},
+        "batch": {"micro_batch": 8, "micro_steps": 4, "seq_len": 2048, "ragged": False}}
+    lines = brief(result).splitlines()
+    assert lines[0] == "NVIDIA H100 80GB HBM3, torch 2.11, preset 0.5b, micro-batch 8 x 4, seq 2048"
+    assert lines[1] == "  grad_op+compile: 74.3k tok/s, update 0.882 s, MFU 21.2 %, peak 42.4 GiB (planned 50.9)"
+    assert lines[2] == "  grad_op+compile+logits: ERROR no result within 900 s (exit code None)"
