@@ -29,9 +29,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (GetTimeoutError, NodeDiedError, OutOfMemoryError, RayActorError, RayTaskError,
+                            WorkerCrashedError)
 
 log = logging.getLogger("rlrelay")
+
+
+DEATHS = (RayActorError, OutOfMemoryError, NodeDiedError, WorkerCrashedError)
+"""What a call raises when the worker behind it is gone: the actor died or is unreachable
+(``RayActorError`` and its ``ActorUnavailableError``), Ray's memory monitor killed it to save
+its node (``OutOfMemoryError``, not a ``RayActorError``), its node or process died."""
 
 
 class WorkerFailure(RuntimeError):
@@ -56,7 +63,8 @@ class Member:
     """Leaving: finishes its current chunk, gets no more, then is stopped."""
     busy_since: float | None = None
     last_probe: float = field(default_factory=time.monotonic)
-    """When it last showed it was alive (a call returned, or a ping was answered)."""
+    """When it last showed it was alive (a call returned, or a ping was answered) or was handed
+    a call: a busy member is pinged ``health_interval_s`` after that, not at once."""
     probe: ray.ObjectRef | None = None
     """A health ping sent and not yet answered; it is judged by later passes of the loop,
     never waited on, so probing many members (or a node of hung ones) never stalls the loop."""
@@ -142,7 +150,7 @@ class ActorSet:
             mid, since, state = self._joining.pop(ref)
             try:
                 ray.get(ref)
-            except (RayActorError, ActorUnavailableError) as e:
+            except DEATHS as e:
                 if isinstance(e, RayActorError) and e.actor_init_failed:
                     # Its constructor raised (a misspelled reward function, a model that does not
                     # load): a replacement would raise the same, so stop here and say why.
@@ -210,7 +218,7 @@ class ActorSet:
                 if queue and member.ready and not member.draining and member.busy_since is None:
                     chunk = queue.popleft()
                     inflight[call(member.handle, chunks[chunk])] = (member.id, chunk)
-                    member.busy_since = time.monotonic()
+                    member.busy_since = member.last_probe = time.monotonic()
             if not inflight and not self._joining:
                 raise WorkerFailure(f"no {self.name} is alive to take the remaining work")
             if inflight:
@@ -244,7 +252,7 @@ class ActorSet:
         member = self.members.get(mid)
         try:
             value = ray.get(ref, timeout=self.health_timeout_s)  # the call has returned: fetching is quick
-        except (RayActorError, ActorUnavailableError) as e:
+        except DEATHS as e:
             self._lost(mid, f"died ({type(e).__name__})")
             return False, None
         except RayTaskError as e:
@@ -290,7 +298,7 @@ class ActorSet:
         probe, member.probe = member.probe, None
         try:
             ray.get(probe, timeout=self.health_timeout_s)  # answered: fetching is quick
-        except (GetTimeoutError, RayActorError, ActorUnavailableError) as e:
+        except (GetTimeoutError, *DEATHS) as e:
             return f"died ({type(e).__name__}, seen by a health ping)"
         member.last_probe = now
         return None
@@ -304,7 +312,7 @@ class ActorSet:
         for member in self.members.values():
             if member.ready:
                 inflight[call(member.handle)] = (member.id, member.id)
-                member.busy_since = time.monotonic()
+                member.busy_since = member.last_probe = time.monotonic()
         results = []
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)

@@ -23,7 +23,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actor_set import ActorSet, WorkerFailure, init_error
+from cluster.actor_set import DEATHS, ActorSet, WorkerFailure, init_error
 
 from actors.rollout_worker import EngineSettings, RolloutWorker, WeightLoadReport, WorkerStatus
 from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
@@ -68,8 +68,8 @@ def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
 def _get_naming_death(ref, refs: list, what: Sequence[str]):
     try:
         return ray.get(ref)
-    except RayActorError as e:
-        if e.actor_init_failed:
+    except DEATHS as e:
+        if isinstance(e, RayActorError) and e.actor_init_failed:
             raise WorkerFailure(f"{what[refs.index(ref)]} could not start: {init_error(e)}") from e
         raise WorkerFailure(f"{what[refs.index(ref)]} died: {e}") from e
 
