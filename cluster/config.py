@@ -320,6 +320,16 @@ class Config:
                               f"rollout.max_new_tokens ({r.max_new_tokens})")
         if not self.reward.functions and self.reward.model is None:
             raise ConfigError("reward: configure at least one of reward.functions and reward.model")
+        if self.reward.model is not None and self.reward.model.batch_size < 1:
+            raise ConfigError(f"reward.model.batch_size must be >= 1 (got {self.reward.model.batch_size})")
+        if not 0 <= self.run.seed < 2**32:  # numpy's and vLLM's seeds are unsigned 32-bit
+            raise ConfigError(f"run.seed must lie in [0, 2**32) (got {self.run.seed})")
+        for key, value in (("trainer.eval_every", self.trainer.eval_every),
+                           ("trainer.sample_table_every", self.trainer.sample_table_every)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0 (got {value})")
+        if any(not s for s in r.stop):  # most often an unset shell variable in a list
+            raise ConfigError(f"rollout.stop holds an empty string ({r.stop!r}): every response would stop at once")
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -329,9 +339,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        raw = parse_yaml(path.read_text(), f"config file {str(path)!r}") or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"config file {str(path)!r} cannot be read as UTF-8 text: {e}") from None
+        raw = parse_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     for item in overrides:

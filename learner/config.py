@@ -91,6 +91,15 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.tis_cap must be >= 0 (got {self.tis_cap})")
         if self.dynamic_sampling_max_rounds < 0 or self.overlong_buffer < 0:
             raise ValueError("algorithm.dynamic_sampling_max_rounds and algorithm.overlong_buffer must be >= 0")
+        if self.kl_target is not None:
+            if not self.kl_target > 0 or self.kl_horizon < 1:
+                raise ValueError(f"algorithm.kl_target must be > 0 and algorithm.kl_horizon >= 1 "
+                                 f"(got {self.kl_target}, {self.kl_horizon})")
+            if self.kl_coef == 0:  # the controller scales the coefficient: from 0 it stays 0
+                raise ValueError("algorithm.kl_target adapts algorithm.kl_coef, which is 0 (no reference model): "
+                                 "set a starting kl_coef > 0, or kl_target=null")
+        if self.critic_warmup_steps < 0:
+            raise ValueError(f"algorithm.critic_warmup_steps must be >= 0 (got {self.critic_warmup_steps})")
 
     @property
     def uses_critic(self) -> bool:
@@ -186,8 +195,16 @@ class LearnerConfig:
         _choice("learner.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("learner.sharding", self.sharding, ("full", "grad_op", "none"))
         _positive("learner.gpus_per_node", self.gpus_per_node)
-        if self.lr <= 0 or self.critic_lr <= 0:
+        if not (self.lr > 0 and self.critic_lr > 0):
             raise ValueError("learner.lr and learner.critic_lr must be > 0")
+        # A ratio outside [0, 1] makes the cosine end below zero (a negative rate trains away
+        # from the reward) or above the peak.
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"learner.min_lr_ratio must lie in [0, 1] (got {self.min_lr_ratio})")
+        for key, value in (("learner.weight_decay", self.weight_decay), ("learner.max_grad_norm", self.max_grad_norm),
+                           ("learner.warmup_steps", self.warmup_steps)):
+            if not value >= 0:  # also NaN
+                raise ValueError(f"{key} must be >= 0 (got {value})")
         if self.timeout_s <= 0:
             raise ValueError("learner.timeout_s must be > 0")
         if not (self.num_cpus >= 0 and self.num_gpus >= 0 and self.gpu_memory_gib > 0):

@@ -64,10 +64,44 @@ def test_unknown_key_is_named(override, named):
     # An empty value is most often an unset shell variable; it must not quietly mean "default".
     ("data.train_path=", r"'data.train_path=' has no value \(write data.train_path=null"),
     ("trainer.steps=[1", r"override 'trainer.steps=\[1': invalid YAML at line 1"),
+    # A negative floor made the cosine schedule's rate negative: training away from the reward.
+    ("learner.min_lr_ratio=-1", r"learner.min_lr_ratio must lie in \[0, 1\] \(got -1.0\)"),
+    ("learner.min_lr_ratio=1.5", "learner.min_lr_ratio must lie in"),
+    ("learner.weight_decay=-0.1", "learner.weight_decay must be >= 0"),
+    ("learner.max_grad_norm=-1", "learner.max_grad_norm must be >= 0"),
+    ("learner.warmup_steps=-2", "learner.warmup_steps must be >= 0"),
+    ("algorithm.kl_target=-1", "algorithm.kl_target must be > 0 and algorithm.kl_horizon >= 1"),
+    ("algorithm.kl_horizon=0", None),  # only checked with an adaptive target: no error alone
+    ("algorithm.critic_warmup_steps=-1", "algorithm.critic_warmup_steps must be >= 0"),
+    ("reward.model={path: /rm, batch_size: 0}", "reward.model.batch_size must be >= 1"),
+    ("run.seed=-1", r"run.seed must lie in \[0, 2\*\*32\)"),
+    ("trainer.eval_every=-1", "trainer.eval_every must be >= 0"),
+    ("trainer.sample_table_every=-5", "trainer.sample_table_every must be >= 0"),
+    ('rollout.stop=["", "\\n"]', "rollout.stop holds an empty string"),
 ])
 def test_bad_values_fail_with_the_key(override, message):
+    if message is None:
+        load_config(DEMO, [override])
+        return
     with pytest.raises(ConfigError, match=message):
         load_config(DEMO, [override])
+
+
+def test_an_adaptive_kl_needs_a_horizon_and_a_starting_coefficient():
+    with pytest.raises(ConfigError, match="algorithm.kl_horizon >= 1"):
+        load_config(DEMO, ["algorithm.kl_coef=0.1", "algorithm.kl_target=0.01", "algorithm.kl_horizon=0"])
+    with pytest.raises(ConfigError, match="adapts algorithm.kl_coef, which is 0"):
+        load_config(DEMO, ["algorithm.kl_target=0.01"])
+    assert load_config(DEMO, ["algorithm.kl_coef=0.1", "algorithm.kl_target=0.01"]).algorithm.kl_target == 0.01
+
+
+def test_a_config_file_that_is_a_directory_or_not_utf8_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"run:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml' cannot be read as UTF-8 text"):
+        load_config(latin)
 
 
 def test_yaml_unknown_key_and_missing_file(tmp_path):
