@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.argtypes import count, positive_int, positive_ints, positive_number
 from cluster.config import WEIGHT_TRANSPORTS
 
 BENCH_ALPHABET = "0123456789+=-? abcdefghijklmnopqrstuvwxyz"
@@ -50,24 +51,24 @@ def register(sub) -> None:
 
     r = bench.add_parser("rollout", help="tokens/s of vLLM rollout workers vs transformers generate")
     _model_args(r, hidden=512, layers=9, intermediate=1536)
-    r.add_argument("--batch", type=int, default=64, help="prompts per generate call (one sample each)")
-    r.add_argument("--prompt-len", type=int, default=16, help="tokens per prompt (random characters)")
-    r.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt, forced in both")
-    r.add_argument("--threads", type=int, default=2, help="torch threads of both engines")
-    r.add_argument("--repeats", type=int, default=3, help="timed runs of each engine (after one warm-up)")
-    r.add_argument("--pool-workers", type=int, default=2,
+    r.add_argument("--batch", type=positive_int, default=64, help="prompts per generate call (one sample each)")
+    r.add_argument("--prompt-len", type=positive_int, default=16, help="tokens per prompt (random characters)")
+    r.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated per prompt, forced in both")
+    r.add_argument("--threads", type=positive_int, default=2, help="torch threads of both engines")
+    r.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each engine (after one warm-up)")
+    r.add_argument("--pool-workers", type=count, default=2,
                    help="workers of the Ray RolloutPool measured too, threads split between them (0: skip)")
-    r.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per vLLM engine")
+    r.add_argument("--kv-cache-gib", type=positive_number, default=1.0, help="KV cache per vLLM engine")
     _common_args(r)
     r.set_defaults(handler=bench_command, bench_module="cluster.bench_rollout")
 
     s = bench.add_parser("sync", help="seconds to push the policy from the learner to W rollout workers")
     _model_args(s, hidden=1024, layers=8, intermediate=2816)
-    s.add_argument("--workers", type=int, default=2, help="rollout workers (real vLLM engines) receiving the push")
-    s.add_argument("--pushes", type=int, default=5, help="consecutive pushes measured on each path")
-    s.add_argument("--bucket-mib", type=int, default=0,
+    s.add_argument("--workers", type=positive_int, default=2, help="rollout workers (real vLLM engines) receiving the push")
+    s.add_argument("--pushes", type=positive_int, default=5, help="consecutive pushes measured on each path")
+    s.add_argument("--bucket-mib", type=count, default=0,
                    help="0: share the gathered tensors as the learner does; N: copy into flat N-MiB buckets instead")
-    s.add_argument("--kv-cache-gib", type=float, default=0.25, help="KV cache per vLLM engine")
+    s.add_argument("--kv-cache-gib", type=positive_number, default=0.25, help="KV cache per vLLM engine")
     s.add_argument("--transport", choices=WEIGHT_TRANSPORTS, default="auto",
                    help="transport of the production pushes (rollout.weight_transport); both are instrumented")
     s.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
@@ -90,21 +91,21 @@ def register(sub) -> None:
     rw.set_defaults(handler=bench_command, bench_module="cluster.bench_reward")
 
     c = bench.add_parser("scale", help="controller overhead per step with stand-in workers (no vLLM)")
-    c.add_argument("--workers", default="4,8,16,32", help="pool sizes, comma-separated, grown in order")
-    c.add_argument("--prompts", type=int, default=1024, help="prompts per step")
-    c.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    c.add_argument("--response-tokens", type=int, default=128, help="tokens in every stand-in response")
-    c.add_argument("--latency", type=float, default=0.5, help="seconds every stand-in generate call takes")
-    c.add_argument("--steps", type=int, default=5, help="timed steps per pool size (after one warm-up)")
-    c.add_argument("--num-cpus", type=float, default=0.05, help="Ray CPUs per stand-in actor")
-    c.add_argument("--update-kib", type=int, default=1024, help="size of the weight update broadcast, KiB")
-    c.add_argument("--extrapolate", type=int, default=512, help="pool size to extrapolate the figures to")
+    c.add_argument("--workers", type=positive_ints, default=[4, 8, 16, 32], help="pool sizes, comma-separated, grown in order")
+    c.add_argument("--prompts", type=positive_int, default=1024, help="prompts per step")
+    c.add_argument("--samples", type=positive_int, default=4, help="samples per prompt")
+    c.add_argument("--response-tokens", type=positive_int, default=128, help="tokens in every stand-in response")
+    c.add_argument("--latency", type=positive_number, default=0.5, help="seconds every stand-in generate call takes")
+    c.add_argument("--steps", type=positive_int, default=5, help="timed steps per pool size (after one warm-up)")
+    c.add_argument("--num-cpus", type=positive_number, default=0.05, help="Ray CPUs per stand-in actor")
+    c.add_argument("--update-kib", type=positive_int, default=1024, help="size of the weight update broadcast, KiB")
+    c.add_argument("--extrapolate", type=positive_int, default=512, help="pool size to extrapolate the figures to")
     _common_args(c)
     c.set_defaults(handler=bench_command, bench_module="cluster.bench_scale")
 
     st = bench.add_parser("step", help="one PPO step of the demo job taken apart; synchronous vs asynchronous")
-    st.add_argument("--steps", type=int, default=5, help="timed steps per run (after the warm-up)")
-    st.add_argument("--warmup", type=int, default=1, help="steps run first and not timed (at least 1)")
+    st.add_argument("--steps", type=positive_int, default=5, help="timed steps per run (after the warm-up)")
+    st.add_argument("--warmup", type=positive_int, default=1, help="steps run first and not timed (at least 1)")
     st.add_argument("--layouts", default="split,default",
                     help="thread layouts to run, comma-separated: split (rollout and learner on a core each), "
                          "default (the demo's own); each runs once synchronous and once asynchronous")
@@ -116,9 +117,9 @@ def register(sub) -> None:
 
 
 def _model_args(p, *, hidden: int, layers: int, intermediate: int) -> None:
-    p.add_argument("--hidden", type=int, default=hidden, help=f"hidden size (a multiple of {HEAD_DIM})")
-    p.add_argument("--layers", type=int, default=layers, help="transformer layers")
-    p.add_argument("--intermediate", type=int, default=intermediate, help="MLP intermediate size")
+    p.add_argument("--hidden", type=positive_int, default=hidden, help=f"hidden size (a multiple of {HEAD_DIM})")
+    p.add_argument("--layers", type=positive_int, default=layers, help="transformer layers")
+    p.add_argument("--intermediate", type=positive_int, default=intermediate, help="MLP intermediate size")
 
 
 def _common_args(p) -> None:

@@ -98,25 +98,27 @@ DENSE_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A
 
 
 def register_args(p) -> None:
+    from cluster.argtypes import count, positive_int, positive_number
+
     p.add_argument("--preset", choices=sorted(PRESETS), default="0.5b", help="model shape")
     p.add_argument("--options", default="full,grad_op,none,full+ckpt,full+offload,ppo-full",
                    help=f"memory options to measure, comma-separated, from {', '.join(OPTIONS)}")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response)")
-    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens per sequence")
-    p.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
-    p.add_argument("--micro-steps", type=int, default=4, help="micro-batches accumulated per optimizer step")
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per option (after one warm-up)")
+    p.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (prompt + response)")
+    p.add_argument("--prompt-len", type=positive_int, default=1024, help="prompt tokens per sequence")
+    p.add_argument("--micro-batch", type=positive_int, default=4, help="sequences per micro-batch")
+    p.add_argument("--micro-steps", type=positive_int, default=4, help="micro-batches accumulated per optimizer step")
+    p.add_argument("--steps", type=positive_int, default=3, help="timed optimizer steps per option (after one warm-up)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (fp32, gloo) even when a GPU is present")
-    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU (default: from its name)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per option")
+    p.add_argument("--peak-tflops", type=positive_number, help="dense bf16 peak of the GPU (default: from its name)")
+    p.add_argument("--timeout", type=positive_number, default=900.0, help="seconds allowed per option")
     p.add_argument("--ragged", action="store_true",
                    help="random lengths (prompts 1/4 to all of --prompt-len, responses 1 to the rest) instead of full rows")
     p.add_argument("--unsorted", action="store_true",
                    help="keep rows in generated order, cut by count (the learner's dealing before rows were "
                         "arranged by length); default: arranged as the driver deals them to a rank")
-    p.add_argument("--micro-tokens", type=int, default=0, metavar="N",
+    p.add_argument("--micro-tokens", type=count, default=0, metavar="N",
                    help="learner.micro_batch_tokens for every option (micro-batches cut by a token budget)")
-    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+    p.add_argument("--profile", type=count, default=0, metavar="ROWS",
                    help="also profile one forward + update per option (torch.profiler) and report its top ROWS ops")
 
 

@@ -16,18 +16,27 @@ from reward.types import ISOLATIONS, ScoreRequest
 
 
 def register_args(p) -> None:
-    p.add_argument("--samples", type=int, default=2000, help="samples per timed score call")
+    from cluster.argtypes import positive_int
+
+    p.add_argument("--samples", type=positive_int, default=2000, help="samples per timed score call")
     p.add_argument("--functions", default="exact_match,numeric_match",
                    help="reward functions every sample is scored with, comma-separated")
-    p.add_argument("--repeats", type=int, default=5, help="timed score calls per isolation (after one warm-up)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed score calls per isolation (after one warm-up)")
 
 
 def run(args) -> dict:
     from reward.worker import RewardFunctionSpec, RewardWorker  # torch: not at argparse time
 
-    if args.samples < 1 or args.repeats < 1:
-        raise SystemExit("bench reward: --samples and --repeats must be >= 1")
+    from reward.rules import resolve_reward_function
+
     specs = [RewardFunctionSpec(name=name.strip()) for name in args.functions.split(",") if name.strip()]
+    for spec in specs:
+        try:
+            resolve_reward_function(spec.name)
+        except ValueError as e:
+            raise SystemExit(f"rlrelay: bench reward: --functions: {e}") from None
+    if not specs:
+        raise SystemExit("rlrelay: bench reward: --functions names no function")
     requests = [ScoreRequest(prompt=f"{i}+{i}=", response=f"the sum is {2 * i}", answer=str(2 * i))
                 for i in range(args.samples)]
     calls = args.samples * len(specs)

@@ -109,9 +109,7 @@ def run(args) -> dict:
     from cluster.launch import init_ray
     from cluster.pools import RolloutPool
 
-    sizes = sorted({int(x) for x in args.workers.split(",")})
-    if sizes[0] < 1:
-        raise SystemExit("rlrelay: --workers must be positive")
+    sizes = sorted(set(args.workers))
     cfg = bench_config([f"rollout.num_workers={sizes[0]}", f"rollout.num_cpus={args.num_cpus}",
                         f"rollout.prompts_per_step={args.prompts}", f"rollout.samples_per_prompt={args.samples}",
                         f"rollout.max_new_tokens={args.response_tokens}",

@@ -31,6 +31,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.config_parse import ConfigError
 from learner.worker import RankState
 
 log = logging.getLogger("rlrelay")
@@ -121,7 +122,7 @@ def resolve_resume(spec: str | None, manager: CheckpointManager) -> Path | None:
         return latest
     path = Path(spec)
     if not (path / "driver.json").is_file() or not (path / "learner").is_dir():
-        raise FileNotFoundError(f"--resume {spec}: not a complete rlrelay checkpoint (needs driver.json and learner/)")
+        raise ConfigError(f"--resume {spec}: not a complete rlrelay checkpoint (needs driver.json and learner/)")
     return path
 
 
@@ -131,7 +132,7 @@ def read_checkpoint(path: Path) -> tuple[DriverState, list[RankState]]:
         driver = DriverState(**json.loads((path / "driver.json").read_text()))
         ranks = [RankState(**r) for r in json.loads((path / "learner_ranks.json").read_text())]
     except (OSError, TypeError, ValueError) as e:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete or malformed: {e}") from None
+        raise ConfigError(f"checkpoint {path} is incomplete or malformed: {e}") from None
     return driver, ranks
 
 

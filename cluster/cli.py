@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import sys
+import traceback
 
 from cluster.bench import register as register_bench  # bench rollout|sync|scale (imports nothing heavy)
 from cluster.control import register as register_control  # status, scale
@@ -68,8 +69,14 @@ def train_command(args) -> int:
     cfg = load(args)
     from cluster.launch import train
 
+    from ray.exceptions import RayTaskError
+
+    from cluster.actor_set import WorkerFailure
+    from cluster.collect import RewardFailure
     from cluster.config import ConfigError
+    from cluster.controller import TrainingDiverged
     from cluster.data import DataError
+    from cluster.jobs import ClusterUnreachable
     from cluster.security import InsecureClusterError
 
     try:
@@ -80,16 +87,43 @@ def train_command(args) -> int:
     except (ConfigError, DataError) as e:  # found before the run started: no traceback to read
         print(f"rlrelay: {'data' if isinstance(e, DataError) else 'config'} error: {e}", file=sys.stderr)
         return 2
+    except ClusterUnreachable as e:
+        print(f"rlrelay: {e}", file=sys.stderr)
+        return 1
+    except (WorkerFailure, RewardFailure, TrainingDiverged, RayTaskError) as e:
+        # The run started and failed for a reason its message names; the traceback (the driver's,
+        # and a worker's own inside a RayTaskError) goes to the run directory, not the terminal.
+        where = cfg.run.path / "error.txt"
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text("".join(traceback.format_exception(e)))
+        print(f"rlrelay: run failed: {failure_summary(e)}\nrlrelay: traceback in {where}", file=sys.stderr)
+        return 1
     print(json.dumps({"run_dir": str(cfg.run.path), "steps_completed": summary.steps_completed,
                       "eval_before": summary.eval_before, "eval_after": summary.eval_after,
                       "stopped_early": summary.stopped_early}))
     return 0
 
 
+def failure_summary(e: BaseException) -> str:
+    """One line for a failed run: a worker's exception by the method that raised it."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(e, RayTaskError):
+        cause = e.cause
+        lines = str(cause).strip().splitlines() if cause is not None else []
+        return f"{e.function_name} raised {type(cause).__name__}" + (f": {lines[-1]}" if lines else "")
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def export_command(args) -> int:
     from cluster.export import export_checkpoint
+    from learner.checkpoint import CheckpointError
 
-    out = export_checkpoint(args.checkpoint, args.out_dir)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir)
+    except (OSError, CheckpointError) as e:  # not a checkpoint, or a damaged one
+        print(f"rlrelay: export: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"exported": str(out)}))
     return 0
 

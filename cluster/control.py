@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.argtypes import nonnegative_number, positive_int
+
 
 def control_actor_name(run_name: str) -> str:
     return f"rlrelay-control-{run_name}"
@@ -126,9 +128,9 @@ def register(sub) -> None:
     p.set_defaults(handler=status_command)
 
     p = sub.add_parser("scale", help="change the number of rollout workers of a running job")
-    p.add_argument("--rollout", type=int, required=True, metavar="N", help="rollout workers wanted")
+    p.add_argument("--rollout", type=positive_int, required=True, metavar="N", help="rollout workers wanted")
     _add_target_args(p)
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--wait", type=nonnegative_number, default=0.0, metavar="SECONDS",
                    help="wait up to SECONDS until N workers serve with the current weights")
     p.set_defaults(handler=scale_command)
 
@@ -162,7 +164,12 @@ def _find_control(args):
         raise SystemExit(f"rlrelay: refused: {e}") from None
     import ray
 
-    ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+    from cluster.jobs import ClusterUnreachable, join_cluster
+
+    try:
+        join_cluster(address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+    except ClusterUnreachable as e:
+        raise SystemExit(f"rlrelay: {e}") from None
     args.namespace = namespace
     if args.job:
         name = control_actor_name(args.job)

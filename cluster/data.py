@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from actors.types import ChatMessage, Prompt
 
+
+log = logging.getLogger("rlrelay")
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -36,13 +39,36 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                # Numbers keep their text ("2.0" stays "2.0", "1.10" is not "1.1"); NaN and
+                # Infinity are not JSON; a key given twice is refused, not silently the last.
+                obj = json.loads(line, parse_float=_Decimal, parse_constant=_not_json,
+                                 object_pairs_hook=_no_duplicates)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            except ValueError as e:
+                raise DataError(f"{where}: {e}") from None
             prompts.append(_parse(obj, len(prompts), where))
     if not prompts:
         raise DataError(f"dataset file {str(path)!r} holds no prompts")
     return prompts
+
+
+class _Decimal(str):
+    """A JSON number with a fraction or exponent, as written (an answer keeps its text); not a
+    string where the format wants one."""
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} is given twice")
+        seen[key] = value
+    return seen
 
 
 def _parse(obj: object, index: int, where: str) -> Prompt:
@@ -51,17 +77,17 @@ def _parse(obj: object, index: int, where: str) -> Prompt:
     if "prompt" not in obj:
         raise DataError(f"{where}: missing the 'prompt' field")
     raw, answer = obj["prompt"], obj.get("answer")
-    if answer is not None and not isinstance(answer, str | int | float):
-        raise DataError(f"{where}: 'answer' must be a string or a number")
+    if isinstance(answer, bool) or (answer is not None and not isinstance(answer, str | int)):
+        raise DataError(f"{where}: 'answer' must be a string or a number, got {json.dumps(answer)}")
     answer = None if answer is None else str(answer)
-    if isinstance(raw, str):
+    if isinstance(raw, str) and not isinstance(raw, _Decimal):
         if not raw.strip():
             raise DataError(f"{where}: the prompt is empty")
         return Prompt(index=index, text=raw, answer=answer)
     if isinstance(raw, list) and raw:
         messages = []
         for m in raw:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            if not (isinstance(m, dict) and type(m.get("role")) is str and type(m.get("content")) is str):
                 raise DataError(f"{where}: each chat message needs string 'role' and 'content'")
             if m["role"] not in CHAT_ROLES:  # chat templates render an unknown role as text, or fail later
                 raise DataError(f"{where}: chat role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}")
@@ -111,18 +137,27 @@ class PromptSampler:
         return batch
 
 
-def drop_too_long(prompts: list[Prompt], encode, limit: int, policy: str, source: str) -> tuple[list[Prompt], int]:
+def drop_too_long(prompts: list[Prompt], encode, limit: int, policy: str, source: str,
+                  unknown_id: int | None = None) -> tuple[list[Prompt], int]:
     """Prompts whose token count (``encode(prompt)``) is at most ``limit``, and how many were
-    dropped. ``policy="error"`` raises on the first longer one instead, naming it."""
-    kept = []
+    dropped. ``policy="error"`` raises on the first longer one instead, naming it. Prompts that
+    encode to the tokenizer's ``unknown_id`` (characters it does not know, which the model then
+    cannot see) are counted and logged."""
+    kept, unknown = [], []
     for p in prompts:
         try:
-            n = len(encode(p))
+            ids = encode(p)
         except Exception as e:  # e.g. a chat template that refuses the roles' order: name the prompt
             raise DataError(f"{source}: prompt {p.index} cannot be encoded: {type(e).__name__}: {e}") from e
+        n = len(ids)
+        if unknown_id is not None and unknown_id in ids:
+            unknown.append(p.index)
         if n <= limit:
             kept.append(p)
         elif policy == "error":
             raise DataError(f"{source}: prompt {p.index} has {n} tokens, more than the {limit} that "
                             f"model.max_model_len - rollout.max_new_tokens leaves (data.too_long=skip drops such prompts)")
+    if unknown:
+        log.warning("%s: %d prompt(s) hold characters the tokenizer does not know (encoded as its unknown token), "
+                    "e.g. prompt %d", source, len(unknown), unknown[0])
     return kept, len(prompts) - len(kept)

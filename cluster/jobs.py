@@ -339,6 +339,30 @@ def bounded(call: Callable[..., T], *args, timeout_s: float | None = None, **kwa
     return box["value"]
 
 
+JOIN_TIMEOUT_S = 60.0
+"""Longest a command waits to join a running cluster: ``ray.init`` retries an address where
+nothing answers for many minutes, printing only its own retry warnings."""
+
+
+class ClusterUnreachable(RuntimeError):
+    """No Ray cluster answered at the address within ``JOIN_TIMEOUT_S``."""
+
+
+def join_cluster(address: str, *, timeout_s: float | None = None, **init_kwargs) -> None:
+    """``ray.init(address=address, **init_kwargs)`` with a deadline (default ``JOIN_TIMEOUT_S``),
+    for an existing cluster."""
+    import ray
+
+    timeout_s = JOIN_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        bounded(ray.init, address=address, timeout_s=timeout_s, **init_kwargs)
+    except TimeoutError:
+        raise ClusterUnreachable(f"no Ray cluster answered at {address!r} within {timeout_s:.0f} s: is it running, "
+                                 f"and is this its head node's address (HOST:6379)?") from None
+    except ConnectionError as e:  # nothing at `auto`, or a refused connection
+        raise ClusterUnreachable(f"cannot reach a Ray cluster at {address!r}: {e}") from None
+
+
 def _fail(message: str, code: int) -> int:
     print(f"rlrelay: {message}", file=sys.stderr)
     return code

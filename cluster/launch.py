@@ -21,7 +21,8 @@ from cluster.collect import Collector
 from cluster.config import Config, ConfigError, to_dict
 from cluster.control import JobControl, control_actor_name, register_job
 from cluster.controller import Controller, RunSummary
-from cluster.data import PromptSampler, drop_too_long, load_prompts
+from cluster.data import DataError, PromptSampler, drop_too_long, load_prompts
+from cluster.jobs import join_cluster
 from cluster.security import check_cluster_auth, require_token_auth
 
 log = logging.getLogger("rlrelay")
@@ -99,7 +100,7 @@ def init_ray(cfg: Config) -> None:
                  _node_ip_address="127.0.0.1")
         require_token_auth(allow_insecure=cfg.ray.allow_insecure)
     else:
-        ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=runtime_env)
+        join_cluster(address, namespace=cfg.ray.namespace, runtime_env=runtime_env)
 
 
 def start_control(cfg: Config):
@@ -135,16 +136,25 @@ def clear_earlier_run(run_dir: Path, checkpoints: CheckpointManager, overwrite: 
         (run_dir / name).unlink(missing_ok=True)
 
 
-def check_reward_config(cfg: Config) -> None:
+def check_reward_config(cfg: Config, train_prompts: list, train_path: str) -> None:
     """What every reward worker would check in its constructor, once here before Ray starts, so
-    that a misspelled function or a missing reward model is one clear error, not N failed actors."""
-    from reward.rules import resolve_reward_function
+    that a misspelled function or a missing reward model is one clear error, not N failed actors;
+    and that every training prompt has an answer the built-in functions can score against (a
+    missing one failed every sample of the first step, after the actors had started)."""
+    from reward.rules import BUILTINS, resolve_reward_function
 
     for spec in cfg.reward.functions:
         try:
-            resolve_reward_function(spec.name)
+            function = resolve_reward_function(spec.name)
         except ValueError as e:
             raise ConfigError(f"reward.functions: {e}") from None
+        if spec.name not in BUILTINS:
+            continue
+        for prompt in train_prompts:
+            try:  # a built-in checks its answer before it looks at the response
+                function(prompt.text or "", "", prompt.answer)
+            except ValueError as e:
+                raise DataError(f"data.train_path {train_path}: prompt {prompt.index}: {e}") from None
     if cfg.reward.model is not None and not (Path(cfg.reward.model.path) / "config.json").is_file():
         raise ConfigError(f"reward.model.path {cfg.reward.model.path!r} is not a model directory "
                           f"(no config.json): give a local Hugging Face sequence-classification model")
@@ -156,12 +166,17 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     ``resume``: ``auto`` continues from the run's latest complete checkpoint (or starts fresh
     if there is none), a path continues from that checkpoint, None starts fresh."""
     import ray
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from actors.rollout_worker import encode_prompt
     from cluster.pools import LearnerGroup, RewardPool, RolloutPool
     from cluster.tracking import Tracker
 
+    run_dir = cfg.run.path
+    checkpoints = CheckpointManager(Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints"),
+                                    keep_last=cfg.trainer.keep_last)
+    resume_from = resolve_resume(resume, checkpoints)  # first: a bad --resume is named at once
+    resumed = read_checkpoint(resume_from)[0] if resume_from else None
     paths = resolve_paths(cfg)
     train_prompts = load_prompts(paths.train_path)
     eval_prompts = load_prompts(paths.eval_path) if paths.eval_path else []
@@ -171,13 +186,19 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         raise ConfigError(f"data.eval_path {paths.eval_path}: every eval prompt needs an 'answer' "
                           f"(accuracy is exact match against it)")
     model_path = str(paths.model_path)
-    if model_path.startswith(("/", ".", "~")) and not Path(model_path).expanduser().is_dir():
-        raise ConfigError(f"model.path {model_path!r} is not a directory")
+    # A local directory only: a name that is not one would be looked up on the model hub (by
+    # every actor), and a typo would wait for the network before failing.
+    if not Path(model_path).expanduser().is_dir():
+        raise ConfigError(f"model.path {model_path!r} is not a directory (a local Hugging Face model directory)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(paths.model_path)
-    except (OSError, ValueError) as e:  # not a model directory (nor, offline, a hub name)
-        raise ConfigError(f"model.path {model_path!r}: cannot load a tokenizer from it: "
+        tokenizer = AutoTokenizer.from_pretrained(paths.model_path, local_files_only=True)
+        vocab_size = AutoConfig.from_pretrained(paths.model_path, local_files_only=True).get_text_config().vocab_size
+    except (OSError, ValueError) as e:  # not a model directory
+        raise ConfigError(f"model.path {model_path!r}: cannot load a tokenizer and config from it: "
                           f"{str(e).splitlines()[0]}") from None
+    if len(tokenizer) > vocab_size:  # ids past the embedding table: garbage in vLLM, an IndexError in training
+        raise ConfigError(f"model.path {model_path!r}: its tokenizer has {len(tokenizer)} tokens but the model's "
+                          f"vocabulary only {vocab_size}: the tokenizer is not this model's")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ConfigError(f"the tokenizer of {paths.model_path} has neither a pad nor an eos token")
@@ -187,23 +208,19 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     skipped = {}
     for name, prompts in (("train", train_prompts), ("eval", eval_prompts)):
         kept, skipped[name] = drop_too_long(prompts, lambda p: encode_prompt(tokenizer, p, paths.model_path), limit,
-                                            cfg.data.too_long, f"data.{name}_path {getattr(paths, name + '_path')}")
+                                            cfg.data.too_long, f"data.{name}_path {getattr(paths, name + '_path')}",
+                                            unknown_id=tokenizer.unk_token_id)
         prompts[:] = kept
         if skipped[name]:
             log.warning("skipped %d %s prompt(s) longer than %d tokens (data.too_long=skip)", skipped[name], name,
                         limit)
-    check_reward_config(cfg)
+    check_reward_config(cfg, train_prompts, paths.train_path)
     if cfg.rollout.prompts_per_step > len(train_prompts):
         raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) exceeds the "
                           f"{len(train_prompts)} prompts of {paths.train_path} that fit")
 
-    run_dir = cfg.run.path
-    checkpoints = CheckpointManager(Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints"),
-                                    keep_last=cfg.trainer.keep_last)
-    resume_from = resolve_resume(resume, checkpoints)
     if resume is None:
         clear_earlier_run(run_dir, checkpoints, overwrite=cfg.run.overwrite)
-    resumed = read_checkpoint(resume_from)[0] if resume_from else None
     resolved = replace(cfg, model=replace(cfg.model, path=paths.model_path),
                        data=replace(cfg.data, train_path=paths.train_path, eval_path=paths.eval_path))
     tracker = Tracker(run_dir, project=cfg.run.wandb_project, name=cfg.run.name, mode=cfg.run.wandb_mode,

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.argtypes import positive_int, positive_number
 from cluster.memory_advice import advise, largest_micro_batch, smallest_world_size
 from cluster.memory_model import (FIXED_OVERHEAD_BYTES, FRAGMENTATION, GIB, ROWS, SAFETY_MARGIN, SHARDING_MODES,
                                   Architecture, Footprint, LearnerShape, MemoryOptions, PlanError, memory_options,
@@ -109,8 +110,8 @@ def register(sub) -> None:
                        ("--activation-checkpointing", "learner.activation_checkpointing"),
                        ("--reference-offload", "learner.reference_offload")):
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{name} (default off)")
-    p.add_argument("--gpus-per-node", type=int, help="learner.gpus_per_node (default 8)")
-    p.add_argument("--gpu-memory-gib", type=float, help="learner.gpu_memory_gib (default 80)")
+    p.add_argument("--gpus-per-node", type=positive_int, help="learner.gpus_per_node (default 8)")
+    p.add_argument("--gpu-memory-gib", type=positive_number, help="learner.gpu_memory_gib (default 80)")
     p.set_defaults(handler=plan_command)
 
 

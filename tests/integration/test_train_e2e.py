@@ -84,7 +84,7 @@ def test_a_model_path_that_is_no_model_fails_before_ray_starts(tmp_path):
     assert f"config error: model.path '{tmp_path / 'nowhere'}' is not a directory" in missing.stderr
     empty = run_cli(*base, f"model.path={tmp_path}", timeout=120)
     assert empty.returncode == 2
-    assert f"config error: model.path '{tmp_path}': cannot load a tokenizer from it" in empty.stderr
+    assert f"config error: model.path '{tmp_path}': cannot load a tokenizer and config from it" in empty.stderr
     assert "Traceback" not in missing.stderr + empty.stderr
 
 
@@ -96,3 +96,22 @@ def test_a_prompt_longer_than_the_context_stops_the_run_before_it_starts(tmp_pat
     result = run_cli(*args, timeout=120)
     assert result.returncode != 0
     assert "prompt 1 has" in result.stderr and "data.too_long=skip" in result.stderr
+
+
+def test_a_run_that_fails_after_it_started_says_why_in_one_line(tmp_path, tiny_model_dir):
+    # Every sample's reward raises, and reward.on_failure=error (the default) stops the run at
+    # its first step: one line naming the first failed sample, the traceback in the run directory.
+    train = write_addition_data(tmp_path / "train.jsonl", 16, seed=0)
+    (tmp_path / "failing_rewards.py").write_text(
+        "def score(prompt, response, answer):\n    raise ValueError('no score for ' + prompt)\n")
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "deploy/jobs/demo.yaml", "trainer.steps=1", "rollout.num_workers=1",
+                     "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", f"model.path={tiny_model_dir}",
+                     f"data.train_path={train}", "data.eval_path=null", f"run.dir={run_dir}", "model.max_model_len=64",
+                     "reward.functions=[failing_rewards:score]", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "rlrelay: run failed: 8 sample(s) could not be scored; first: prompt" in result.stderr
+    assert "reward function 'failing_rewards:score' raised ValueError: no score for" in result.stderr
+    assert f"rlrelay: traceback in {run_dir / 'error.txt'}" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert "cluster.collect.RewardFailure" in (run_dir / "error.txt").read_text()

@@ -8,6 +8,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from cluster.checkpoints import CheckpointManager, DriverState, read_checkpoint, resolve_resume
+from cluster.config import ConfigError
 from learner.checkpoint import JsonMetadataReader, JsonMetadataWriter
 from learner.worker import RankState
 
@@ -49,7 +50,7 @@ def test_commit_rotates_and_latest_ignores_unfinished(tmp_path):
 def test_resume_resolution_errors(tmp_path):
     m = CheckpointManager(tmp_path / "none", keep_last=1)
     assert resolve_resume("auto", m) is None and resolve_resume(None, m) is None
-    with pytest.raises(FileNotFoundError, match="not a complete rlrelay checkpoint"):
+    with pytest.raises(ConfigError, match="not a complete rlrelay checkpoint"):
         resolve_resume(str(tmp_path), m)
 
 

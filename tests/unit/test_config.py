@@ -173,18 +173,40 @@ def test_weight_transport_is_checked_and_auto_picks_by_cluster_shape():
 
 
 def test_reward_settings_are_checked_before_any_worker_starts(tmp_path):
+    from actors.types import Prompt
     from cluster.launch import check_reward_config
 
-    check_reward_config(load_config(DEMO))  # the demo's exact_match resolves
+    def check(*overrides, prompts=(Prompt(index=0, text="1+1=", answer="2"),)):
+        check_reward_config(load_config(DEMO, list(overrides)), list(prompts), "train.jsonl")
+
+    check()  # the demo's exact_match resolves
     with pytest.raises(ConfigError, match=r"reward.functions: unknown reward function 'exact_mach': built-ins are"):
-        check_reward_config(load_config(DEMO, ["reward.functions=[exact_mach]"]))
+        check("reward.functions=[exact_mach]")
     with pytest.raises(ConfigError, match=r"reward.functions: .*'no_such_module_x:score'.*cannot import"):
-        check_reward_config(load_config(DEMO, ["reward.functions=[no_such_module_x:score]"]))
+        check("reward.functions=[no_such_module_x:score]")
     with pytest.raises(ConfigError, match=r"reward.model.path '.*rm' is not a model directory \(no config.json\)"):
-        check_reward_config(load_config(DEMO, [f"reward.model={{path: {tmp_path / 'rm'}}}"]))
+        check(f"reward.model={{path: {tmp_path / 'rm'}}}")
     (tmp_path / "rm").mkdir()
     (tmp_path / "rm" / "config.json").write_text("{}")
-    check_reward_config(load_config(DEMO, [f"reward.model={{path: {tmp_path / 'rm'}}}"]))
+    check(f"reward.model={{path: {tmp_path / 'rm'}}}")
+
+
+@pytest.mark.parametrize("function, answer, message", [
+    ("exact_match", None, "'exact_match' needs a reference answer, but the sample has none"),
+    ("numeric_match", "forty-two", "'numeric_match' needs a numeric answer, got 'forty-two'"),
+    ("keyword_contains", "", "'keyword_contains' got an empty keyword"),
+])
+def test_a_training_prompt_a_built_in_reward_cannot_score_is_named_before_start(function, answer, message):
+    # Found after the actors started, this failed every sample of the first step.
+    from actors.types import Prompt
+    from cluster.data import DataError
+    from cluster.launch import check_reward_config
+
+    prompts = [Prompt(index=0, text="1+1=", answer="2"), Prompt(index=7, text="2+2=", answer=answer)]
+    with pytest.raises(DataError, match=rf"data.train_path train.jsonl: prompt 7: reward function {message}"):
+        check_reward_config(load_config(DEMO, [f"reward.functions=[{function}]"]), prompts, "train.jsonl")
+    # A user function decides for itself whether it needs an answer.
+    check_reward_config(load_config(DEMO, ["reward.functions=[reward.rules:exact_match]"]), prompts, "train.jsonl")
 
 
 def test_the_cli_and_the_config_do_not_import_torch():

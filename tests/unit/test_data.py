@@ -34,6 +34,14 @@ def test_loads_text_and_chat_prompts(tmp_path):
     ('{"prompt": [{"role": "user"}]}', "d.jsonl:2: each chat message"),
     ('{"prompt": "x", "answer": [1]}', "d.jsonl:2: 'answer' must be"),
     ('{"prompt": [{"role": "human", "content": "hi"}]}', "d.jsonl:2: chat role 'human' is not one of system, user"),
+    # Values that used to be changed silently: true became "True", NaN "nan", the last of two
+    # "prompt" keys won.
+    ('{"prompt": "x", "answer": true}', "d.jsonl:2: 'answer' must be a string or a number, got true"),
+    ('{"prompt": "x", "answer": NaN}', "d.jsonl:2: NaN is not a JSON value"),
+    ('{"prompt": "x", "answer": -Infinity}', "d.jsonl:2: -Infinity is not a JSON value"),
+    ('{"prompt": "x", "prompt": "y"}', "d.jsonl:2: key 'prompt' is given twice"),
+    ('{"prompt": 2.5}', "d.jsonl:2: 'prompt' must be a non-empty string"),
+    ('{"prompt": [{"role": "user", "content": 1.5}]}', "d.jsonl:2: each chat message"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
     path = write(tmp_path / "d.jsonl", [json.dumps({"prompt": "ok"}), line])
@@ -98,3 +106,24 @@ def test_a_prompt_the_encoder_refuses_is_named():
 
     with pytest.raises(DataError, match=r"eval set: prompt 1 cannot be encoded: ValueError: Conversation roles"):
         drop_too_long(prompts, encode, limit=8, policy="skip", source="eval set")
+
+
+def test_a_numeric_answer_keeps_the_text_it_was_written_as(tmp_path):
+    # exact_match compares text: 2.0 must not become "2", nor 1.10 "1.1", nor 1e3 "1000.0".
+    path = write(tmp_path / "n.jsonl", ['{"prompt": "a", "answer": 2.0}', '{"prompt": "b", "answer": 1.10}',
+                                        '{"prompt": "c", "answer": 1e3}', '{"prompt": "d", "answer": 42}'])
+    assert [p.answer for p in load_prompts(path)] == ["2.0", "1.10", "1e3", "42"]
+    assert all(type(p.answer) is str for p in load_prompts(path))
+
+
+def test_prompts_with_characters_the_tokenizer_does_not_know_are_counted_and_logged(tmp_path, caplog):
+    from learner.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer("0123456789+=")  # the demo's kind: one token per known character
+    path = write(tmp_path / "d.jsonl", [json.dumps({"prompt": p}) for p in ("1+1=", "What is 1+1?", "2+2=", "1 + 1 =")])
+    prompts = load_prompts(path)
+    kept, dropped = drop_too_long(prompts, lambda p: tokenizer.encode(p.text), limit=64, policy="error",
+                                  source="data.train_path d.jsonl", unknown_id=tokenizer.unk_token_id)
+    assert (len(kept), dropped) == (4, 0)  # kept: the model sees them, less what it cannot read
+    assert "data.train_path d.jsonl: 2 prompt(s) hold characters the tokenizer does not know" in caplog.text
+    assert "e.g. prompt 1" in caplog.text

@@ -1,0 +1,86 @@
+"""User mistakes on the command line get one line naming the problem and a non-zero exit,
+before any actor starts; none hangs. Found by adversarial QA, each a traceback or a hang before."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+from cluster import argtypes
+from cluster.cli import main
+from learner.tokenizer import build_char_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = str(REPO / "deploy" / "jobs" / "demo.yaml")
+
+
+def train_data(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(80)))
+    return path
+
+
+def run_overrides(tmp_path: Path, *more: str) -> list[str]:
+    return [f"data.train_path={train_data(tmp_path)}", f"run.dir={tmp_path / 'runs'}", "data.eval_path=null", *more]
+
+
+def test_a_resume_path_that_is_no_checkpoint_is_a_config_error(tmp_path, capsys):
+    assert main(["train", DEMO, *run_overrides(tmp_path), "--resume", str(tmp_path)]) == 2
+    assert f"--resume {tmp_path}: not a complete rlrelay checkpoint" in capsys.readouterr().err
+
+
+def test_exporting_what_is_no_checkpoint_is_named(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "nowhere is not a complete rlrelay checkpoint" in capsys.readouterr().err
+
+
+def test_a_model_path_that_is_no_local_directory_is_not_looked_up_on_the_hub(tmp_path, capsys):
+    # A relative name used to go to the model hub (a minute of waiting for the network here).
+    assert main(["train", DEMO, *run_overrides(tmp_path, "model.path=my-policy-typo")]) == 2
+    assert "model.path 'my-policy-typo' is not a directory" in capsys.readouterr().err
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path, capsys):
+    model = tmp_path / "model"
+    build_char_tokenizer("0123456789+=abcdefghijklmnopqrstuvwxyz", model)  # 42 tokens
+    LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(model)
+    assert main(["train", DEMO, *run_overrides(tmp_path, f"model.path={model}")]) == 2
+    assert "its tokenizer has 42 tokens but the model's vocabulary only 16" in capsys.readouterr().err
+
+
+def test_an_unreachable_cluster_address_fails_within_the_join_timeout():
+    # Ray retries an address where nothing answers for many minutes; the command gives up.
+    code = ("import cluster.jobs as jobs; jobs.JOIN_TIMEOUT_S = 3; from cluster.cli import main; "
+            "raise SystemExit(main(['status', '--address', '127.0.0.1:1', '--job', 'x']))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "no Ray cluster answered at '127.0.0.1:1' within 3 s" in out.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "scale", "--workers", "4,abc"], "argument --workers: expected an integer, got 'abc'"),
+    (["bench", "scale", "--steps", "0"], "argument --steps: must be >= 1, got '0'"),
+    (["bench", "rollout", "--repeats", "0"], "argument --repeats: must be >= 1"),
+    (["bench", "learner", "--micro-tokens", "-5"], "argument --micro-tokens: must be >= 0"),
+    (["plan", DEMO, "--gpu-memory-gib", "nan"], "argument --gpu-memory-gib: must be a finite number, got 'nan'"),
+    (["scale", "--rollout", "0"], "argument --rollout: must be >= 1, got '0'"),
+    (["scale", "--rollout", "2", "--wait", "-1"], "argument --wait: must be >= 0"),
+])
+def test_bad_numbers_on_the_command_line_are_refused_by_their_flag(argv, message, capsys):
+    # Each used to fail minutes later in the bench (or the job) with a traceback.
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_argument_types_accept_what_they_should():
+    assert argtypes.positive_ints(" 4, 8,16 ") == [4, 8, 16]
+    assert argtypes.count("0") == 0 and argtypes.nonnegative_number("0.0") == 0.0
+    assert argtypes.positive_number("1e-3") == 0.001
