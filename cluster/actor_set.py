@@ -38,7 +38,9 @@ log = logging.getLogger("rlrelay")
 DEATHS = (RayActorError, OutOfMemoryError, NodeDiedError, WorkerCrashedError)
 """What a call raises when the worker behind it is gone: the actor died or is unreachable
 (``RayActorError`` and its ``ActorUnavailableError``), Ray's memory monitor killed it to save
-its node (``OutOfMemoryError``, not a ``RayActorError``), its node or process died."""
+its node (``OutOfMemoryError``, not a ``RayActorError``), its node or process died. Catch
+``RayTaskError`` first: Ray makes a worker's own exception an instance of its cause's class,
+and a worker that itself called a dead actor is not dead."""
 
 
 class WorkerFailure(RuntimeError):
@@ -150,14 +152,7 @@ class ActorSet:
             mid, since, state = self._joining.pop(ref)
             try:
                 ray.get(ref)
-            except DEATHS as e:
-                if isinstance(e, RayActorError) and e.actor_init_failed:
-                    # Its constructor raised (a misspelled reward function, a model that does not
-                    # load): a replacement would raise the same, so stop here and say why.
-                    raise WorkerFailure(f"{self.label(mid)} could not start: {init_error(e)}") from e
-                self._lost(mid, f"died while starting ({type(e).__name__})")
-                continue
-            except RayTaskError as e:
+            except RayTaskError as e:  # first: its cause may be of a DEATHS type, raised by its own code
                 if mid in self.members and state != self.state:
                     # Prepared with state a broadcast has since replaced (a joiner that waited
                     # for room while two weight pushes went by finds its shared-memory slot
@@ -165,6 +160,13 @@ class ActorSet:
                     self._prepare(mid, since)
                     continue
                 raise WorkerFailure(f"{self.label(mid)} could not start: {e.cause!r}") from e
+            except DEATHS as e:
+                if isinstance(e, RayActorError) and e.actor_init_failed:
+                    # Its constructor raised (a misspelled reward function, a model that does not
+                    # load): a replacement would raise the same, so stop here and say why.
+                    raise WorkerFailure(f"{self.label(mid)} could not start: {init_error(e)}") from e
+                self._lost(mid, f"died while starting ({type(e).__name__})")
+                continue
             if mid not in self.members:
                 continue
             if state != self.state:  # a broadcast happened meanwhile: catch up before serving
@@ -252,11 +254,11 @@ class ActorSet:
         member = self.members.get(mid)
         try:
             value = ray.get(ref, timeout=self.health_timeout_s)  # the call has returned: fetching is quick
+        except RayTaskError as e:  # first: its cause may be of a DEATHS type, raised by its own code
+            raise WorkerFailure(f"{self.label(mid)} failed: {e.cause!r}") from e
         except DEATHS as e:
             self._lost(mid, f"died ({type(e).__name__})")
             return False, None
-        except RayTaskError as e:
-            raise WorkerFailure(f"{self.label(mid)} failed: {e.cause!r}") from e
         if member is not None:
             member.busy_since = None
             member.last_probe = time.monotonic()
@@ -298,6 +300,8 @@ class ActorSet:
         probe, member.probe = member.probe, None
         try:
             ray.get(probe, timeout=self.health_timeout_s)  # answered: fetching is quick
+        except RayTaskError:  # ping raised: a bug, not a death
+            raise
         except (GetTimeoutError, *DEATHS) as e:
             return f"died ({type(e).__name__}, seen by a health ping)"
         member.last_probe = now

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.argtypes import count, positive_int, positive_ints, positive_number
+from cluster.argtypes import count, nonnegative_number, positive_int, positive_ints, positive_number
 from cluster.config import WEIGHT_TRANSPORTS
 
 BENCH_ALPHABET = "0123456789+=-? abcdefghijklmnopqrstuvwxyz"
@@ -95,9 +95,9 @@ def register(sub) -> None:
     c.add_argument("--prompts", type=positive_int, default=1024, help="prompts per step")
     c.add_argument("--samples", type=positive_int, default=4, help="samples per prompt")
     c.add_argument("--response-tokens", type=positive_int, default=128, help="tokens in every stand-in response")
-    c.add_argument("--latency", type=positive_number, default=0.5, help="seconds every stand-in generate call takes")
+    c.add_argument("--latency", type=nonnegative_number, default=0.5, help="seconds every stand-in generate call takes")
     c.add_argument("--steps", type=positive_int, default=5, help="timed steps per pool size (after one warm-up)")
-    c.add_argument("--num-cpus", type=positive_number, default=0.05, help="Ray CPUs per stand-in actor")
+    c.add_argument("--num-cpus", type=nonnegative_number, default=0.05, help="Ray CPUs per stand-in actor")
     c.add_argument("--update-kib", type=positive_int, default=1024, help="size of the weight update broadcast, KiB")
     c.add_argument("--extrapolate", type=positive_int, default=512, help="pool size to extrapolate the figures to")
     _common_args(c)

@@ -19,9 +19,11 @@ security checks have set the environment Ray reads once at import (``cluster.sec
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -354,6 +356,11 @@ def join_cluster(address: str, *, timeout_s: float | None = None, **init_kwargs)
     import ray
 
     timeout_s = JOIN_TIMEOUT_S if timeout_s is None else timeout_s
+    if threading.current_thread() is threading.main_thread():
+        # What ray.init does on the main thread, and cannot from the thread it runs in here:
+        # SIGTERM raises SystemExit, so a driver being stopped still shuts its workers down.
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+        logging.getLogger("ray._private.worker").addFilter(_NotMainThreadWarning())
     try:
         bounded(ray.init, address=address, timeout_s=timeout_s, **init_kwargs)
     except TimeoutError:
@@ -361,6 +368,13 @@ def join_cluster(address: str, *, timeout_s: float | None = None, **init_kwargs)
                                  f"and is this its head node's address (HOST:6379)?") from None
     except ConnectionError as e:  # nothing at `auto`, or a refused connection
         raise ClusterUnreachable(f"cannot reach a Ray cluster at {address!r}: {e}") from None
+
+
+class _NotMainThreadWarning(logging.Filter):
+    """Drops ray.init's warning that it could not set its SIGTERM handler (join_cluster sets it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SIGTERM handler is not set")
 
 
 def _fail(message: str, code: int) -> int:

@@ -150,11 +150,18 @@ def check_reward_config(cfg: Config, train_prompts: list, train_path: str) -> No
             raise ConfigError(f"reward.functions: {e}") from None
         if spec.name not in BUILTINS:
             continue
+        unscorable = []
         for prompt in train_prompts:
             try:  # a built-in checks its answer before it looks at the response
                 function(prompt.text or "", "", prompt.answer)
             except ValueError as e:
-                raise DataError(f"data.train_path {train_path}: prompt {prompt.index}: {e}") from None
+                if cfg.reward.on_failure == "error":
+                    raise DataError(f"data.train_path {train_path}: prompt {prompt.index}: {e}") from None
+                unscorable.append(prompt.index)
+        if unscorable:  # reward.on_failure=zero: their samples score 0 and are counted in reward/failures
+            log.warning("data.train_path %s: %s cannot score %d prompt(s) (e.g. prompt %d); with "
+                        "reward.on_failure=zero their samples score 0", train_path, spec.name, len(unscorable),
+                        unscorable[0])
     if cfg.reward.model is not None and not (Path(cfg.reward.model.path) / "config.json").is_file():
         raise ConfigError(f"reward.model.path {cfg.reward.model.path!r} is not a model directory "
                           f"(no config.json): give a local Hugging Face sequence-classification model")
@@ -221,6 +228,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
 
     if resume is None:
         clear_earlier_run(run_dir, checkpoints, overwrite=cfg.run.overwrite)
+    (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, now stale
     resolved = replace(cfg, model=replace(cfg.model, path=paths.model_path),
                        data=replace(cfg.data, train_path=paths.train_path, eval_path=paths.eval_path))
     tracker = Tracker(run_dir, project=cfg.run.wandb_project, name=cfg.run.name, mode=cfg.run.wandb_mode,

@@ -68,6 +68,8 @@ def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
 def _get_naming_death(ref, refs: list, what: Sequence[str]):
     try:
         return ray.get(ref)
+    except RayTaskError:  # the worker's own exception, whatever its cause's class (actor_set.DEATHS)
+        raise
     except DEATHS as e:
         if isinstance(e, RayActorError) and e.actor_init_failed:
             raise WorkerFailure(f"{what[refs.index(ref)]} could not start: {init_error(e)}") from e
@@ -219,7 +221,11 @@ class RewardPool:
         if rc.model is not None:
             model = RewardModelSpec(path=reward_model_path or rc.model.path, weight=rc.model.weight,
                                     batch_size=rc.model.batch_size)
-        actor = ray.remote(RewardWorker).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=2)
+        # Torch threads of a reward model and of user functions alike (their child processes
+        # inherit it): Ray would set OMP_NUM_THREADS from the CPU share, often 1.
+        env = {"env_vars": {"OMP_NUM_THREADS": str(rc.num_threads)}}
+        actor = ray.remote(RewardWorker).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=2,
+                                                 runtime_env=env)
         device = "cuda" if rc.num_gpus > 0 else "cpu"
         self.actors = ActorSet(
             "reward worker", size=rc.num_workers, timeout_s=rc.timeout_s, max_restarts=rc.max_restarts,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import re
 from collections.abc import Callable
 
@@ -53,12 +54,25 @@ def numeric_match(prompt: str, response: str, answer: str | None) -> float:
     A response without any number scores 0.0.
     """
     ref = _require_answer("numeric_match", answer).strip()
-    if _NUMBER.fullmatch(ref) is None:
+    target = _reference_number(ref)
+    if target is None:
         raise ValueError(f"reward function 'numeric_match' needs a numeric answer, got {answer!r}")
     numbers = _NUMBER.findall(response)
     if not numbers:
         return 0.0
-    return 1.0 if _parse_number(numbers[-1]) == _parse_number(ref) else 0.0
+    return 1.0 if _parse_number(numbers[-1]) == target else 0.0
+
+
+def _reference_number(ref: str) -> float | None:
+    """The answer as a number: as responses write numbers, or in any notation a dataset keeps
+    (``1e3``, written as a JSON number)."""
+    if _NUMBER.fullmatch(ref) is not None:
+        return _parse_number(ref)
+    try:
+        value = float(ref)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 BUILTINS: dict[str, RewardFunction] = {

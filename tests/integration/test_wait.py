@@ -2,8 +2,8 @@
 whose collective lost its peer fails with a connection error before Ray reports the death),
 and a plain task error is still raised as itself. A worker whose constructor raises is named
 with the constructor's error, by ``wait`` and by ``ActorSet``, at once and without restarts. A
-worker killed by Ray's memory monitor (``OutOfMemoryError``, not a ``RayActorError``) is a
-death too: named by ``wait``, replaced by ``ActorSet``."""
+worker's own exception stays its own failure even when its class is one Ray uses for deaths
+(test_memory_kill.py has a real death of that kind)."""
 
 from __future__ import annotations
 
@@ -82,39 +82,27 @@ def test_a_constructor_error_stops_an_actor_set_without_restarts(ray_local):
     assert time.monotonic() - started < 60
 
 
-class MemoryMonitorVictim:
-    """Its call fails as the calls of a worker that Ray's memory monitor killed do: with
-    OutOfMemoryError, which is not a RayActorError."""
+class RaisesADeathsClass:
+    """Its own code raises an exception of a class Ray also uses for dead workers (as a worker
+    that itself called a dead actor would): the worker is not dead, its call failed."""
 
     def ready(self) -> bool:
         return True
 
     def work(self, x: int) -> int:
-        raise OutOfMemoryError("Task was killed due to the node running low on memory.")
+        raise OutOfMemoryError("a Ray call of this worker's own failed")
 
 
-class Doubler:
-    def ready(self) -> bool:
-        return True
-
-    def work(self, x: int) -> int:
-        return 2 * x
-
-
-def test_a_worker_killed_for_memory_is_named_by_wait(ray_local):
-    handle = ray_local.remote(MemoryMonitorVictim).options(num_cpus=0.25).remote()
-    with pytest.raises(WorkerFailure, match=r"(?s)^rank 0 died: .*running low on memory"):
-        wait([handle.work.remote(1)], 120, ["rank 0"])
-
-
-def test_a_worker_killed_for_memory_is_replaced_and_its_work_rerun(ray_local):
-    def spawn(mid: int):  # the first member is killed for memory, its replacement works
-        return ray_local.remote(MemoryMonitorVictim if mid == 0 else Doubler).options(num_cpus=0.25).remote()
-
-    actors = ActorSet("worker", spawn, lambda h: h.ready.remote(), 1, timeout_s=60, max_restarts=2)
+def test_a_workers_own_exception_of_a_death_class_fails_the_run_at_once(ray_local):
+    actors = ActorSet("worker", lambda mid: ray_local.remote(RaisesADeathsClass).options(num_cpus=0.25).remote(),
+                      lambda h: h.ready.remote(), 1, timeout_s=60, max_restarts=2)
     try:
         actors.wait_ready(timeout_s=120)
-        assert actors.run([1, 2, 3], lambda h, x: h.work.remote(x)) == [2, 4, 6]
-        assert actors.restarts == 1
+        with pytest.raises(WorkerFailure, match=r"worker 0 failed: .*a Ray call of this worker's own failed"):
+            actors.run([1], lambda h, x: h.work.remote(x))
+        assert actors.restarts == 0  # not retried as a death
     finally:
         actors.shutdown()
+    handle = ray_local.remote(RaisesADeathsClass).options(num_cpus=0.25).remote()
+    with pytest.raises(RayTaskError, match="a Ray call of this worker's own failed"):
+        wait([handle.work.remote(1)], 120, ["rank 0"])

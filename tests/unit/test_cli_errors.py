@@ -84,3 +84,17 @@ def test_argument_types_accept_what_they_should():
     assert argtypes.positive_ints(" 4, 8,16 ") == [4, 8, 16]
     assert argtypes.count("0") == 0 and argtypes.nonnegative_number("0.0") == 0.0
     assert argtypes.positive_number("1e-3") == 0.001
+
+
+def test_a_driver_that_joined_a_cluster_exits_cleanly_on_sigterm():
+    # ray.init sets SIGTERM -> SystemExit only on the main thread; join_cluster runs it on
+    # another (to bound it), so it sets the handler itself: a stopped job still runs its
+    # clean-up (finally blocks, atexit: the pools' shutdown) instead of dying at once.
+    code = ("import os, signal, time, atexit, cluster.jobs as jobs\n"
+            "jobs.JOIN_TIMEOUT_S = 2\n"
+            "try:\n    jobs.join_cluster('127.0.0.1:1')\nexcept jobs.ClusterUnreachable:\n    pass\n"
+            "atexit.register(print, 'cleaned up', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(60)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 15 and "cleaned up" in out.stdout, (out.returncode, out.stderr[-2000:])
+    assert "SIGTERM handler is not set" not in out.stderr

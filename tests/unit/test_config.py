@@ -209,6 +209,15 @@ def test_a_training_prompt_a_built_in_reward_cannot_score_is_named_before_start(
     check_reward_config(load_config(DEMO, ["reward.functions=[reward.rules:exact_match]"]), prompts, "train.jsonl")
 
 
+def test_with_failures_scored_zero_unscorable_prompts_are_counted_not_refused(caplog):
+    from actors.types import Prompt
+    from cluster.launch import check_reward_config
+
+    prompts = [Prompt(index=0, text="1+1=", answer="2"), Prompt(index=3, text="hi", answer=None)]
+    check_reward_config(load_config(DEMO, ["reward.on_failure=zero"]), prompts, "train.jsonl")
+    assert "exact_match cannot score 1 prompt(s) (e.g. prompt 3)" in caplog.text
+
+
 def test_the_cli_and_the_config_do_not_import_torch():
     # `rlrelay --help` and `rlrelay config` stay instant (torch costs ~0.7 s and ~130 MiB a
     # process), and the bench's bare actor, which imports cluster.bench, stays bare.

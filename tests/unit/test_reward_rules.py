@@ -53,15 +53,19 @@ def test_keyword_contains_refuses_an_empty_keyword():
         ("42 apples, not 43", "42", 0.0),  # only the final number counts
         ("I don't know", "42", 0.0),
         ("0.5", "0.25", 0.0),
+        # A dataset's JSON number keeps its text: an exponent in the answer still compares.
+        ("It is 1000.", "1e3", 1.0),
+        ("a quarter: 0.25", "2.5E-1", 1.0),
     ],
 )
 def test_numeric_match_compares_the_final_number(response, answer, expected):
     assert numeric_match("", response, answer) == expected
 
 
-def test_numeric_match_refuses_a_non_numeric_answer():
-    with pytest.raises(ValueError, match="'forty-two'"):
-        numeric_match("", "42", "forty-two")
+@pytest.mark.parametrize("answer", ["forty-two", "nan", "inf", ""])
+def test_numeric_match_refuses_a_non_numeric_answer(answer):
+    with pytest.raises(ValueError, match=f"needs a numeric answer, got '{answer}'"):
+        numeric_match("", "42", answer)
 
 
 def test_builtin_names_resolve_to_the_builtins():
