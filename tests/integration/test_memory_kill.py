@@ -1,7 +1,7 @@
 """A worker killed by Ray's memory monitor, for real: its calls fail with ``OutOfMemoryError``,
 which is not a ``RayActorError``. ``wait`` names the worker, and ``ActorSet`` replaces it and
 re-runs its work (both raised the error raw before). The instance runs with a memory threshold
-just above what the machine uses, so one worker growing by ~1.5 GiB crosses it."""
+5 GiB above what the machine uses, which one worker growing 1.3 GiB a second crosses."""
 
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ def ray_low_threshold():
     import ray
     from ray._private.utils import get_system_memory, get_used_memory  # what the monitor measures
 
-    # 3 GiB above what the machine uses now: other processes' swings stay below it (the suite
+    # 5 GiB above what the machine uses now: other processes' swings stay below it (the suite
     # runs one test at a time), the hog crosses it within seconds.
-    threshold = min(0.95, (get_used_memory() + 3 * 2**30) / get_system_memory())
+    threshold = min(0.95, (get_used_memory() + 5 * 2**30) / get_system_memory())
     env = {"RAY_memory_usage_threshold": f"{threshold:.4f}", "RAY_memory_monitor_refresh_ms": "100"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # read by the raylet this ray.init starts
