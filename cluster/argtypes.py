@@ -8,18 +8,12 @@ import math
 
 
 def positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
+    return _at_least(_int(text), 1, text)
 
 
 def count(text: str) -> int:
     """An integer >= 0."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+    return _at_least(_int(text), 0, text)
 
 
 def positive_number(text: str) -> float:
@@ -32,10 +26,7 @@ def positive_number(text: str) -> float:
 
 def nonnegative_number(text: str) -> float:
     """A finite number >= 0."""
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+    return _at_least(_number(text), 0, text)
 
 
 def positive_ints(text: str) -> list[int]:
@@ -44,6 +35,12 @@ def positive_ints(text: str) -> list[int]:
     if not parts:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
     return [positive_int(p) for p in parts]
+
+
+def _at_least(value, low: int, text: str):
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {text!r}")
+    return value
 
 
 def _int(text: str) -> int:
