@@ -90,13 +90,19 @@ def train_command(args) -> int:
     except ClusterUnreachable as e:
         print(f"rlrelay: {e}", file=sys.stderr)
         return 1
-    except (WorkerFailure, RewardFailure, TrainingDiverged, RayTaskError) as e:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run's own handler is in place
+        print("rlrelay: interrupted (`--resume auto` continues from the latest checkpoint, if any)", file=sys.stderr)
+        return 130
+    except (WorkerFailure, RewardFailure, TrainingDiverged, RayTaskError, OSError) as e:
         # The run started and failed for a reason its message names; the traceback (the driver's,
         # and a worker's own inside a RayTaskError) goes to the run directory, not the terminal.
         where = cfg.run.path / "error.txt"
-        where.parent.mkdir(parents=True, exist_ok=True)
-        where.write_text("".join(traceback.format_exception(e)))
-        print(f"rlrelay: run failed: {failure_summary(e)}\nrlrelay: traceback in {where}", file=sys.stderr)
+        try:
+            where.write_text("".join(traceback.format_exception(e)))
+            saved = f"rlrelay: traceback in {where}"
+        except OSError as unwritable:  # the failure may be the run directory itself
+            saved = f"rlrelay: (could not write {where}: {unwritable.strerror or unwritable})"
+        print(f"rlrelay: run failed: {failure_summary(e)}\n{saved}", file=sys.stderr)
         return 1
     print(json.dumps({"run_dir": str(cfg.run.path), "steps_completed": summary.steps_completed,
                       "eval_before": summary.eval_before, "eval_after": summary.eval_after,

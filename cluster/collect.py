@@ -36,7 +36,8 @@ def group_ids(rollouts: list[Rollout]) -> torch.Tensor:
 class Batch:
     """One step's scored samples.
 
-    Example: ``Batch(step=3, rollouts=[...], scores=torch.zeros(512), metrics={...}, sampler_before=s, finished_at=t)``
+    Example: ``Batch(step=3, rollouts=[...], scores=torch.zeros(512), metrics={...}, sampler_before=s,
+    reward_norm_before=None, finished_at=t)``
     """
 
     step: int
@@ -49,6 +50,10 @@ class Batch:
     """``reward/*``, ``rollout/filtered_groups``, ``timing/generate``, ``timing/score``, ..."""
     sampler_before: SamplerState
     """Data position before this batch's prompts were drawn: where a resume re-draws them."""
+    reward_norm_before: dict | None
+    """The reward normaliser's state before this batch updated it (None without
+    ``algorithm.normalize_rewards``): what a checkpoint taken while the batch is in flight keeps,
+    so the regenerated batch is not counted twice."""
     finished_at: float
     """``time.perf_counter()`` when generation and scoring ended (for rollout idle time)."""
 
@@ -85,6 +90,7 @@ class Collector:
         whose rewards differ and refill with new prompts, for a bounded number of rounds."""
         algo, want, per = self.cfg.algorithm, self.cfg.rollout.prompts_per_step, self.sampling.samples_per_prompt
         sampler_before = replace(self.sampler.state)
+        norm_before = self.reward_norm.state_dict() if self.reward_norm is not None else None
         timings: dict[str, float] = {}
         rollouts: list[Rollout] = []
         scores: list[torch.Tensor] = []
@@ -133,7 +139,7 @@ class Collector:
                    "data/prompt_index_sum": float(sum(r.prompt_index for r in rollouts if r.sample_index == 0)),
                    **{f"timing/{k}": v for k, v in timings.items()}}
         return Batch(step=step, rollouts=rollouts, scores=scores_t, metrics=metrics, sampler_before=sampler_before,
-                     finished_at=time.perf_counter())
+                     reward_norm_before=norm_before, finished_at=time.perf_counter())
 
     def score(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, int]:
         """Rewards of the rollouts and how many failed (failures score 0 or stop the run)."""

@@ -102,6 +102,7 @@ class Controller:
         self.eval_before: float | None = None
         self.consecutive_skips = 0
         self.resume_sampler: SamplerState | None = None  # data position a checkpoint records
+        self.resume_norm: dict | None = None  # reward-normaliser state a checkpoint records (its twin)
         r = cfg.rollout
         self.autoscaler = Autoscaler(AutoscaleRule(
             min_workers=r.min_workers, max_workers=r.max_workers, high=r.autoscale_high, low=r.autoscale_low,
@@ -143,8 +144,15 @@ class Controller:
                 if trained:
                     with self.phase("weight_sync"):
                         metrics.update(self.push_weights(version=self.version + 1))
-                self.resume_sampler = (upcoming.result().sampler_before if upcoming is not None
-                                       else replace(self.collector.sampler.state))
+                # What a checkpoint records: the state before any batch in flight (asynchronous
+                # mode), which a resume regenerates, so it counts once.
+                norm = self.collector.reward_norm
+                if upcoming is not None:
+                    in_flight = upcoming.result()
+                    self.resume_sampler, self.resume_norm = in_flight.sampler_before, in_flight.reward_norm_before
+                else:
+                    self.resume_sampler = replace(self.collector.sampler.state)
+                    self.resume_norm = norm.state_dict() if norm is not None else None
                 # 7. record, evaluate, checkpoint
                 self.record(step + 1, batch, metrics, started)
                 if self.stop_requested and step + 1 < cfg.trainer.steps:
@@ -262,13 +270,12 @@ class Controller:
         """Checkpoint learner shards and driver state; atomic (written aside, then renamed)."""
         started = time.perf_counter()
         tmp = self.checkpoints.begin(step)
-        norm = self.collector.reward_norm
         try:
             ranks = self.learner.save_checkpoint(str(tmp.resolve() / "learner"))
             state = DriverState(
                 step=step, version=self.version, sampler_epoch=self.resume_sampler.epoch,
                 sampler_position=self.resume_sampler.position, kl_controller=self.kl_ctl.state_dict(),
-                reward_normalizer=norm.state_dict() if norm else None,
+                reward_normalizer=self.resume_norm,
                 wandb_run_id=self.tracker.run_id, eval_before=self.eval_before,
                 consecutive_skips=self.consecutive_skips)
             path = self.checkpoints.commit(tmp, step, state, ranks, self.model_path)
@@ -289,6 +296,7 @@ class Controller:
         self.kl_ctl.load_state_dict(driver.kl_controller)
         if self.collector.reward_norm is not None and driver.reward_normalizer is not None:
             self.collector.reward_norm.load_state_dict(driver.reward_normalizer)
+            self.resume_norm = self.collector.reward_norm.state_dict()
         self.eval_before = driver.eval_before
         self.consecutive_skips = driver.consecutive_skips
         log.info("resumed from %s at step %d (policy version %d)", path, driver.step, driver.version)

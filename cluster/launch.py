@@ -5,10 +5,12 @@ Everything the controller uses is built here and passed in; nothing is global.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -172,6 +174,49 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
 
     ``resume``: ``auto`` continues from the run's latest complete checkpoint (or starts fresh
     if there is none), a path continues from that checkpoint, None starts fresh."""
+    run_dir = cfg.run.path
+    checkpoint_root = Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints")
+    # Found at the end of training, an unwritable directory lost the whole run.
+    check_writable(run_dir, "run.dir")
+    check_writable(checkpoint_root, "trainer.checkpoint_dir")
+    with exclusive(run_dir):
+        return _train(cfg, resume, run_dir, CheckpointManager(checkpoint_root, keep_last=cfg.trainer.keep_last))
+
+
+def check_writable(path: Path, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".rlrelay-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key}: {str(path)!r} is not a writable directory ({e.strerror or e})") from None
+
+
+@contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for this driver: a second job with the same run directory (the
+    same run.name, started from another shell) would interleave its metrics and replace this
+    one's checkpoints. An advisory lock (flock), released when the process ends however it ends."""
+    with open(run_dir / ".rlrelay.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise ConfigError(f"run directory {run_dir} is in use by a running job ({owner}): set another run.name "
+                              f"or run.dir, or wait for it to end") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: CheckpointManager) -> RunSummary:
     import ray
     from transformers import AutoConfig, AutoTokenizer
 
@@ -179,11 +224,13 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     from cluster.pools import LearnerGroup, RewardPool, RolloutPool
     from cluster.tracking import Tracker
 
-    run_dir = cfg.run.path
-    checkpoints = CheckpointManager(Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints"),
-                                    keep_last=cfg.trainer.keep_last)
     resume_from = resolve_resume(resume, checkpoints)  # first: a bad --resume is named at once
     resumed = read_checkpoint(resume_from)[0] if resume_from else None
+    if resumed is not None and resumed.step > cfg.trainer.steps:
+        # Resumed, the run would end at once and write its step-`trainer.steps` checkpoint
+        # from these later weights, replacing the real one.
+        raise ConfigError(f"--resume: checkpoint {resume_from} is at step {resumed.step}, past trainer.steps="
+                          f"{cfg.trainer.steps}: raise trainer.steps, or resume an earlier checkpoint")
     paths = resolve_paths(cfg)
     train_prompts = load_prompts(paths.train_path)
     eval_prompts = load_prompts(paths.eval_path) if paths.eval_path else []

@@ -27,7 +27,8 @@ def args(model, train, run_dir) -> list[str]:
             "trainer.async_staleness=1", "rollout.num_workers=1", f"rollout.prompts_per_step={PROMPTS}",
             f"rollout.samples_per_prompt={SAMPLES}", "model.max_model_len=64", f"model.path={model}",
             f"data.train_path={train}", f"run.dir={run_dir}", "trainer.sample_table_every=0",
-            "reward.functions=[rewards_for_tests:paced_length]", "learner.lr=1e-3", *ESTIMATOR_CASES["rloo"]]
+            "reward.functions=[rewards_for_tests:paced_length]", "learner.lr=1e-3", *ESTIMATOR_CASES["rloo"],
+            "algorithm.normalize_rewards=true"]
 
 
 def expected_prompt_sums(train: Path) -> list[float]:
@@ -56,7 +57,11 @@ def test_async_run_killed_and_resumed_loses_nothing(tmp_path, tiny_model_dir):
     proc.wait(timeout=60)
     assert ckpt2.exists() and not (run_dir / "checkpoints" / "step-000004").exists()
     # The checkpoint's data position excludes the batch that was being generated for step 3.
-    assert json.loads((ckpt2 / "driver.json").read_text())["sampler_position"] == 2 * PROMPTS
+    driver = json.loads((ckpt2 / "driver.json").read_text())
+    assert driver["sampler_position"] == 2 * PROMPTS
+    # Nor do the reward normaliser's statistics count it: steps 1 and 2's samples, not step 3's
+    # too (which the resume regenerates and would count again).
+    assert driver["reward_normalizer"]["count"] == 2 * PROMPTS * SAMPLES
 
     before_kill = step_rows(run_dir)
     for k in (1, 2):

@@ -4,6 +4,7 @@ before any actor starts; none hangs. Found by adversarial QA, each a traceback o
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,55 @@ def test_a_driver_that_joined_a_cluster_exits_cleanly_on_sigterm():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 15 and "cleaned up" in out.stdout, (out.returncode, out.stderr[-2000:])
     assert "SIGTERM handler is not set" not in out.stderr
+
+
+def test_resuming_a_checkpoint_past_trainer_steps_is_refused(tmp_path, capsys):
+    # Resumed, such a run ended at once and wrote its step-2 checkpoint from step-4 weights,
+    # replacing the real one.
+    import dataclasses
+
+    from cluster.checkpoints import DriverState
+
+    ckpt = tmp_path / "step-000004"
+    (ckpt / "learner").mkdir(parents=True)
+    state = DriverState(step=4, version=4, sampler_epoch=0, sampler_position=32, kl_controller={},
+                        reward_normalizer=None, wandb_run_id=None, eval_before=None)
+    (ckpt / "driver.json").write_text(json.dumps(dataclasses.asdict(state)))
+    (ckpt / "learner_ranks.json").write_text("[]")
+    assert main(["train", DEMO, *run_overrides(tmp_path, "trainer.steps=2"), "--resume", str(ckpt)]) == 2
+    assert f"checkpoint {ckpt} is at step 4, past trainer.steps=2" in capsys.readouterr().err
+
+
+def test_a_run_or_checkpoint_directory_that_cannot_be_written_is_named_before_start(tmp_path, capsys):
+    # Found when the first checkpoint was written, it lost the whole run's training.
+    (tmp_path / "a-file").write_text("x")
+    assert main(["train", DEMO, *run_overrides(tmp_path, f"trainer.checkpoint_dir={tmp_path / 'a-file' / 'ck'}")]) == 2
+    assert "trainer.checkpoint_dir: " in capsys.readouterr().err
+    assert main(["train", DEMO, *run_overrides(tmp_path), f"run.dir={tmp_path / 'a-file'}"]) == 2
+    err = capsys.readouterr().err
+    assert "run.dir: " in err and "is not a writable directory" in err
+
+
+def test_a_second_job_in_the_same_run_directory_is_refused(tmp_path, capsys):
+    # Two jobs with one run.name interleaved their metrics and replaced each other's checkpoints.
+    from cluster.config import load_config
+    from cluster.launch import exclusive
+
+    overrides = run_overrides(tmp_path)
+    run_dir = load_config(DEMO, overrides).run.path
+    run_dir.mkdir(parents=True)
+    with exclusive(run_dir):  # the first job, holding it
+        assert main(["train", DEMO, *overrides]) == 2
+    assert f"run directory {run_dir} is in use by a running job (pid {os.getpid()} on" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_runs_own_handler_is_one_line(tmp_path, monkeypatch, capsys):
+    import cluster.launch
+
+    def interrupted(cfg, resume=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster.launch, "train", interrupted)
+    assert main(["train", DEMO, *run_overrides(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == \
+        "rlrelay: interrupted (`--resume auto` continues from the latest checkpoint, if any)"
