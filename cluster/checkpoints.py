@@ -112,6 +112,31 @@ class CheckpointManager:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_signature(uses_critic: bool, model_path: str) -> dict:
+    """What a checkpoint's learner state depends on: whether a critic is trained, and the
+    policy's shape. Recorded in ``DriverState.extra`` and compared before a resume starts."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    text = config.get("text_config") or config
+    return {"critic": uses_critic,
+            "model": {k: text.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}}
+
+
+def check_resumable(driver: DriverState, signature: dict, path: Path) -> None:
+    """Refuse, before anything starts, a resume whose job differs from the checkpoint's in what
+    its learner state depends on (checkpoints written before signatures were kept pass)."""
+    saved = driver.extra.get("signature")
+    if saved is None:
+        return
+    if saved["critic"] != signature["critic"]:
+        had = "trains a critic (advantage_estimator=gae)" if saved["critic"] else "has no critic"
+        raise ConfigError(f"--resume: checkpoint {path} {had}, this job's algorithm.advantage_estimator "
+                          f"{'needs one' if signature['critic'] else 'does not'}: resume with the checkpoint's "
+                          f"estimator, or start a new run")
+    if saved["model"] != signature["model"]:
+        raise ConfigError(f"--resume: checkpoint {path} holds a policy of shape {saved['model']}, model.path "
+                          f"has {signature['model']}")
+
+
 def resolve_resume(spec: str | None, manager: CheckpointManager) -> Path | None:
     """``auto``: the latest complete checkpoint of the run, or None (start fresh); else a path."""
     if spec is None:

@@ -35,7 +35,7 @@ import torch
 
 from actors.types import Prompt, Rollout
 from cluster.autoscale import Autoscaler, AutoscaleRule, wait_share
-from cluster.checkpoints import CheckpointManager, DriverState, read_checkpoint
+from cluster.checkpoints import CheckpointManager, DriverState, read_checkpoint, run_signature
 from cluster.collect import Batch, Collector, group_ids
 from cluster.config import Config
 from cluster.control import JobStatus
@@ -277,7 +277,8 @@ class Controller:
                 sampler_position=self.resume_sampler.position, kl_controller=self.kl_ctl.state_dict(),
                 reward_normalizer=self.resume_norm,
                 wandb_run_id=self.tracker.run_id, eval_before=self.eval_before,
-                consecutive_skips=self.consecutive_skips)
+                consecutive_skips=self.consecutive_skips,
+                extra={"signature": run_signature(self.cfg.algorithm.uses_critic, self.model_path)})
             path = self.checkpoints.commit(tmp, step, state, ranks, self.model_path)
         except BaseException:
             self.checkpoints.abort(tmp)

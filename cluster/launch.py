@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from cluster.checkpoints import CheckpointManager, read_checkpoint, resolve_resume
+from cluster.checkpoints import CheckpointManager, check_resumable, read_checkpoint, resolve_resume, run_signature
 from cluster.collect import Collector
 from cluster.config import Config, ConfigError, to_dict
 from cluster.control import JobControl, control_actor_name, register_job
@@ -232,6 +232,8 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
         raise ConfigError(f"--resume: checkpoint {resume_from} is at step {resumed.step}, past trainer.steps="
                           f"{cfg.trainer.steps}: raise trainer.steps, or resume an earlier checkpoint")
     paths = resolve_paths(cfg)
+    if resumed is not None and Path(paths.model_path, "config.json").is_file():
+        check_resumable(resumed, run_signature(cfg.algorithm.uses_critic, paths.model_path), resume_from)
     train_prompts = load_prompts(paths.train_path)
     eval_prompts = load_prompts(paths.eval_path) if paths.eval_path else []
     if cfg.data.eval_limit:

@@ -151,3 +151,35 @@ def test_ctrl_c_before_the_runs_own_handler_is_one_line(tmp_path, monkeypatch, c
     assert main(["train", DEMO, *run_overrides(tmp_path)]) == 130
     assert capsys.readouterr().err.strip() == \
         "rlrelay: interrupted (`--resume auto` continues from the latest checkpoint, if any)"
+
+
+def test_resuming_with_another_estimator_or_model_shape_is_refused_before_start(tmp_path, capsys):
+    # Adding a critic failed only when the learner loaded the checkpoint, after every actor
+    # had started; dropping one was silent.
+    import dataclasses
+
+    from cluster.checkpoints import DriverState, run_signature
+
+    model = tmp_path / "model"
+    build_char_tokenizer("0123456789+=", model)
+    LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(model)
+
+    def checkpoint(name: str, signature: dict):
+        ckpt = tmp_path / name
+        (ckpt / "learner").mkdir(parents=True)
+        state = DriverState(step=1, version=1, sampler_epoch=0, sampler_position=8, kl_controller={},
+                            reward_normalizer=None, wandb_run_id=None, eval_before=None,
+                            extra={"signature": signature})
+        (ckpt / "driver.json").write_text(json.dumps(dataclasses.asdict(state)))
+        (ckpt / "learner_ranks.json").write_text("[]")
+        return ckpt
+
+    grpo = checkpoint("grpo", run_signature(False, str(model)))
+    overrides = run_overrides(tmp_path, f"model.path={model}", "algorithm.advantage_estimator=gae")
+    assert main(["train", DEMO, *overrides, "--resume", str(grpo)]) == 2
+    assert f"checkpoint {grpo} has no critic, this job's algorithm.advantage_estimator needs one" in \
+        capsys.readouterr().err
+    wider = checkpoint("wider", {**run_signature(False, str(model)), "model": {"hidden_size": 64}})
+    assert main(["train", DEMO, *run_overrides(tmp_path, f"model.path={model}"), "--resume", str(wider)]) == 2
+    assert f"checkpoint {wider} holds a policy of shape {{'hidden_size': 64}}" in capsys.readouterr().err
