@@ -38,15 +38,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import resource
-import statistics
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
 from cluster.bench import spread
-
-GIB = 2**30
+from cluster.gpu_bounds import GIB, copy_bandwidth, dense_peak_tflops, matmul_tflops
 
 PRESETS = {
     # Qwen2.5-0.5B's shape: grouped k/v heads, q/k/v biases, tied embeddings, 152k vocabulary.
@@ -92,10 +90,6 @@ OPTIONS = {
                       "learner.activation_checkpointing=true"],
 }
 POLICY_ONLY = ["algorithm.advantage_estimator=grpo", "rollout.samples_per_prompt=4", "algorithm.kl_coef=0"]
-
-DENSE_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0))
-"""Vendor dense bf16 peaks (no sparsity), matched against ``torch.cuda.get_device_name()`` in order."""
-
 
 def register_args(p) -> None:
     from cluster.argtypes import count, positive_int, positive_number
@@ -161,13 +155,6 @@ def run(args) -> dict:
                 figures.pop("flops_per_s", None)
             result["options"][name] = figures
     return result
-
-
-def dense_peak_tflops(device_name: str) -> float | None:
-    for key, tflops in DENSE_BF16_TFLOPS:
-        if key in device_name:
-            return tflops
-    return None
 
 
 # -- the model -------------------------------------------------------------------------------
@@ -339,49 +326,6 @@ def in_fresh_process(fn, spec: dict, timeout: float) -> dict:
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
-
-
-# -- the GPU's own bounds ----------------------------------------------------------------------
-
-def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
-    """Achieved bf16 TFLOP/s of an n^3 matrix product (mean of ``repeats`` after a warm-up)."""
-    import torch
-
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return round(2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12, 1)
-
-
-def copy_bandwidth(nbytes: int = 2 * GIB, repeats: int = 5) -> dict:
-    """GB/s of device-to-device (bytes read + written), pinned host-to-device and device-to-host
-    copies: the bounds of the weight push and of CPU offload on this machine."""
-    import torch
-
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dev2 = torch.empty_like(dev)
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-    def rate(copy, factor: int) -> float:
-        copy()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            copy()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return round(factor * nbytes / statistics.median(times) / 1e9, 1)
-
-    return {"device_to_device": rate(lambda: dev2.copy_(dev), 2),
-            "host_to_device_pinned": rate(lambda: dev.copy_(host, non_blocking=True), 1),
-            "device_to_host_pinned": rate(lambda: host.copy_(dev, non_blocking=True), 1)}
 
 
 def brief(result: dict) -> str:
