@@ -90,6 +90,9 @@ class JobStatus:
     """Learner world size."""
     desired_rollout_workers: int
     """Size the pool is being brought to."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """What one rollout worker reserves (``{"CPU": 0.5, "GPU": 1.0}``): ``rlrelay scale`` says
+    how many new workers the cluster's free resources hold now."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Last step's key metrics."""
 
@@ -212,6 +215,28 @@ def status_command(args) -> int:
     return 0
 
 
+def room_warning(new_workers: int, bundle: dict[str, float], free: dict[str, float]) -> str | None:
+    """What to say when the cluster's free resources hold fewer than ``new_workers`` more
+    rollout workers of ``bundle`` each; None when they all fit (or the pool shrinks).
+
+    The pool is not capped: a worker without room waits for it (an autoscaler adding a node,
+    another job ending) while the others serve. On a fixed cluster it waits for ever, so say so
+    before the user waits on it.
+
+    Example: ``room_warning(4, {"CPU": 1.0}, {"CPU": 2.5})`` says 2 of the 4 fit now."""
+    if new_workers <= 0:
+        return None
+    room = min((int(free.get(name, 0.0) / amount + 1e-9) for name, amount in bundle.items() if amount > 0),
+               default=new_workers)
+    if room >= new_workers:
+        return None
+    short = ", ".join(f"{name} {amount * new_workers:g} needed, {free.get(name, 0.0):g} free"
+                      for name, amount in bundle.items() if free.get(name, 0.0) < amount * new_workers)
+    return (f"the cluster has room for {room} of the {new_workers} new rollout worker(s) now ({short}); "
+            f"the other {new_workers - room} wait for resources (shown as joining in `rlrelay status`) "
+            f"until an autoscaler adds nodes or other work frees them")
+
+
 def scale_command(args) -> int:
     import time
 
@@ -220,6 +245,12 @@ def scale_command(args) -> int:
 
     ray.get(control.request_scale.remote(args.rollout), timeout=30)
     print(f"asked for {args.rollout} rollout worker(s); the job applies it at its next step")
+    status = ray.get(control.status.remote(), timeout=30)
+    if status is not None and status.worker_resources:
+        warning = room_warning(args.rollout - len(status.rollout_workers), status.worker_resources,
+                               ray.available_resources())
+        if warning:
+            print(f"rlrelay: warning: {warning}")
     deadline = time.monotonic() + args.wait
     while args.wait and time.monotonic() < deadline:
         status = ray.get(control.status.remote(), timeout=30)

@@ -261,6 +261,7 @@ class Controller:
                            policy_version=self.version, rollout_workers=tuple(self.rollout.infos()),
                            learner_ranks=self.cfg.learner.world_size,
                            desired_rollout_workers=self.rollout.actors.target,
+                           worker_resources=dict(self.rollout.bundle),
                            metrics={k: metrics[k] for k in keys if k in metrics})
         self.control.publish.remote(status)  # fire and forget: status must never slow the loop
 

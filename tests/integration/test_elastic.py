@@ -1,6 +1,7 @@
 """Elastic rollout pool: during `rlrelay train ... rollout.num_workers=1`, `rlrelay scale
 --rollout 2` from another process makes `rlrelay status` show two workers serving the current
-weights, `--rollout 1` drains one again, and the run, stopped with SIGTERM once scaling is
+weights, `--rollout 12` is more than the local instance holds (said, not refused), `--rollout 1`
+drains back to one, and the run, stopped with SIGTERM once scaling is
 over, ends cleanly after the step in progress with every prompt generated exactly once by the
 weights of its step."""
 
@@ -56,9 +57,16 @@ def test_scale_up_and_down_while_training(tmp_path, tiny_model_dir):
 
         up = run_cli("scale", "--rollout", "2", "--job", "elastic-test", "--wait", "240", env=env)
         assert up.returncode == 0, up.stdout + up.stderr
+        assert "warning" not in up.stdout  # two half-CPU workers fit the local instance
         status = json.loads(run_cli("status", "--job", "elastic-test", "--json", env=env).stdout)
         serving = [w for w in status["rollout_workers"] if w["state"] == "serving"]
         assert len(serving) == 2 and {w["policy_version"] for w in serving} == {status["policy_version"]}
+
+        # Beyond what the local instance holds: not refused, but said; the workers without
+        # room wait, the others serve, and scaling down retires the waiting ones first.
+        over = run_cli("scale", "--rollout", "12", "--job", "elastic-test", env=env)
+        assert over.returncode == 0, over.stdout + over.stderr
+        assert "rlrelay: warning: the cluster has room for" in over.stdout and "of the 10 new" in over.stdout
 
         down = run_cli("scale", "--rollout", "1", "--job", "elastic-test", "--wait", "240", env=env)
         assert down.returncode == 0, down.stdout + down.stderr
