@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue from the run's latest checkpoint ('auto'; starts fresh if there is none) "
                         "or from the checkpoint directory PATH")
-    p.set_defaults(handler=train_command)
+    p.set_defaults(handler=train_command, owns_run=True)
 
     p = sub.add_parser("export", help="write a checkpoint's policy as a Hugging Face model directory")
     p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/demo/checkpoints/step-000030")
@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     for add in REGISTRARS:
         add(sub)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `rlrelay config ... | head` ends quietly
+    if not getattr(args, "owns_run", False):
+        # `rlrelay config ... | head` ends quietly. Not for a training driver: a broken pipe to
+        # a helper process (W&B's service, a closed log reader) must not kill it unsaved.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     return args.handler(args)
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cluster.argtypes import positive_number
 from cluster.security import (InsecureClusterError, check_cluster_auth, client_auth_env, is_secret_name,
                               leaked_secrets)
 
@@ -47,6 +48,10 @@ API_TIMEOUT_S = 60.0
 """Longest one request to the job API may take, but a submission."""
 SUBMIT_TIMEOUT_S = 600.0
 """Longest a submission may take: it uploads the working directory first."""
+STOP_GRACE_S = 300
+"""How long a stopped job's driver has from SIGTERM to SIGKILL, given to Ray's job supervisor
+as RAY_JOB_STOP_WAIT_TIME_S (Ray's own default is 3 s): the driver finishes the step in progress
+and writes its checkpoint, as on any SIGTERM."""
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 T = TypeVar("T")
@@ -67,8 +72,11 @@ def register(sub) -> None:
     p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                    help="environment variable for the job (value from here if only NAME); repeatable. "
                         "Secret-looking names are refused")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="passed on to `rlrelay train`: continue from the run's latest checkpoint or from the "
+                        "checkpoint directory PATH (a path on the cluster)")
     p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
-    p.add_argument("--timeout", type=float, default=3600.0, help="longest --wait, in seconds (default 3600)")
+    p.add_argument("--timeout", type=positive_number, default=3600.0, help="longest --wait, in seconds (default 3600)")
     p.set_defaults(handler=submit_command)
 
     p = sub.add_parser("jobs", help="list the Ray jobs of a cluster")
@@ -79,13 +87,17 @@ def register(sub) -> None:
     p.add_argument("job", help="submission id, as printed by `rlrelay submit`")
     _add_connection_args(p)
     p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
-    p.add_argument("--timeout", type=float, default=3600.0, help="longest --follow, in seconds")
+    p.add_argument("--timeout", type=positive_number, default=3600.0, help="longest --follow, in seconds")
     p.set_defaults(handler=logs_command)
 
-    p = sub.add_parser("stop", help="stop a Ray job and wait until it has stopped")
+    p = sub.add_parser("stop", help="stop a Ray job and wait until it has stopped",
+                       description="Stop a Ray job. A training job submitted by `rlrelay submit` finishes the "
+                                   f"step in progress and writes a checkpoint first (up to {STOP_GRACE_S} s, "
+                                   "RAY_JOB_STOP_WAIT_TIME_S, before Ray kills it); `--resume auto` continues it.")
     p.add_argument("job", help="submission id")
     _add_connection_args(p)
-    p.add_argument("--timeout", type=float, default=60.0, help="longest wait for the job to stop, in seconds")
+    p.add_argument("--timeout", type=positive_number, default=STOP_GRACE_S + 30.0,
+                   help=f"longest wait for the job to stop, in seconds (default {STOP_GRACE_S + 30})")
     p.set_defaults(handler=stop_command)
 
 
@@ -120,7 +132,7 @@ def submit_command(args) -> int:
         return _fail(f"config error: {e}", 2)
     except ValueError as e:
         return _fail(str(e), 2)
-    entrypoint = train_entrypoint(config_in_job.as_posix(), overrides)
+    entrypoint = train_entrypoint(config_in_job.as_posix(), overrides, resume=args.resume)
     leaked = leaked_secrets([entrypoint, *env_vars.values()], os.environ)
     if leaked:
         return _fail(f"the job's command line or environment would carry the value of {', '.join(leaked)}; "
@@ -189,6 +201,10 @@ def follow(client, submission_id: str, *, timeout: float) -> int:
     import asyncio
 
     deadline = time.monotonic() + timeout
+    try:
+        bounded(client.get_job_status, submission_id)
+    except (RuntimeError, OSError) as e:  # an unknown id: the job API's own words
+        return _fail(str(e), 1)
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(submission_id):
@@ -267,15 +283,18 @@ def current_submission_id(env: Mapping[str, str]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def train_entrypoint(config: str, overrides: Sequence[str]) -> str:
+def train_entrypoint(config: str, overrides: Sequence[str], resume: str | None = None) -> str:
     """The job's shell command: the cluster's ``python`` runs the uploaded ``cluster.cli``."""
-    return shlex.join(["python", "-m", "cluster.cli", "train", config, *overrides])
+    return shlex.join(["python", "-m", "cluster.cli", "train", config, *overrides,
+                       *(["--resume", resume] if resume else [])])
 
 
 def job_env(specs: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
-    """The job's environment variables: the non-secret W&B settings set here, then ``--env``
-    ``NAME`` (value from ``env``) or ``NAME=VALUE``. Raises ValueError for a secret's name."""
-    out = {name: env[name] for name in FORWARDED_ENV if env.get(name)}
+    """The job's environment variables: the stop grace period, the non-secret W&B settings set
+    here, then ``--env`` ``NAME`` (value from ``env``) or ``NAME=VALUE``. Raises ValueError for a
+    secret's name."""
+    out = {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S)}
+    out.update({name: env[name] for name in FORWARDED_ENV if env.get(name)})
     for spec in specs:
         name, sep, value = spec.partition("=")
         name = name.strip()

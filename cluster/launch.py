@@ -133,8 +133,11 @@ def clear_earlier_run(run_dir: Path, checkpoints: CheckpointManager, overwrite: 
     log.warning("run.overwrite=true: removing the earlier run in %s (%s)", run_dir, what)
     for path in earlier:
         shutil.rmtree(path)
-    shutil.rmtree(run_dir / "final_model", ignore_errors=True)
-    for name in ("metrics.jsonl", "summary.json"):
+    # Its offline W&B runs too: `wandb sync runs/<name>/wandb/offline-run-*` would upload them
+    # beside the new one.
+    for name in ("final_model", "wandb"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json", "curves.png"):
         (run_dir / name).unlink(missing_ok=True)
 
 

@@ -2,16 +2,19 @@
 
 The run directory holds ``metrics.jsonl`` (one line per step), ``summary.json`` and
 ``curves.png`` (reward, KL and eval accuracy over steps), so a run can be read without W&B.
-W&B runs offline when no ``WANDB_API_KEY`` is set; ``wandb sync`` uploads it later.
+W&B runs offline when no ``WANDB_API_KEY`` is set; ``wandb sync`` uploads it later. W&B is
+a mirror of what the run directory holds, so a W&B failure (a server that cannot be reached,
+a wandb-core process that died) is a warning and the run goes on; it never costs the run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +28,22 @@ PROGRESS_KEYS = (("reward/mean", "reward"), ("eval/accuracy", "eval"), ("kl/valu
                  ("policy/clipfrac", "clip"), ("timing/step", "s/step"))
 
 
-def wandb_mode(requested: str) -> str:
+log = logging.getLogger(__name__)
+
+# W&B's own spellings of its modes, as a user may set them in WANDB_MODE.
+ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def wandb_mode(requested: str, environ: dict[str, str] | None = None) -> str:
+    """The mode to start W&B in: ``auto`` follows a ``WANDB_MODE`` the user set, else goes
+    online with an API key and offline without one."""
+    environ = os.environ if environ is None else environ
     if requested != "auto":
         return requested
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    from_env = ENV_MODES.get(environ.get("WANDB_MODE", "").strip().lower())
+    if from_env:
+        return from_env
+    return "online" if environ.get("WANDB_API_KEY") else "offline"
 
 
 class Tracker:
@@ -52,13 +67,40 @@ class Tracker:
         tags = list(dict.fromkeys([*tags, *([job_tag(ray_job)] if ray_job else [])]))
         # Secrets never reach the W&B config, even if a user put one in a config value.
         config = redact({**config, "ray_job_id": ray_job}, os.environ)
-        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
-                              mode=wandb_mode(mode), config=config, tags=tags, reinit="create_new")
-        self.run_id = self.run.id if self.run is not None else None
+        self.mode = wandb_mode(mode)
+        self.run = self._init(self.mode, project=project, name=name, id=run_id, resume="allow",
+                              dir=str(run_dir), config=config, tags=tags, reinit="create_new")
+        self.run_id = self.run.id if self.run is not None and self.mode != "disabled" else None
+
+    def _init(self, mode: str, **kwargs: Any):
+        """A W&B run in ``mode``; online falls back to offline, and offline to none, with a
+        warning: the run directory keeps every number either way."""
+        for attempt in [mode, "offline"] if mode == "online" else [mode]:
+            try:
+                run = wandb.init(mode=attempt, **kwargs)
+                self.mode = attempt
+                return run
+            except Exception as e:  # CommError, UsageError, a timeout, an OSError: W&B's, not the run's
+                log.warning("W&B did not start in %s mode (%s: %s)", attempt, type(e).__name__, str(e).strip())
+        log.warning("W&B is off for this run; its metrics are in %s", self.run_dir / "metrics.jsonl")
+        self.mode = "disabled"
+        return None
+
+    def _wandb(self, what: str, call: Callable[[Any], Any]) -> None:
+        """One call on the W&B run. Its first failure turns W&B off for the rest of the run with
+        a warning; metrics.jsonl, summary.json and the console go on."""
+        if self.run is None:
+            return
+        try:
+            call(self.run)
+        except Exception as e:
+            log.warning("W&B %s failed (%s: %s); W&B is off for the rest of this run, metrics go on "
+                        "to %s", what, type(e).__name__, e, self.run_dir / "metrics.jsonl")
+            self.run = None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         # An explicit step: a resumed offline run restarts W&B's own counter at 0 (DESIGN).
-        self.run.log(metrics, step=step)
+        self._wandb("log", lambda run: run.log(metrics, step=step))
         row = {"step": step, **metrics}
         self._history.append(row)
         self._metrics_file.write(json.dumps(row) + "\n")
@@ -67,10 +109,12 @@ class Tracker:
 
     def log_samples(self, step: int, rollouts: Sequence[Rollout], rewards: Sequence[float], limit: int = 16) -> None:
         """A fresh W&B table of generations (prompt, response, answer, reward, version)."""
+        if self.run is None:
+            return
         table = wandb.Table(columns=["step", "prompt", "response", "answer", "reward", "policy_version"])
         for r, reward in list(zip(rollouts, rewards))[:limit]:
             table.add_data(step, r.prompt_text, r.response_text, r.answer, reward, r.policy_version)
-        self.run.log({"samples": table}, step=step)
+        self._wandb("log of samples", lambda run: run.log({"samples": table}, step=step))
 
     def _progress(self, step: int, metrics: dict[str, float]) -> None:
         parts = [f"step {step}/{self.total_steps}"]
@@ -82,17 +126,16 @@ class Tracker:
 
     def finish(self, summary: dict[str, Any]) -> None:
         summary = {**summary, "wandb_run_id": self.run_id, "wall_seconds": round(time.time() - self._started, 1)}
-        for key, value in summary.items():
-            self.run.summary[key] = value
+        self._wandb("summary", lambda run: run.summary.update(summary))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._plot()
         self._metrics_file.close()
-        self.run.finish()
+        self._wandb("finish", lambda run: run.finish())
 
     def abort(self) -> None:
         """Close a run that failed: W&B marks it failed; metrics so far stay on disk."""
         self._metrics_file.close()
-        self.run.finish(exit_code=1)
+        self._wandb("finish", lambda run: run.finish(exit_code=1))
 
     def _plot(self) -> None:
         import matplotlib

@@ -181,15 +181,38 @@ def test_wait_exits_nonzero_when_the_job_fails(head, tmp_path, tiny_model_dir):
     assert "/nonexistent/train.jsonl" in result.stdout  # the job's own error, streamed back
 
 
-def test_stop_a_running_job(head, tmp_path, tiny_model_dir):
+def test_stop_lets_a_running_job_checkpoint_first(head, tmp_path, tiny_model_dir):
+    # Ray's job supervisor SIGKILLs 3 s after its SIGTERM by default: a run stopped mid-way lost
+    # everything since its last checkpoint. `rlrelay submit` gives the driver time to finish the
+    # step in progress and write its checkpoint, as on any SIGTERM.
     train = write_addition_data(tmp_path / "train.jsonl", 64, seed=0)
-    result = submit(head, "deploy/jobs/demo.yaml", "trainer.steps=1000", f"model.path={tiny_model_dir}",
-                    f"data.train_path={train}", f"run.dir={tmp_path / 'run'}", timeout=60)
+    run_dir = tmp_path / "run"
+    result = submit(head, "deploy/jobs/demo.yaml", "run.name=stop-test", "trainer.steps=1000",
+                    "rollout.num_workers=1", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4",
+                    "model.max_model_len=64", f"model.path={tiny_model_dir}", f"data.train_path={train}",
+                    "data.eval_path=null", f"run.dir={run_dir}", timeout=60)
     assert result.returncode == 0, result.stderr
     job_id = JOB_ID.search(result.stdout).group(1)
-    stopped = run_cli("stop", job_id, "--address", head.address, "--timeout", "60", env=head.env, timeout=90)
+    deadline = time.monotonic() + 400
+    while not trained_steps(run_dir / "metrics.jsonl"):
+        assert time.monotonic() < deadline, "no step within 400 s:\n" + \
+            run_cli("logs", job_id, "--address", head.address, env=head.env, timeout=60).stdout[-4000:]
+        time.sleep(2)
+    stopped = run_cli("stop", job_id, "--address", head.address, "--timeout", "240", env=head.env, timeout=270)
     assert stopped.returncode == 0, stopped.stderr
     assert f"job {job_id}: STOPPED" in stopped.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["steps_completed"] >= 1
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints[-1] == f"step-{summary['steps_completed']:06d}", checkpoints
+    assert trained_steps(run_dir / "metrics.jsonl") == summary["steps_completed"]
+
+
+def trained_steps(metrics: Path) -> int:
+    """Training steps logged so far (eval-only lines not counted)."""
+    if not metrics.is_file():
+        return 0
+    return sum("reward/mean" in json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
 
 
 def test_clients_without_the_token_are_refused(head):

@@ -99,7 +99,8 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one_in_its_directory(tmp_path):
 
     (run / "summary.json").write_text("{}")
     (run / "final_model").mkdir()
-    (run / "wandb").mkdir()  # W&B keeps each run under its own id: left alone
+    (run / "curves.png").write_bytes(b"png")
+    (run / "wandb" / "offline-run-1").mkdir(parents=True)  # else `wandb sync .../offline-run-*` uploads it too
     clear_earlier_run(run, manager, overwrite=True)
     assert manager.checkpoints() == []
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "wandb"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]

@@ -72,6 +72,9 @@ def test_an_unreachable_cluster_address_fails_within_the_join_timeout():
     (["plan", DEMO, "--gpu-memory-gib", "nan"], "argument --gpu-memory-gib: must be a finite number, got 'nan'"),
     (["scale", "--rollout", "0"], "argument --rollout: must be >= 1, got '0'"),
     (["scale", "--rollout", "2", "--wait", "-1"], "argument --wait: must be >= 0"),
+    (["stop", "some-job", "--timeout", "nan"], "argument --timeout: must be a finite number, got 'nan'"),
+    (["logs", "some-job", "--follow", "--timeout", "0"], "argument --timeout: must be > 0"),
+    (["submit", DEMO, "--wait", "--timeout", "inf"], "argument --timeout: must be a finite number"),
 ])
 def test_bad_numbers_on_the_command_line_are_refused_by_their_flag(argv, message, capsys):
     # Each used to fail minutes later in the bench (or the job) with a traceback.
@@ -183,3 +186,30 @@ def test_resuming_with_another_estimator_or_model_shape_is_refused_before_start(
     wider = checkpoint("wider", {**run_signature(False, str(model)), "model": {"hidden_size": 64}})
     assert main(["train", DEMO, *run_overrides(tmp_path, f"model.path={model}"), "--resume", str(wider)]) == 2
     assert f"checkpoint {wider} holds a policy of shape {{'hidden_size': 64}}" in capsys.readouterr().err
+
+
+def test_a_broken_pipe_ends_a_printing_command_but_not_a_training_driver(monkeypatch):
+    # A driver that took SIGPIPE's default died (rc 141, no checkpoint, no error.txt) when
+    # W&B's service process went away; `rlrelay config | head` should still end quietly.
+    import signal
+
+    from cluster import cli
+
+    seen = {}
+
+    def record(name):
+        def handler(args):
+            seen[name] = signal.getsignal(signal.SIGPIPE)
+            return 0
+        return handler
+
+    monkeypatch.setattr(cli, "train_command", record("train"))
+    monkeypatch.setattr(cli, "config_command", record("config"))
+    before = signal.getsignal(signal.SIGPIPE)
+    try:
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python's own start-up setting
+        assert cli.main(["train", DEMO]) == 0
+        assert cli.main(["config", DEMO]) == 0
+    finally:
+        signal.signal(signal.SIGPIPE, before)
+    assert seen == {"train": signal.SIG_IGN, "config": signal.SIG_DFL}

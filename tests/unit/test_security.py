@@ -171,8 +171,10 @@ def test_redact_replaces_secrets_in_nested_dumps():
 
 def test_job_env_forwards_w_and_b_settings_and_refuses_secrets():
     env = {**ENV, "WANDB_PROJECT": "gsm8k", "MY_FLAG": "on"}
-    assert job_env(["MY_FLAG", "OTHER=1"], env) == {"WANDB_MODE": "offline", "WANDB_PROJECT": "gsm8k",
-                                                     "MY_FLAG": "on", "OTHER": "1"}
+    assert job_env(["MY_FLAG", "OTHER=1"], env) == {"RAY_JOB_STOP_WAIT_TIME_S": "300", "WANDB_MODE": "offline",
+                                                     "WANDB_PROJECT": "gsm8k", "MY_FLAG": "on", "OTHER": "1"}
+    # A stopped job's driver gets time to checkpoint (Ray's own default is 3 s); --env may change it.
+    assert job_env(["RAY_JOB_STOP_WAIT_TIME_S=900"], {})["RAY_JOB_STOP_WAIT_TIME_S"] == "900"
     for spec in ("WANDB_API_KEY", "HF_TOKEN=hf_abc", "RAY_AUTH_TOKEN"):
         with pytest.raises(ValueError, match="secrets are not sent"):
             job_env([spec], env)
@@ -184,6 +186,8 @@ def test_entrypoint_quotes_overrides_for_the_shell():
     entry = train_entrypoint("deploy/jobs/demo.yaml", ["run.name=a b", 'run.wandb_tags=["ray-job:x"]'])
     assert entry == ("python -m cluster.cli train deploy/jobs/demo.yaml 'run.name=a b' "
                      "'run.wandb_tags=[\"ray-job:x\"]'")
+    resumed = train_entrypoint("deploy/jobs/demo.yaml", [], resume="/runs/my run/checkpoints/step-000010")
+    assert resumed == "python -m cluster.cli train deploy/jobs/demo.yaml --resume '/runs/my run/checkpoints/step-000010'"
 
 
 def test_submission_ids_and_tags():
