@@ -122,25 +122,25 @@ class RolloutWorker:
 
         started = time.perf_counter()
         sampling = request.sampling
-        prompt_ids = [self._encode(p, sampling) for p in request.prompts]
+        rendered = [self._render(p, sampling) for p in request.prompts]
         inputs, params, keys = [], [], []
-        for slot, (prompt, ids) in enumerate(zip(request.prompts, prompt_ids), start=request.first_slot):
+        for slot, (prompt, (text, ids)) in enumerate(zip(request.prompts, rendered), start=request.first_slot):
             for k in range(sampling.samples_per_prompt):
                 inputs.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(SamplingParams(
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                     max_tokens=sampling.max_new_tokens, stop=list(sampling.stop), logprobs=0,
                     seed=sample_seed(request.seed, request.step, slot, k)))
-                keys.append((prompt, slot, ids, k))
+                keys.append((prompt, slot, text, ids, k))
         outputs = self._llm.generate(inputs, params, use_tqdm=False)
 
         rollouts = []
-        for (prompt, slot, ids, k), out in zip(keys, outputs):
+        for (prompt, slot, text, ids, k), out in zip(keys, outputs):
             completion = out.outputs[0]
             tokens = tuple(completion.token_ids)
             rollouts.append(Rollout(
                 prompt_index=prompt.index, slot=slot, sample_index=k,
-                prompt_text=self._tokenizer.decode(ids, skip_special_tokens=True),
+                prompt_text=text,
                 answer=prompt.answer, prompt_token_ids=tuple(ids), response_token_ids=tokens,
                 response_logprobs=_sampled_logprobs(completion, tokens),
                 response_text=completion.text, finish_reason=completion.finish_reason or "length",
@@ -182,30 +182,36 @@ class RolloutWorker:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _encode(self, prompt: Prompt, sampling: SamplingSettings) -> list[int]:
-        ids = encode_prompt(self._tokenizer, prompt, self.settings.model_path)
+    def _render(self, prompt: Prompt, sampling: SamplingSettings) -> tuple[str, list[int]]:
+        text, ids = render_prompt(self._tokenizer, prompt, self.settings.model_path)
         limit = self.settings.max_model_len - sampling.max_new_tokens
         if len(ids) > limit:
             raise ValueError(
                 f"prompt {prompt.index} has {len(ids)} tokens; max_model_len "
                 f"{self.settings.max_model_len} - max_new_tokens {sampling.max_new_tokens} leaves {limit}")
-        return ids
+        return text, ids
 
 
-def encode_prompt(tokenizer, prompt: Prompt, model_path: str) -> list[int]:
-    """Token ids of a prompt as the engine sees it: chat messages through the tokenizer's
-    chat template (with the generation prompt), plain text with the tokenizer's special tokens.
-    The driver uses the same function to check prompt lengths before a run starts."""
+def render_prompt(tokenizer, prompt: Prompt, model_path: str) -> tuple[str, list[int]]:
+    """A prompt as the engine sees it: its text and token ids. Chat messages go through the
+    tokenizer's chat template (with the generation prompt); the text keeps the template's role
+    markers, which a reward model trained on chats expects (decoding the ids without special
+    tokens lost them). Plain text is encoded with the tokenizer's special tokens."""
     if prompt.messages is not None:
         if not tokenizer.chat_template:
             raise ValueError(f"prompt {prompt.index} is a chat, but the tokenizer of {model_path} has no chat template")
         messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The template writes the special tokens (BOS, role markers) itself.
-        return tokenizer.encode(text, add_special_tokens=False)
+        return text, tokenizer.encode(text, add_special_tokens=False)
     if not prompt.text:
         raise ValueError(f"prompt {prompt.index} is empty")
-    return tokenizer.encode(prompt.text)
+    return prompt.text, tokenizer.encode(prompt.text)
+
+
+def encode_prompt(tokenizer, prompt: Prompt, model_path: str) -> list[int]:
+    """The prompt's token ids; the driver checks prompt lengths with it before a run starts."""
+    return render_prompt(tokenizer, prompt, model_path)[1]
 
 
 def _sampled_logprobs(completion, tokens: tuple[int, ...]) -> tuple[float, ...]:

@@ -108,7 +108,8 @@ class Rollout:
     sample_index: int
     """Which of the slot's ``samples_per_prompt`` samples this is (0-based)."""
     prompt_text: str
-    """The prompt as fed to the model (chat template applied)."""
+    """The prompt as fed to the model: a chat rendered by the chat template, special tokens and
+    role markers included; a plain prompt as written (the BOS the tokenizer adds is not in it)."""
     answer: str | None
     """The prompt's reference answer, carried along for the reward."""
     prompt_token_ids: tuple[int, ...]

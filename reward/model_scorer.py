@@ -46,13 +46,22 @@ def encode(tokenizer, texts: Sequence[str], max_length: int | None) -> BatchEnco
     reward would depend on the other texts in its batch (rotary models like Llama are immune).
     """
     return tokenizer(
-        list(texts),
+        without_doubled_bos(tokenizer, texts),
         padding=True,
         padding_side="right",
         truncation=max_length is not None,
         max_length=max_length,
         return_tensors="pt",
     )
+
+
+def without_doubled_bos(tokenizer, texts: Sequence[str]) -> list[str]:
+    """The texts, less a leading BOS where the tokenizer adds its own: a chat prompt rendered by
+    a template that writes the BOS (Llama 3's does) would otherwise be scored with two."""
+    bos = tokenizer.bos_token
+    if not bos or tokenizer.bos_token_id not in tokenizer("").input_ids:
+        return list(texts)
+    return [text[len(bos):] if text.startswith(bos) else text for text in texts]
 
 
 class RewardModelScorer:

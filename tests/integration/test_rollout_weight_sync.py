@@ -113,7 +113,8 @@ def request_fixture_dir(request):
     return request.getfixturevalue
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+# Ends each message with a special token, as real templates do (<|im_end|>, <|eot_id|>).
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }} {{ m.content }}{{ eos_token }}{% endfor %}"
                  "{% if add_generation_prompt %}assistant {% endif %}")
 
 
@@ -137,7 +138,9 @@ def test_chat_prompts_use_the_tokenizers_chat_template(ray_local, tiny_model_dir
     worker = start_worker(ray_local, chat_dir)
     out = ray_local.get(worker.generate.remote(GenerateRequest(prompts=(chat, plain), sampling=sampling, step=0,
                                                                seed=0)), timeout=300)
-    assert out[0].prompt_text == "system be brief user what is 2+2? assistant "
+    # The reward sees the prompt as the engine did, special tokens kept (decoding the ids
+    # without them dropped the markers a chat reward model is trained with).
+    assert out[0].prompt_text == "system be brief</s>user what is 2+2?</s>assistant "
     assert list(out[0].prompt_token_ids) == tok.encode(out[0].prompt_text, add_special_tokens=False)
     assert out[1].prompt_text == "12+3="
     ray_local.kill(worker)

@@ -314,3 +314,19 @@ def test_a_rule_only_worker_does_not_import_torch(isolation):
             "assert r.reward == 1.0, r; w.close(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_a_bos_written_by_a_chat_template_is_not_doubled_by_the_tokenizer():
+    # Chat prompts reach the reward model as the template rendered them, special tokens and
+    # all; a template that writes the BOS itself met a tokenizer that adds another.
+    from tokenizers import processors
+
+    from reward.model_scorer import encode, without_doubled_bos
+
+    adds_bos = make_tokenizer()
+    adds_bos.add_special_tokens({"bos_token": "<s>"})
+    adds_bos._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    once = encode(adds_bos, ["<s>user: hi", "user: hi"], None).input_ids
+    assert once[0].tolist() == once[1].tolist() and once[0].tolist().count(1) == 1
+    no_bos = make_tokenizer()  # adds nothing: a BOS the text holds is the only one, kept
+    assert without_doubled_bos(no_bos, ["<s>user: hi"]) == ["<s>user: hi"]
