@@ -142,9 +142,12 @@ class ActorSet:
             if time.monotonic() > deadline:
                 names = ", ".join(self.label(v[0]) for v in self._joining.values())
                 raise WorkerFailure(f"{names} did not start within {timeout_s or self.start_timeout_s:.0f} s")
-            self._poll_joins(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            self._poll_joins(timeout=min(1.0, max(0.0, deadline - time.monotonic())), fail_fast=True)
 
-    def _poll_joins(self, timeout: float) -> None:
+    def _poll_joins(self, timeout: float, fail_fast: bool = False) -> None:
+        """Mark members whose preparation finished ready. One that could not start fails the job
+        when ``fail_fast`` (the job's start-up: nothing has run yet and a replacement would fail
+        the same); later (a scale-up, a replacement) it is dropped and the job goes on."""
         if not self._joining:
             return
         ready, _ = ray.wait(list(self._joining), num_returns=len(self._joining), timeout=timeout)
@@ -159,12 +162,14 @@ class ActorSet:
                     # rewritten): judge it on the current state.
                     self._prepare(mid, since)
                     continue
-                raise WorkerFailure(f"{self.label(mid)} could not start: {e.cause!r}") from e
+                self._failed_start(mid, repr(e.cause), fail_fast, e)
+                continue
             except DEATHS as e:
                 if isinstance(e, RayActorError) and e.actor_init_failed:
                     # Its constructor raised (a misspelled reward function, a model that does not
                     # load): a replacement would raise the same, so stop here and say why.
-                    raise WorkerFailure(f"{self.label(mid)} could not start: {init_error(e)}") from e
+                    self._failed_start(mid, init_error(e), fail_fast, e)
+                    continue
                 self._lost(mid, f"died while starting ({type(e).__name__})")
                 continue
             if mid not in self.members:
@@ -185,6 +190,25 @@ class ActorSet:
                     continue
                 self._joining.pop(ref)
                 self._lost(mid, f"did not start within {self.start_timeout_s:.0f} s")
+
+    def _failed_start(self, mid: int, why: str, fail_fast: bool, cause: BaseException) -> None:
+        if fail_fast or mid not in self.members:
+            raise WorkerFailure(f"{self.label(mid)} could not start: {why}") from cause
+        member = self.members.pop(mid)
+        try:
+            ray.kill(member.handle, no_restart=True)
+        except Exception:  # already gone
+            pass
+        if not member.draining:
+            self.target = max(0, self.target - 1)  # what the pool holds now, for the next resize
+        # Counted like a restart, so that an autoscaler growing onto a node where workers
+        # cannot start gives up after max_restarts tries instead of trying for ever.
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise WorkerFailure(f"{self.label(mid)} could not start: {why}; {self.restarts - 1} replacements "
+                                f"already started in this job (limit {self.max_restarts}): giving up") from cause
+        log.warning("%s could not start (%s); the pool goes on with %d (counted as a restart, %d of %d)",
+                    self.label(mid), why, self.target, self.restarts, self.max_restarts)
 
     def resize(self, size: int) -> None:
         """Grow now (new members join once prepared); shrink by draining the newest members."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,14 +101,23 @@ class JobStatus:
 class JobControl:
     """State shared between the driver and the CLI; a plain class (Ray wraps it in ``cluster``)."""
 
-    def __init__(self, run_name: str) -> None:
+    def __init__(self, run_name: str, autoscale_bounds: tuple[int, int] | None = None) -> None:
         self.run_name = run_name
+        self.autoscale_bounds = autoscale_bounds
+        """``(rollout.min_workers, rollout.max_workers)`` when the job autoscales."""
         self._scale_request: int | None = None
         self._status: JobStatus | None = None
 
     def request_scale(self, rollout_workers: int) -> None:
         if rollout_workers < 1:
             raise ValueError(f"the rollout pool needs at least 1 worker (asked for {rollout_workers})")
+        if self.autoscale_bounds is not None:
+            low, high = self.autoscale_bounds
+            if not low <= rollout_workers <= high:
+                # Taken, the autoscaler would move the pool back inside its bounds a step later.
+                raise ValueError(f"job {self.run_name!r} autoscales its rollout pool within "
+                                 f"[{low}, {high}] (rollout.min_workers, rollout.max_workers); "
+                                 f"{rollout_workers} is outside them")
         self._scale_request = rollout_workers
 
     def take_scale_request(self) -> int | None:
@@ -184,6 +194,7 @@ def _find_control(args):
             found = ", ".join(n[len(prefix):] for n in names) or "none"
             raise SystemExit(f"rlrelay: name the job with --job (running jobs in namespace {args.namespace}: {found})")
         name = names[0]
+        args.job = name[len(prefix):]
     try:
         return ray.get_actor(name, namespace=args.namespace)
     except ValueError:
@@ -191,13 +202,24 @@ def _find_control(args):
                          f"{args.namespace!r}") from None
 
 
+def _ask(args, ref):
+    """The control actor's answer, or exit 1 saying the job ended or does not answer."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    try:
+        return ray.get(ref, timeout=30)
+    except RayActorError:
+        raise SystemExit(f"rlrelay: job {args.job!r} has ended") from None
+    except GetTimeoutError:
+        raise SystemExit(f"rlrelay: job {args.job!r} did not answer within 30 s") from None
+
+
 def status_command(args) -> int:
     import dataclasses
 
     control = _find_control(args)  # first: it settles the auth mode before ray is imported
-    import ray
-
-    status = ray.get(control.status.remote(), timeout=30)
+    status = _ask(args, control.status.remote())
     if status is None:
         print("the job has started and not finished its first step yet")
         return 0
@@ -243,9 +265,15 @@ def scale_command(args) -> int:
     control = _find_control(args)  # first: it settles the auth mode before ray is imported
     import ray
 
-    ray.get(control.request_scale.remote(args.rollout), timeout=30)
+    from ray.exceptions import RayTaskError
+
+    try:
+        _ask(args, control.request_scale.remote(args.rollout))
+    except RayTaskError as e:  # refused: the job's own words
+        print(f"rlrelay: scale refused: {e.cause}", file=sys.stderr)
+        return 2
     print(f"asked for {args.rollout} rollout worker(s); the job applies it at its next step")
-    status = ray.get(control.status.remote(), timeout=30)
+    status = _ask(args, control.status.remote())
     if status is not None and status.worker_resources:
         warning = room_warning(args.rollout - len(status.rollout_workers), status.worker_resources,
                                ray.available_resources())
@@ -253,7 +281,7 @@ def scale_command(args) -> int:
             print(f"rlrelay: warning: {warning}")
     deadline = time.monotonic() + args.wait
     while args.wait and time.monotonic() < deadline:
-        status = ray.get(control.status.remote(), timeout=30)
+        status = _ask(args, control.status.remote())
         serving = [w for w in status.rollout_workers if w.state == "serving"] if status else []
         if len(serving) == args.rollout == len(status.rollout_workers) and \
                 all(w.policy_version == status.policy_version for w in serving):

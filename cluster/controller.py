@@ -245,7 +245,13 @@ class Controller:
         wanted = self.autoscale_target
         self.autoscale_target = None
         if self.control is not None:
-            requested = ray.get(self.control.take_scale_request.remote(), timeout=30)
+            try:
+                requested = ray.get(self.control.take_scale_request.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                # The control actor only relays `rlrelay scale`; Ray restarts it. Training goes on.
+                log.warning("the job's control actor did not answer (%s); a pending `rlrelay scale` may be lost",
+                            type(e).__name__)
+                requested = None
             if requested is not None:
                 wanted = requested  # an operator's explicit request wins over the rule
         if wanted is not None and wanted != self.rollout.actors.target:

@@ -113,7 +113,11 @@ def start_control(cfg: Config):
     try:
         ray.get_actor(name, namespace=cfg.ray.namespace)
     except ValueError:
-        return ray.remote(JobControl).options(name=name, namespace=cfg.ray.namespace, num_cpus=0).remote(cfg.run.name)
+        r = cfg.rollout
+        # Restarted by Ray if its process dies: it holds only the last status (republished
+        # every step) and a pending scale request, so nothing of the run is lost with it.
+        return ray.remote(JobControl).options(name=name, namespace=cfg.ray.namespace, num_cpus=0, max_restarts=-1) \
+            .remote(cfg.run.name, (r.min_workers, r.max_workers) if r.autoscale else None)
     raise ConfigError(f"a job named {cfg.run.name!r} is already running in Ray namespace {cfg.ray.namespace!r}: "
                       f"set run.name to another name")
 

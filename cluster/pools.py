@@ -12,6 +12,7 @@ fan-out/fan-in of each step's work with a timeout on every wait.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from reward.isolated import RESTART_TIMEOUT_S
 from reward.types import ScoreRequest, ScoreResult
 from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
 
+log = logging.getLogger(__name__)
 
 DEATH_GRACE_S = 10.0
 """How long a failed call waits for its peers' results before it is reported as it is."""
@@ -124,6 +126,7 @@ class RolloutPool:
                                                runtime_env=env)
         self.update_ref: ray.ObjectRef | None = None
         self._nodes: dict[int, ray.ObjectRef] = {}
+        self._requested = False  # resources asked of an autoscaling cluster, withdrawn at shutdown
         self.bundle = {"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})}
         """What one worker reserves: a scale-up asks the cluster for this many more."""
         self.actors = ActorSet("rollout worker", spawn=lambda i: actor.remote(i, self.settings),
@@ -166,6 +169,7 @@ class RolloutPool:
         # can hold the whole pool; elsewhere it is recorded and ignored. A worker that cannot
         # be placed yet waits for room instead of being declared dead.
         request_resources(bundles=[self.bundle] * size)
+        self._requested = True
 
     def infos(self) -> list[WorkerInfo]:
         """Every member's state, node, weight version and throughput (for ``rlrelay status``).
@@ -175,6 +179,9 @@ class RolloutPool:
         for m in members:
             if m.id not in self._nodes:
                 self._nodes[m.id] = m.handle.__ray_call__.remote(lambda _: ray.util.get_node_ip_address())
+        # One 5 s budget for the whole call, and only for serving members: a joining one
+        # answers nothing until its engine has loaded (minutes), so it is not waited for.
+        deadline = time.monotonic() + 5
         asked = {m.handle.status.remote(): m.id for m in members if m.ready}
         answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=5) if asked else ([], [])
         statuses = {}
@@ -183,7 +190,11 @@ class RolloutPool:
                 statuses[asked[ref]] = ray.get(ref)
             except Exception:  # died since: the pool notices at its next call
                 pass
-        nodes_ready, _ = ray.wait([self._nodes[m.id] for m in members], num_returns=len(members), timeout=5)
+        serving = [self._nodes[m.id] for m in members if m.ready]
+        joining = [self._nodes[m.id] for m in members if not m.ready]
+        nodes_ready = ray.wait(serving, num_returns=len(serving), timeout=max(0.0, deadline - time.monotonic()))[0] \
+            if serving else []
+        nodes_ready += ray.wait(joining, num_returns=len(joining), timeout=0)[0] if joining else []
         infos = []
         for m in members:
             st: WorkerStatus | None = statuses.get(m.id)
@@ -205,6 +216,12 @@ class RolloutPool:
 
     def shutdown(self) -> None:
         self.actors.shutdown()
+        if self._requested:
+            # The request outlives the job otherwise: an autoscaler would keep the nodes.
+            try:
+                request_resources(bundles=[])
+            except Exception as e:  # the cluster is going away too: nothing left to release
+                log.warning("could not withdraw the rollout pool's resource request: %s", e)
 
 
 class RewardPool:

@@ -112,3 +112,46 @@ def test_a_joiner_is_judged_on_the_current_state_not_one_since_replaced(ray_loca
             actors.wait_ready()
     finally:
         actors.shutdown()
+
+
+class Picky:
+    """Starts on the first node; a later one lacks what it needs (a model path, a device)."""
+
+    def __init__(self, member: int) -> None:
+        if member > 0:
+            raise FileNotFoundError(f"/models/policy: not on this node (member {member})")
+
+    def ping(self) -> bool:
+        return True
+
+    def work(self, x: int) -> int:
+        return 2 * x
+
+
+def test_a_worker_added_after_start_that_cannot_start_is_dropped_and_the_pool_serves(ray_local, caplog):
+    # At start-up such a worker fails the job at once (test_wait); added later by a scale-up
+    # or as a replacement it killed a run that had been training for hours.
+    import logging
+
+    from cluster.actor_set import WorkerFailure
+
+    actor = ray_local.remote(Picky).options(num_cpus=0.25)
+    actors = ActorSet("picky", spawn=lambda i: actor.remote(i), prepare=lambda h: h.ping.remote(), size=1,
+                      timeout_s=30, max_restarts=2)
+    actors.wait_ready()
+    try:
+        actors.resize(3)
+        with caplog.at_level(logging.WARNING, logger="cluster.actor_set"):
+            deadline = time.monotonic() + 60
+            while actors._joining and time.monotonic() < deadline:
+                assert actors.run(list(range(4)), lambda h, x: h.work.remote(x)) == [0, 2, 4, 6]
+        assert not actors._joining and list(actors.members) == [0]
+        assert actors.target == 1 and actors.restarts == 2
+        assert "picky 1 could not start (FileNotFoundError: /models/policy: not on this node" in caplog.text
+        actors.resize(2)  # a third failure passes max_restarts: the job gives up, naming why
+        with pytest.raises(WorkerFailure, match=r"picky 3 could not start: .*not on this node.*limit 2\): giving up"):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                actors.run(list(range(4)), lambda h, x: h.work.remote(x))
+    finally:
+        actors.shutdown()

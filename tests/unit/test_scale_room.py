@@ -29,3 +29,24 @@ def test_the_scarcest_resource_decides_and_only_short_ones_are_named():
 def test_a_resource_the_cluster_lacks_means_no_room():
     warning = room_warning(1, {"CPU": 0.5, "GPU": 1.0}, {"CPU": 8.0})
     assert "room for 0 of the 1" in warning and "GPU 1 needed, 0 free" in warning
+
+
+def test_an_explicit_scale_outside_the_autoscale_bounds_is_refused_naming_them():
+    # Taken, it was undone by the autoscaler at the next step, though the README says an
+    # explicit request wins over the rule.
+    import pytest
+
+    from cluster.control import JobControl
+
+    control = JobControl("run", autoscale_bounds=(2, 6))
+    for n in (1, 7):
+        with pytest.raises(ValueError, match=rf"job 'run' autoscales .* within \[2, 6\] .*; {n} is outside them"):
+            control.request_scale(n)
+    assert control.take_scale_request() is None  # nothing taken by a refusal
+    control.request_scale(6)
+    assert control.take_scale_request() == 6
+    fixed = JobControl("run")  # no autoscaling: any size of at least one
+    fixed.request_scale(12)
+    assert fixed.take_scale_request() == 12
+    with pytest.raises(ValueError, match="at least 1 worker"):
+        fixed.request_scale(0)
