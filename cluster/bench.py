@@ -44,7 +44,8 @@ HEAD_DIM = 64
 # -- the command line ---------------------------------------------------------------------------
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="measure rollout throughput, weight-sync time or control-plane overhead",
+    p = sub.add_parser("bench", help="measure rollout throughput, weight sync, the learner (tokens/s, MFU, memory), "
+                                          "reward-call cost, control-plane overhead, or one step taken apart",
                        description="Benchmarks measured in one run on a fresh local Ray instance (figures are "
                                    "medians with min/max over several runs, after a warm-up).")
     bench = p.add_subparsers(dest="bench", required=True)

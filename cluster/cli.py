@@ -43,6 +43,12 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(handler=config_command)
 
+    p = sub.add_parser("keys", help="list every config key: type, default, what it does",
+                       description="Every key of the config tree, read from the config dataclasses (type, "
+                                   "default, docstring); set one in the YAML or as key=value.")
+    p.add_argument("prefix", nargs="?", default="", help="only keys starting with this, e.g. learner. or rollout.auto")
+    p.set_defaults(handler=keys_command)
+
 
 def load(args) -> "object":
     """The validated config of a subcommand's CONFIG and overrides, or exit 2 naming the problem."""
@@ -62,6 +68,17 @@ def config_command(args) -> int:
     from cluster.config import to_dict
 
     print(json.dumps(to_dict(load(args)), indent=2))
+    return 0
+
+
+def keys_command(args) -> int:
+    from cluster.config_keys import format_reference, key_reference
+
+    keys = [k for k in key_reference() if k.key.startswith(args.prefix)]
+    if not keys:
+        print(f"rlrelay: no config key starts with {args.prefix!r}", file=sys.stderr)
+        return 2
+    print(format_reference(keys))
     return 0
 
 

@@ -32,7 +32,9 @@ class RunConfig:
     wandb_project: str = "rlrelay"
     """W&B project."""
     wandb_mode: str = "auto"
-    """``auto`` (online with WANDB_API_KEY set, offline otherwise), ``online``, ``offline``, ``disabled``."""
+    """``auto`` (a ``WANDB_MODE`` set in the environment decides; else online with
+    WANDB_API_KEY set, offline otherwise), ``online``, ``offline``, ``disabled``. An online
+    start that fails falls back to offline with a warning."""
     wandb_tags: list[str] = field(default_factory=list)
     """Extra W&B tags."""
     cache_dir: str = ".cache/rlrelay"
@@ -40,7 +42,8 @@ class RunConfig:
     overwrite: bool = False
     """A fresh run (no ``--resume``) whose run directory holds an earlier run's checkpoints or
     metrics is refused, since the two would mix (checkpoint rotation, ``--resume auto``);
-    true removes the earlier run's checkpoints, metrics, summary and final model first."""
+    true removes the earlier run's checkpoints, metrics, summary, plot, final model and
+    offline W&B runs first."""
 
     @property
     def path(self) -> Path:

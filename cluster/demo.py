@@ -60,7 +60,9 @@ class DemoSettings:
     - these defaults (600 steps x 128 = 77k examples, ~10 epochs, lr 1e-3): held-out greedy
       0.22, pass@8 0.915 (vLLM on the same model: 0.22 / 0.90); seeds 1-5: greedy 0.17-0.29,
       pass@8 0.925-0.97. Greedy errors are the learned habit (seed 0: 146 of the 156 wrong
-      greedy answers are exactly the +1 error). Time: 0.12 s a step with 2 threads while the
+      greedy answers are exactly the +1 error). Rebuilt on 2026-11-24 with the same settings
+      and seed (torch 2.13): greedy 0.21, pass@8 0.92, 147 of the 158 wrong greedy answers the
+      +1 error. Time: 0.12 s a step with 2 threads while the
       machine was quiet (first 120 steps; ~70 s for all 600), ~120 s in all with 1 thread
       beside another 1-thread run, and 5-10x longer while other jobs oversubscribed the cores
       (a 2-thread run took 836 s).
