@@ -83,7 +83,15 @@ def keys_command(args) -> int:
 
 
 def train_command(args) -> int:
+    import os
+
+    from cluster.security import client_auth_env
+
     cfg = load(args)
+    if cfg.ray.target(os.environ) != "local":
+        # Joining a token cluster needs token mode in this client, and Ray reads the mode once,
+        # at import: a token found without RAY_AUTH_MODE turns it on before ray is imported.
+        os.environ.update(client_auth_env(os.environ))
     from cluster.launch import train
 
     from ray.exceptions import RayTaskError

@@ -9,6 +9,7 @@ turning YAML and overrides into these dataclasses is ``cluster/config_parse.py``
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,10 @@ class RayConfig:
     allow_insecure: bool = False
     """Acknowledge running without Ray token authentication, where anyone who can reach the
     cluster can run code on it (otherwise such a start or join is refused)."""
+
+    def target(self, env: Mapping[str, str]) -> str:
+        """``local`` (start a fresh instance) unless ``address`` or RAY_ADDRESS names a cluster."""
+        return self.address or env.get("RAY_ADDRESS") or "local"
 
 
 @dataclass(kw_only=True)

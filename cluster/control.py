@@ -151,7 +151,7 @@ def register(sub) -> None:
 def _add_target_args(p) -> None:
     p.add_argument("--job", metavar="NAME", help="the job's run.name (default: the only running job)")
     p.add_argument("--address", help="Ray cluster of the job (default: where the job started from this machine "
-                                      "runs, as noted in ~/.cache/rlrelay/jobs; else 'auto')")
+                                      "runs, as noted in ~/.cache/rlrelay/jobs; else RAY_ADDRESS)")
     p.add_argument("--namespace", default="rlrelay", help="Ray namespace of the job (ray.namespace)")
 
 
@@ -168,7 +168,15 @@ def _find_control(args):
         if entry is not None:
             address, namespace = entry["address"], entry["namespace"]
             args.job = entry["run_name"]
-    address = address or "auto"
+        elif os.environ.get("RAY_ADDRESS"):
+            address = os.environ["RAY_ADDRESS"]
+        else:
+            # Not `auto`: that is whichever Ray instance started last on this machine, maybe
+            # another user's, and ray.init there prints pages before it finds no job.
+            what = f"job {args.job!r}" if args.job else "job"
+            raise SystemExit(f"rlrelay: no {what} started from this machine is running (none noted in "
+                             f"{registry_dir()}): for a job on a cluster give --address HOST:PORT, or "
+                             f"--address auto for the Ray instance on this machine")
     # Ray reads the auth mode once, at import: a token found here turns token mode on.
     os.environ.update(client_auth_env(os.environ))
     try:

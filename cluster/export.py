@@ -6,6 +6,7 @@ the full tensors. Nothing is unpickled (JSON metadata, ``weights_only`` tensor p
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -39,4 +40,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_files).save_pretrained(out_dir)
+    # The model's own generation defaults (eos ids, sampling settings), not the ones
+    # save_pretrained derives from the config.
+    generation = model_files / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, out_dir / "generation_config.json")
     return out_dir

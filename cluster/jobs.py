@@ -320,6 +320,11 @@ def resolve_address(flag: str | None, env: Mapping[str, str]) -> str:
 def _connect(address: str, *, allow_insecure: bool):
     """A JobSubmissionClient for ``address`` after the security checks; exits (2: refused,
     1: unreachable) with a message otherwise."""
+    if "://" not in address and address != "auto":
+        # Ray's client reads HOST:PORT as a cluster (GCS) address and goes looking for a
+        # dashboard elsewhere, failing with a message that does not say why.
+        raise SystemExit(_fail(f"the job API address {address!r} has no scheme: the job API is the cluster's "
+                               f"dashboard, http://HOST:PORT (e.g. http://{address})", 2))
     # Ray reads the auth mode once, at import: settle it first (a token found → token mode).
     os.environ.update(client_auth_env(os.environ))
     try:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -86,7 +87,7 @@ def init_ray(cfg: Config) -> None:
     """Start a fresh local Ray instance, or join the configured cluster."""
     import ray
 
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    address = cfg.ray.target(os.environ)
     # The driver's working directory goes on the workers' import path, so user reward
     # functions named `my_rewards:score` resolve in the reward actors as they do here.
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
@@ -181,6 +182,13 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
 
     ``resume``: ``auto`` continues from the run's latest complete checkpoint (or starts fresh
     if there is none), a path continues from that checkpoint, None starts fresh."""
+    # Refused before anything is written or built (init_ray checks again for the benches).
+    check_cluster_auth(cfg.ray.target(os.environ), allow_insecure=cfg.ray.allow_insecure, env=os.environ)
+    # The reward workers get the driver's working directory on their import path (init_ray);
+    # the driver's own check of `module:function` rewards must see the same modules, also when
+    # it runs as the `rlrelay` console script, whose sys.path starts at the script's directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     run_dir = cfg.run.path
     checkpoint_root = Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints")
     # Found at the end of training, an unwritable directory lost the whole run.
@@ -188,6 +196,20 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     check_writable(checkpoint_root, "trainer.checkpoint_dir")
     with exclusive(run_dir):
         return _train(cfg, resume, run_dir, CheckpointManager(checkpoint_root, keep_last=cfg.trainer.keep_last))
+
+
+def is_own_checkpoint(checkpoint: Path, checkpoints: CheckpointManager) -> bool:
+    """Whether ``checkpoint`` is one of this run's own. Only then does its W&B run continue:
+    resuming another run's checkpoint (a fork of it, a fine-tune) must not write into that
+    run's W&B history."""
+    return checkpoint.resolve().parent == checkpoints.root.resolve()
+
+
+def check_model_dir(path: str) -> None:
+    """A local directory only: a name that is not one would be looked up on the model hub (by
+    every actor), and a typo would wait for the network before failing."""
+    if not Path(path).expanduser().is_dir():
+        raise ConfigError(f"model.path {path!r} is not a directory (a local Hugging Face model directory)")
 
 
 def check_writable(path: Path, key: str) -> None:
@@ -238,6 +260,8 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
         # from these later weights, replacing the real one.
         raise ConfigError(f"--resume: checkpoint {resume_from} is at step {resumed.step}, past trainer.steps="
                           f"{cfg.trainer.steps}: raise trainer.steps, or resume an earlier checkpoint")
+    if cfg.model.path is not None:
+        check_model_dir(cfg.model.path)  # before the demo's data is built for it (a minute)
     paths = resolve_paths(cfg)
     if resumed is not None and Path(paths.model_path, "config.json").is_file():
         check_resumable(resumed, run_signature(cfg.algorithm.uses_critic, paths.model_path), resume_from)
@@ -249,10 +273,7 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
         raise ConfigError(f"data.eval_path {paths.eval_path}: every eval prompt needs an 'answer' "
                           f"(accuracy is exact match against it)")
     model_path = str(paths.model_path)
-    # A local directory only: a name that is not one would be looked up on the model hub (by
-    # every actor), and a typo would wait for the network before failing.
-    if not Path(model_path).expanduser().is_dir():
-        raise ConfigError(f"model.path {model_path!r} is not a directory (a local Hugging Face model directory)")
+    check_model_dir(model_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(paths.model_path, local_files_only=True)
         vocab_size = AutoConfig.from_pretrained(paths.model_path, local_files_only=True).get_text_config().vocab_size
@@ -287,9 +308,10 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
     (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, now stale
     resolved = replace(cfg, model=replace(cfg.model, path=paths.model_path),
                        data=replace(cfg.data, train_path=paths.train_path, eval_path=paths.eval_path))
+    own = resume_from is not None and is_own_checkpoint(Path(resume_from), checkpoints)
     tracker = Tracker(run_dir, project=cfg.run.wandb_project, name=cfg.run.name, mode=cfg.run.wandb_mode,
                       config={**to_dict(resolved), "data/skipped_too_long": skipped}, tags=cfg.run.wandb_tags, total_steps=cfg.trainer.steps,
-                      run_id=resumed.wandb_run_id if resumed else None,
+                      run_id=resumed.wandb_run_id if resumed and own else None,
                       resume_step=resumed.step if resumed else None)
     pools = []
     registered = None

@@ -97,11 +97,17 @@ def test_the_run_is_the_gae_estimator_case(straight):
 def test_export_writes_a_loadable_model(tmp_path, straight):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import shutil
+
     run_dir = straight
-    ckpt = run_dir / "checkpoints" / "step-000004"
+    # A copy whose model carries generation defaults of its own, which the export keeps.
+    ckpt = shutil.copytree(run_dir / "checkpoints" / "step-000004", tmp_path / "step-000004")
+    generation = json.loads((ckpt / "model" / "generation_config.json").read_text())
+    (ckpt / "model" / "generation_config.json").write_text(json.dumps({**generation, "temperature": 0.6}))
     out = tmp_path / "exported"
     result = run_cli("export", str(ckpt), str(out))
     assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.6
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.decode(tok.encode("12+3=")) == "12+3="

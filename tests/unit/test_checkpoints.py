@@ -104,3 +104,12 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one_in_its_directory(tmp_path):
     clear_earlier_run(run, manager, overwrite=True)
     assert manager.checkpoints() == []
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
+def test_only_a_runs_own_checkpoint_continues_its_wandb_run(tmp_path):
+    from cluster.launch import is_own_checkpoint
+
+    manager = CheckpointManager(tmp_path / "runs" / "b" / "checkpoints", keep_last=2)
+    assert is_own_checkpoint(tmp_path / "runs" / "b" / "checkpoints" / "step-000010", manager)
+    assert is_own_checkpoint(tmp_path / "runs" / "b" / "checkpoints" / ".." / "checkpoints" / "step-000010", manager)
+    assert not is_own_checkpoint(tmp_path / "runs" / "a" / "checkpoints" / "step-000010", manager)

@@ -213,3 +213,60 @@ def test_a_broken_pipe_ends_a_printing_command_but_not_a_training_driver(monkeyp
     finally:
         signal.signal(signal.SIGPIPE, before)
     assert seen == {"train": signal.SIG_IGN, "config": signal.SIG_DFL}
+
+
+def test_a_cluster_without_authentication_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    # The refusal came after the demo's data was built, the run directory made and W&B started.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run_dir = tmp_path / "run"
+    argv = ["train", DEMO, f"run.dir={run_dir}", f"run.cache_dir={tmp_path / 'cache'}", "--address", "10.0.0.7:6379"]
+    assert main(argv) == 2
+    assert "refused: the Ray cluster at 10.0.0.7:6379 is on another host" in capsys.readouterr().err
+    assert not run_dir.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_bad_model_path_is_named_before_the_demo_data_is_built_for_it(tmp_path, capsys):
+    # With no data.train_path the demo's problems are generated, and its warm-start trained
+    # (a minute), before model.path was looked at.
+    argv = ["train", DEMO, "model.path=/no/such/model", f"run.dir={tmp_path / 'run'}",
+            f"run.cache_dir={tmp_path / 'cache'}"]
+    assert main(argv) == 2
+    assert "model.path '/no/such/model' is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_reward_module_in_the_working_directory_resolves_under_the_console_script(tmp_path):
+    # `rlrelay` (the console script) starts with its own directory on sys.path, not the
+    # working directory, so `my_rewards:score` next to the user's config was "not found"
+    # though the reward workers (which get the working directory on PYTHONPATH) would find it.
+    (tmp_path / "my_rewards.py").write_text("def score(prompt, response, answer):\n    return 1.0\n")
+    model = tmp_path / "model"  # a tokenizer and a config are all the driver reads before the check
+    build_char_tokenizer("0123456789+=", model)
+    LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(model)
+    rlrelay = Path(sys.executable).parent / "rlrelay"
+    overrides = run_overrides(tmp_path, 'reward.functions=[{"name": "my_rewards:score"}]', f"model.path={model}",
+                              "rollout.prompts_per_step=1000")  # fails right after the reward check
+    out = subprocess.run([str(rlrelay), "train", DEMO, *overrides], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "rollout.prompts_per_step (1000) exceeds the 80 prompts" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_job_api_address_without_a_scheme_is_refused_naming_the_fix(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["jobs", "--address", "10.0.0.7:8265"])
+    assert exit_.value.code == 2
+    assert "has no scheme: the job API is the cluster's dashboard, http://HOST:PORT (e.g. http://10.0.0.7:8265)" \
+        in capsys.readouterr().err
+
+
+def test_status_with_no_job_from_this_machine_and_no_address_says_so(tmp_path, monkeypatch, capsys):
+    # It used to join `auto`, whichever Ray instance started last here, maybe another user's.
+    monkeypatch.setenv("RLRELAY_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["status"])
+    assert "no job started from this machine is running" in str(exit_.value.code)
+    assert "--address HOST:PORT" in str(exit_.value.code)
