@@ -140,14 +140,14 @@ def run(args) -> dict:
         result["bandwidth_gbps"] = copy_bandwidth()
     with tempfile.TemporaryDirectory(prefix="rlrelay-bench-learner-") as tmp:
         model_dir = Path(tmp) / "model"
-        result["model"] = build_model(model_dir, PRESETS[args.preset])
+        result["model"] = build_model(model_dir, PRESETS[args.preset], seed=args.seed)
         result["options"] = {}
         for name in names:
             budget = [f"learner.micro_batch_tokens={args.micro_tokens}"] if args.micro_tokens else []
             spec = dict(model_dir=str(model_dir), overrides=POLICY_ONLY + OPTIONS[name] + budget, gpu=gpu,
                         ragged=args.ragged, unsorted=args.unsorted,
                         seq_len=args.seq_len, prompt_len=args.prompt_len, micro_batch=args.micro_batch,
-                        micro_steps=args.micro_steps, steps=args.steps, profile=args.profile)
+                        micro_steps=args.micro_steps, steps=args.steps, profile=args.profile, seed=args.seed)
             figures = in_fresh_process(measure_option, spec, args.timeout)
             if "error" not in figures and gpu and result.get("peak_bf16_tflops"):
                 figures["mfu"] = spread([f / (result["peak_bf16_tflops"] * 1e12) for f in figures.pop("flops_per_s")])
@@ -159,14 +159,14 @@ def run(args) -> dict:
 
 # -- the model -------------------------------------------------------------------------------
 
-def build_model(out_dir: Path, shape: dict) -> dict:
+def build_model(out_dir: Path, shape: dict, seed: int = 0) -> dict:
     """Save a random model of ``shape`` (fp32, as the learner loads it); returns its sizes."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**shape, max_position_embeddings=32768, rope_theta=1e6,
                                   bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir)
     arch = architecture(shape)
@@ -211,7 +211,7 @@ def bench_batch(rows: int, prompt_len: int, response: int, vocab: int, ragged: b
 
 def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: int, prompt_len: int,
                    micro_batch: int, micro_steps: int, steps: int, profile: int = 0, ragged: bool = False,
-                   unsorted: bool = False) -> dict:
+                   unsorted: bool = False, seed: int = 0) -> dict:
     """Set up one learner rank with ``overrides`` and time its forward and update passes."""
     import torch
 
@@ -235,7 +235,7 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
     setup_s = time.perf_counter() - t0
 
     rows = micro_batch * micro_steps
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     batch = bench_batch(rows, prompt_len, response, arch.vocab_size, ragged, g)
     lengths = batch.attention_mask.sum(dim=1).tolist()
     # As the driver deals rows to a rank (longest first, learner.micro_batch_tokens included);
@@ -353,7 +353,8 @@ if __name__ == "__main__":  # the GPU machine has no Ray: `python -m cluster.ben
 
     parser = argparse.ArgumentParser(prog="python -m cluster.bench_learner")
     register_args(parser)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true")  # the flags `rlrelay bench` adds to every bench
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and rows")
     parser.add_argument("--out", metavar="FILE", help="write the JSON to FILE and print one line per option")
     ns = parser.parse_args()
     measured = run(ns)
