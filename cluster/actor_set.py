@@ -201,12 +201,15 @@ class ActorSet:
             pass
         if not member.draining:
             self.target = max(0, self.target - 1)  # what the pool holds now, for the next resize
+        if not any(not m.draining for m in self.members.values()):
+            # Nothing left to serve: the job stops here, with the reason rather than "no worker".
+            raise WorkerFailure(f"{self.label(mid)} could not start: {why}; no other {self.name} is left") from cause
         # Counted like a restart, so that an autoscaler growing onto a node where workers
         # cannot start gives up after max_restarts tries instead of trying for ever.
         self.restarts += 1
         if self.restarts > self.max_restarts:
-            raise WorkerFailure(f"{self.label(mid)} could not start: {why}; {self.restarts - 1} replacements "
-                                f"already started in this job (limit {self.max_restarts}): giving up") from cause
+            raise WorkerFailure(f"{self.label(mid)} could not start: {why}; {self.restarts - 1} workers already "
+                                f"replaced or failed to start in this job (limit {self.max_restarts}): giving up") from cause
         log.warning("%s could not start (%s); the pool goes on with %d (counted as a restart, %d of %d)",
                     self.label(mid), why, self.target, self.restarts, self.max_restarts)
 

@@ -213,10 +213,13 @@ def _find_control(args):
 def _ask(args, ref):
     """The control actor's answer, or exit 1 saying the job ended or does not answer."""
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
     try:
         return ray.get(ref, timeout=30)
+    except ActorUnavailableError:  # its process died and Ray is starting it again
+        raise SystemExit(f"rlrelay: job {args.job!r}: its control actor is restarting; try again in a "
+                         f"few seconds") from None
     except RayActorError:
         raise SystemExit(f"rlrelay: job {args.job!r} has ended") from None
     except GetTimeoutError:
@@ -229,7 +232,8 @@ def status_command(args) -> int:
     control = _find_control(args)  # first: it settles the auth mode before ray is imported
     status = _ask(args, control.status.remote())
     if status is None:
-        print("the job has started and not finished its first step yet")
+        print("no status yet: the job has not finished a step since it started (or since its control actor "
+              "restarted)")
         return 0
     if args.json:
         print(json.dumps(dataclasses.asdict(status), indent=2))

@@ -128,6 +128,11 @@ def submit_command(args) -> int:
         if args.allow_insecure:
             overrides.append("ray.allow_insecure=true")
         load_config(args.config, overrides)  # exactly what the job will load
+        if args.resume and not Path(cfg.run.path).is_absolute():
+            # Each job runs in a fresh copy of the working directory: a relative run directory,
+            # and the checkpoints in it, went away with the job that wrote them.
+            raise ConfigError(f"--resume needs run.dir on storage the cluster keeps (an absolute path); "
+                              f"{cfg.run.path} is relative to the job's copy of the working directory")
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
     except ValueError as e:
@@ -320,11 +325,11 @@ def resolve_address(flag: str | None, env: Mapping[str, str]) -> str:
 def _connect(address: str, *, allow_insecure: bool):
     """A JobSubmissionClient for ``address`` after the security checks; exits (2: refused,
     1: unreachable) with a message otherwise."""
-    if "://" not in address and address != "auto":
-        # Ray's client reads HOST:PORT as a cluster (GCS) address and goes looking for a
-        # dashboard elsewhere, failing with a message that does not say why.
-        raise SystemExit(_fail(f"the job API address {address!r} has no scheme: the job API is the cluster's "
-                               f"dashboard, http://HOST:PORT (e.g. http://{address})", 2))
+    if "://" not in address and address.rstrip("/").endswith(":8265"):
+        # Ray's client reads a scheme-less HOST:PORT as the cluster's own (GCS) address, which
+        # works for HOST:6379 (as RAY_ADDRESS holds it) but not for the dashboard's port.
+        raise SystemExit(_fail(f"the job API address {address!r} names the dashboard's port without a scheme: "
+                               f"use http://{address}", 2))
     # Ray reads the auth mode once, at import: settle it first (a token found → token mode).
     os.environ.update(client_auth_env(os.environ))
     try:

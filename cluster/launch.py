@@ -129,17 +129,19 @@ def clear_earlier_run(run_dir: Path, checkpoints: CheckpointManager, overwrite: 
     ``--resume auto`` would pick one of those), or remove them with ``run.overwrite``."""
     earlier = checkpoints.checkpoints()
     metrics = run_dir / "metrics.jsonl"
-    if not earlier and not (metrics.is_file() and metrics.stat().st_size):
-        return
+    found = bool(earlier) or (metrics.is_file() and metrics.stat().st_size > 0)
     what = f"{len(earlier)} checkpoint(s), the latest {earlier[-1]}" if earlier else f"{metrics}"
-    if not overwrite:
+    if found and not overwrite:
         raise ConfigError(f"run directory {run_dir} holds an earlier run ({what}): --resume auto continues it, "
                           f"another run.name or run.dir starts a new one beside it, run.overwrite=true replaces it")
-    log.warning("run.overwrite=true: removing the earlier run in %s (%s)", run_dir, what)
+    if not overwrite:
+        return
+    if found:
+        log.warning("run.overwrite=true: removing the earlier run in %s (%s)", run_dir, what)
     for path in earlier:
         shutil.rmtree(path)
-    # Its offline W&B runs too: `wandb sync runs/<name>/wandb/offline-run-*` would upload them
-    # beside the new one.
+    # Also its offline W&B runs (`wandb sync runs/<name>/wandb/offline-run-*` would upload them
+    # beside the new one), and what a run that failed before its first step left.
     for name in ("final_model", "wandb"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for name in ("metrics.jsonl", "summary.json", "curves.png"):

@@ -31,7 +31,8 @@ PROGRESS_KEYS = (("reward/mean", "reward"), ("eval/accuracy", "eval"), ("kl/valu
 log = logging.getLogger(__name__)
 
 # W&B's own spellings of its modes, as a user may set them in WANDB_MODE.
-ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled",
+             "shared": "shared"}
 
 
 def wandb_mode(requested: str, environ: dict[str, str] | None = None) -> str:
@@ -61,6 +62,7 @@ class Tracker:
             f.writelines(json.dumps(row) + "\n" for row in self._history)
         self._metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
         self._started = time.time()
+        self._console = True  # the progress line on stderr, until stderr cannot be written
         # A run submitted as a Ray job (rlrelay submit, ray job submit, a KubeRay RayJob) carries
         # the job's submission id, so a W&B run leads back to its Ray job.
         ray_job = current_submission_id(os.environ)
@@ -122,7 +124,12 @@ class Tracker:
         width = 24
         done = int(width * step / max(1, self.total_steps))
         bar = "#" * done + "." * (width - done)
-        print(f"[{bar}] " + "  ".join(parts), file=sys.stderr, flush=True)
+        if not self._console:
+            return
+        try:
+            print(f"[{bar}] " + "  ".join(parts), file=sys.stderr, flush=True)
+        except OSError:  # the reader of stderr went away (a closed pipe, a dropped ssh): train on
+            self._console = False
 
     def finish(self, summary: dict[str, Any]) -> None:
         summary = {**summary, "wandb_run_id": self.run_id, "wall_seconds": round(time.time() - self._started, 1)}

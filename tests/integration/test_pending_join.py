@@ -155,3 +155,20 @@ def test_a_worker_added_after_start_that_cannot_start_is_dropped_and_the_pool_se
                 actors.run(list(range(4)), lambda h, x: h.work.remote(x))
     finally:
         actors.shutdown()
+
+
+def test_a_replacement_that_cannot_start_in_an_emptied_pool_stops_the_job_with_its_reason(ray_local):
+    from cluster.actor_set import WorkerFailure
+
+    actor = ray_local.remote(Picky).options(num_cpus=0.25)
+    actors = ActorSet("picky", spawn=lambda i: actor.remote(i), prepare=lambda h: h.ping.remote(), size=1,
+                      timeout_s=30, max_restarts=5)
+    actors.wait_ready()
+    try:
+        ray_local.kill(actors.members[0].handle, no_restart=True)  # its replacement, picky 1, cannot start
+        with pytest.raises(WorkerFailure, match=r"picky 1 could not start: .*not on this node.*no other picky is left"):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                actors.run(list(range(4)), lambda h, x: h.work.remote(x))
+    finally:
+        actors.shutdown()

@@ -105,6 +105,14 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one_in_its_directory(tmp_path):
     assert manager.checkpoints() == []
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
 
+    # A run that failed before its first step left only an offline W&B run: not refused
+    # without overwrite (nothing would mix), removed with it.
+    (run / "wandb" / "offline-run-2").mkdir(parents=True)
+    clear_earlier_run(run, manager, overwrite=False)
+    assert (run / "wandb").exists()
+    clear_earlier_run(run, manager, overwrite=True)
+    assert not (run / "wandb").exists()
+
 
 def test_only_a_runs_own_checkpoint_continues_its_wandb_run(tmp_path):
     from cluster.launch import is_own_checkpoint

@@ -254,12 +254,12 @@ def test_a_reward_module_in_the_working_directory_resolves_under_the_console_scr
     assert "rollout.prompts_per_step (1000) exceeds the 80 prompts" in out.stderr, out.stderr[-2000:]
 
 
-def test_a_job_api_address_without_a_scheme_is_refused_naming_the_fix(capsys):
+def test_the_dashboard_port_without_a_scheme_is_refused_naming_the_fix(capsys):
+    # A cluster address (HOST:6379, as RAY_ADDRESS holds it) is fine: Ray finds the dashboard.
     with pytest.raises(SystemExit) as exit_:
         main(["jobs", "--address", "10.0.0.7:8265"])
     assert exit_.value.code == 2
-    assert "has no scheme: the job API is the cluster's dashboard, http://HOST:PORT (e.g. http://10.0.0.7:8265)" \
-        in capsys.readouterr().err
+    assert "names the dashboard's port without a scheme: use http://10.0.0.7:8265" in capsys.readouterr().err
 
 
 def test_status_with_no_job_from_this_machine_and_no_address_says_so(tmp_path, monkeypatch, capsys):
@@ -270,3 +270,10 @@ def test_status_with_no_job_from_this_machine_and_no_address_says_so(tmp_path, m
         main(["status"])
     assert "no job started from this machine is running" in str(exit_.value.code)
     assert "--address HOST:PORT" in str(exit_.value.code)
+
+
+def test_submit_resume_with_a_relative_run_directory_is_refused(capsys):
+    # The job's relative run directory lives in its own copy of the working directory, gone
+    # with it: `--resume auto` would find nothing and start afresh without a word.
+    assert main(["submit", DEMO, "--resume", "auto", "--address", "http://127.0.0.1:1"]) == 2
+    assert "--resume needs run.dir on storage the cluster keeps" in capsys.readouterr().err

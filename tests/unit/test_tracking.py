@@ -98,3 +98,22 @@ def test_online_start_that_fails_runs_offline(tmp_path, monkeypatch):
     t = Tracker(tmp_path, project="p", name="n", mode="online", config={}, total_steps=1)
     assert t.mode == "offline" and t.run is not None
     t.finish({})
+
+
+class ClosedPipe:
+    def write(self, text):
+        raise BrokenPipeError("the reader of stderr went away")
+
+    def flush(self):
+        raise BrokenPipeError("the reader of stderr went away")
+
+
+def test_a_closed_stderr_stops_the_progress_line_not_the_run(tmp_path, monkeypatch):
+    # With SIGPIPE ignored in a training driver, the progress print raised BrokenPipeError
+    # out of log() once `| tee` or an ssh session went away: the run failed unsaved.
+    t = Tracker(tmp_path, project="p", name="n", mode="disabled", config={}, total_steps=2)
+    monkeypatch.setattr("sys.stderr", ClosedPipe())
+    t.log(1, {"reward/mean": 0.25})
+    t.log(2, {"reward/mean": 0.5})
+    t.finish({"steps_completed": 2})
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2]
