@@ -128,6 +128,13 @@ class Picky:
         return 2 * x
 
 
+def work_for(actors: ActorSet, seconds: float) -> None:
+    """Hand the pool work for ``seconds``, or until it raises."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        actors.run(list(range(4)), lambda h, x: h.work.remote(x))
+
+
 def test_a_worker_added_after_start_that_cannot_start_is_dropped_and_the_pool_serves(ray_local, caplog):
     # At start-up such a worker fails the job at once (test_wait); added later by a scale-up
     # or as a replacement it killed a run that had been training for hours.
@@ -150,9 +157,7 @@ def test_a_worker_added_after_start_that_cannot_start_is_dropped_and_the_pool_se
         assert "picky 1 could not start (FileNotFoundError: /models/policy: not on this node" in caplog.text
         actors.resize(2)  # a third failure passes max_restarts: the job gives up, naming why
         with pytest.raises(WorkerFailure, match=r"picky 3 could not start: .*not on this node.*limit 2\): giving up"):
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                actors.run(list(range(4)), lambda h, x: h.work.remote(x))
+            work_for(actors, seconds=60)
     finally:
         actors.shutdown()
 
@@ -167,8 +172,6 @@ def test_a_replacement_that_cannot_start_in_an_emptied_pool_stops_the_job_with_i
     try:
         ray_local.kill(actors.members[0].handle, no_restart=True)  # its replacement, picky 1, cannot start
         with pytest.raises(WorkerFailure, match=r"picky 1 could not start: .*not on this node.*no other picky is left"):
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                actors.run(list(range(4)), lambda h, x: h.work.remote(x))
+            work_for(actors, seconds=60)
     finally:
         actors.shutdown()
