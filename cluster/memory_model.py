@@ -18,8 +18,9 @@ follows what the learner does (``learner/worker.py``, ``learner/fsdp.py``, ``lea
   blocks' backward; while the loss works on the logits only the root is (it stays gathered
   from forward to backward, the blocks are resharded after forward). ``grad_op`` and
   ``none`` (replicated: shard groups of one, still a separate compute copy) do not reshard
-  after forward, and a no-grad forward has no backward to reshard after, so every model's
-  full compute copy stays gathered between uses.
+  after forward, and a no-grad forward has no backward to reshard after, so the trained
+  models' full compute copies stay gathered between uses. The reference is resharded after
+  its forward under every option (learner/worker.py), so it never holds a gathered copy.
   Gradients in flight during backward: the root's and two blocks' unsharded gradients
   (compute dtype, plus the fp32 copy that is reduce-scattered). CPU offload moves the fp32
   shards (and the optimizer step) to the host; gathered weights still live on the GPU.
@@ -419,11 +420,14 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
             Footprint(parameters=4 * math.ceil(params / shards))
         offloaded = options.cpu_offload or (not trained and options.reference_offload)
         host += state.total if offloaded else 0
-        gathered = Footprint(parameters=c * params if keeps_gathered else 0)
+        # The reference reshards after its forward under every sharding (no backward follows
+        # that would): only the trained models keep their compute copy gathered.
+        kept = keeps_gathered and trained
+        gathered = Footprint(parameters=c * params if kept else 0)
         resident[name] = gathered + (Footprint() if offloaded else state)
         # The forward pass (old/ref log-probs, values) runs before the update: no gradients yet.
         forward_resident += resident[name].total - (0 if offloaded else state.gradients)
-        blocks_gathered = 0 if keeps_gathered else c * (root + 2 * arch.block_params)
+        blocks_gathered = 0 if kept else c * (root + 2 * arch.block_params)
         forward_logits = forward_logits_bytes(arch, b_logits, seq, resp, c, chunked) if name != "critic" else 0
         forward_active = max(forward_active, blocks_gathered + one_layer, forward_logits)
         if not trained:

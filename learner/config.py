@@ -119,7 +119,7 @@ class LearnerConfig:
     num_cpus: float = 1.0
     """Ray CPUs reserved per rank."""
     num_gpus: float = 0.0
-    """Ray GPUs per rank; > 0 trains on CUDA over NCCL in bf16, 0 on CPU over gloo in fp32."""
+    """Ray GPUs per rank: 1 trains on CUDA over NCCL in bf16, 0 on CPU over gloo in fp32."""
     num_threads: int = 2
     """torch CPU threads per rank (set explicitly: Ray sets OMP_NUM_THREADS from num_cpus)."""
     lr: float = 1e-5
@@ -210,6 +210,11 @@ class LearnerConfig:
         if not (self.num_cpus >= 0 and self.num_gpus >= 0 and self.gpu_memory_gib > 0):
             raise ValueError(f"learner.num_cpus and learner.num_gpus must be >= 0 and learner.gpu_memory_gib > 0 "
                              f"(got {self.num_cpus}, {self.num_gpus}, {self.gpu_memory_gib})")
+        if self.num_gpus not in (0, 1):
+            # A rank drives exactly one GPU: at 0.5 Ray would put two ranks on one device (NCCL
+            # refuses), at 2 the second GPU would sit idle. More GPUs: more ranks (world_size).
+            raise ValueError(f"learner.num_gpus must be 0 (CPU) or 1 (one GPU per rank; more GPUs means a larger "
+                             f"learner.world_size), got {self.num_gpus}")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -132,14 +132,19 @@ class LearnerRank:
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group, load and shard the models, build the optimisers."""
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
-                                rank=self.rank, world_size=self.world_size,
-                                timeout=timedelta(seconds=self.cfg.timeout_s))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(0)  # Ray exposes exactly the rank's own GPU
-        torch.manual_seed(self.cfg.seed)
         gpu = self.device.type == "cuda"
+        if gpu:
+            torch.cuda.set_device(0)  # Ray exposes exactly the rank's own GPU
+        # On GPU, NCCL for CUDA tensors and gloo for CPU ones: with CPU offload the gradient
+        # shards, and so the clipping norm's all-reduce, live on the host, which NCCL refuses.
+        # device_id makes NCCL connect here, so a broken network fails setup (the pool's ready
+        # wait names the rank) rather than the first step after learner.timeout_s.
+        dist.init_process_group("cuda:nccl,cpu:gloo" if gpu else "gloo",
+                                init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=self.rank, world_size=self.world_size,
+                                timeout=timedelta(seconds=self.cfg.timeout_s),
+                                device_id=torch.device("cuda", 0) if gpu else None)
+        torch.manual_seed(self.cfg.seed)
         cfg = self.cfg
         if cfg.sharding == "none":  # replicate: HSDP whose shard groups have one rank
             mesh = init_device_mesh(self.device.type, (self.world_size, 1), mesh_dim_names=("replicate", "shard"))
@@ -165,10 +170,14 @@ class LearnerRank:
             self.critic_opt, self.critic_sched = self._optimizer(self.critic, cfg.critic_lr)
         self.reference = None
         if self.algo.uses_reference:
-            frozen = replace(trained, offload=(cfg.reference_offload or cfg.cpu_offload) and gpu)
+            # Resharded after its forward whatever the trained models do: no backward follows
+            # that would free a gathered copy, which under grad_op/none stayed for the whole job.
+            frozen = replace(trained, offload=(cfg.reference_offload or cfg.cpu_offload) and gpu,
+                             reshard_after_forward=True)
             model = load_policy(self.model_path, torch.float32, packed)
             self.reference = shard_model(model if frozen.offload else model.to(self.device), frozen)
             self.reference.requires_grad_(False).eval()
+        dist.barrier()  # every rank is set up and the group carries a collective end to end
 
     def _optimizer(self, model: nn.Module, lr: float):
         # The fused kernel updates every parameter in a few launches; the default per-tensor
