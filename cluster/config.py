@@ -20,6 +20,10 @@ from learner.config import GROUP_ESTIMATORS, AlgorithmConfig, LearnerConfig
 from reward.types import ISOLATIONS
 
 
+SHARED_GPU_MARGIN = 0.05
+"""Of a shared GPU, what the CUDA contexts and non-KV memory of the engines beside one take."""
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """Identity of the run and where its outputs go."""
@@ -106,7 +110,8 @@ class RolloutConfig:
     kv_cache_gib: float = 0.5
     """KV-cache size per CPU engine."""
     gpu_memory_utilization: float = 0.5
-    """GPU memory share per CUDA engine."""
+    """Share of the whole GPU one CUDA engine takes (weights, activations, KV cache); below
+    ``num_gpus`` - 0.05 when engines share a GPU (``num_gpus`` < 1)."""
     timeout_s: float = 300.0
     """Longest one worker may take for its share of a step before it is treated as hung,
     killed, replaced, and its prompts re-dispatched."""
@@ -286,6 +291,12 @@ class Config:
         if not r.kv_cache_gib > 0 or not 0 < r.gpu_memory_utilization <= 1:
             raise ConfigError(f"rollout.kv_cache_gib must be > 0 and rollout.gpu_memory_utilization in (0, 1] "
                               f"(got {r.kv_cache_gib}, {r.gpu_memory_utilization})")
+        if 0 < r.num_gpus < 1 and r.gpu_memory_utilization > r.num_gpus - SHARED_GPU_MARGIN:
+            # Engines sharing a GPU: vLLM refuses to start unless that share of the whole GPU is
+            # free, and the other engines (and every process's CUDA context) hold the rest.
+            raise ConfigError(f"rollout.gpu_memory_utilization ({r.gpu_memory_utilization}) must stay below "
+                              f"rollout.num_gpus ({r.num_gpus}) - {SHARED_GPU_MARGIN} when engines share a GPU: "
+                              f"each engine asks for that share of the whole GPU")
         if r.weight_transport not in WEIGHT_TRANSPORTS:
             raise ConfigError(f"rollout.weight_transport: {r.weight_transport!r} is not one of "
                               f"{', '.join(WEIGHT_TRANSPORTS)}")

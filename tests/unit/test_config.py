@@ -53,6 +53,7 @@ def test_unknown_key_is_named(override, named):
     ("rollout.num_threads=0", "rollout.num_threads must be >= 1"),
     ("ray.num_cpus=0", "ray.num_cpus must be >= 1"),
     ("learner.num_gpus=-1", "learner.num_cpus and learner.num_gpus must be >= 0"),
+    ("rollout.num_gpus=0.5", r"rollout.gpu_memory_utilization \(0.5\) must stay below rollout.num_gpus \(0.5\)"),
     ("learner.num_gpus=0.5", r"learner.num_gpus must be 0 \(CPU\) or 1 \(one GPU per rank"),
     ("learner.num_gpus=2", "more GPUs means a larger learner.world_size"),
     ("demo.num_layers=0", "demo.num_layers: bad value 0"),
