@@ -148,10 +148,11 @@ class Collector:
         results = self.reward.score(requests)
         failed = [(r, s) for r, s in zip(rollouts, results) if s.failed]
         if failed and self.cfg.reward.on_failure == "error":
-            r, s = failed[0]
-            raise RewardFailure(f"{len(failed)} sample(s) could not be scored; first: prompt {r.prompt_index} "
-                                f"sample {r.sample_index}: {s.error} (set reward.on_failure=zero to count "
-                                f"and score them 0 instead)")
+            # Workers stop scoring a batch at its first failure: name a real one.
+            r, s = next(((r, s) for r, s in failed if not s.error.startswith("not scored")), failed[0])
+            raise RewardFailure(f"a sample could not be scored: prompt {r.prompt_index} sample {r.sample_index}: "
+                                f"{s.error} (set reward.on_failure=zero to count and score such samples 0 "
+                                f"instead)")
         return torch.tensor([0.0 if s.failed else s.reward for s in results]), len(failed)
 
     def shape(self, scores: torch.Tensor, rollouts: list[Rollout]) -> torch.Tensor:

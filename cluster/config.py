@@ -206,6 +206,10 @@ class TrainerConfig:
     """Training steps (one batch of prompts each)."""
     eval_every: int = 0
     """Evaluate every N steps (0 = only before and after training)."""
+    eval_function: str | None = None
+    """How a greedy eval answer is judged right (``eval/accuracy``: the share scoring > 0): a
+    built-in name or ``module:function``; None takes the first built-in of ``reward.functions``
+    (``numeric_match`` for a GSM8K-style job), else ``exact_match``."""
     sample_table_every: int = 5
     """Log a table of sample generations every N steps (0 = never)."""
     async_staleness: int = 0
@@ -259,6 +263,14 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     demo: DemoSettings = field(default_factory=DemoSettings)
+
+    def eval_judge(self) -> str:
+        """The function that judges eval answers (``trainer.eval_function``, resolved)."""
+        from reward.rules import BUILTINS
+
+        if self.trainer.eval_function:
+            return self.trainer.eval_function
+        return next((f.name for f in self.reward.functions if f.name in BUILTINS), "exact_match")
 
     def validate(self) -> None:
         """Range checks across sections (types were checked while loading)."""
@@ -339,6 +351,9 @@ class Config:
                               f"rollout.max_new_tokens ({r.max_new_tokens})")
         if not self.reward.functions and self.reward.model is None:
             raise ConfigError("reward: configure at least one of reward.functions and reward.model")
+        weights = [f.weight for f in self.reward.functions] + ([self.reward.model.weight] if self.reward.model else [])
+        if not any(weights):
+            raise ConfigError("reward: every weight is 0, so every sample would score 0 and no step would learn")
         if self.reward.model is not None and self.reward.model.batch_size < 1:
             raise ConfigError(f"reward.model.batch_size must be >= 1 (got {self.reward.model.batch_size})")
         if not 0 <= self.run.seed < 2**32:  # numpy's and vLLM's seeds are unsigned 32-bit

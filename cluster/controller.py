@@ -47,7 +47,7 @@ from learner.batch import TrainBatch, collate
 from learner.estimate import estimate_advantages
 from learner.kl_control import AdaptiveKLController, FixedKLController
 from learner.losses import explained_variance, truncated_importance_weights
-from reward.rules import exact_match
+from reward.rules import resolve_reward_function
 
 log = logging.getLogger("rlrelay")
 
@@ -84,6 +84,7 @@ class Controller:
         self.collector = collector
         self.rollout, self.reward = collector.rollout, collector.reward
         self.eval_prompts = eval_prompts
+        self.eval_score = resolve_reward_function(cfg.eval_judge())
         self.learner = learner
         self.tracker = tracker
         self.checkpoints = checkpoints
@@ -181,7 +182,12 @@ class Controller:
         cfg, rollouts, metrics = self.cfg, batch.rollouts, dict(batch.metrics)
         if len(rollouts) < cfg.learner.world_size:  # dynamic sampling kept (almost) nothing
             metrics["rollout/skipped_update"] = 1.0
+            log.warning("step %d: dynamic sampling kept no group with differing rewards after %d round(s); "
+                        "no update this step", step, int(metrics.get("rollout/generation_rounds", 0)))
             return metrics, False
+        if metrics.get("reward/failures", 0) >= len(rollouts):
+            log.warning("step %d: the reward failed for every sample (reward.on_failure=zero scores them 0): "
+                        "this step learns nothing", step)
         tensors = collate(rollouts, self.pad_token_id)
         with self.phase("forward"):
             fwd = self.learner.forward(tensors)
@@ -202,7 +208,9 @@ class Controller:
         # PPO epochs over shuffled minibatches (only the critic during its warm-up).
         train_policy = not (cfg.algorithm.uses_critic and step < cfg.algorithm.critic_warmup_steps)
         with self.phase("update"):
-            metrics.update(self.learner.update(train, self.minibatch_plan(train.size, step), train_policy))
+            # An adaptive coefficient steers the KL loss term as it steers the reward penalty.
+            metrics.update(self.learner.update(train, self.minibatch_plan(train.size, step), train_policy,
+                                               kl_coef=self.kl_ctl.coef))
         self.kl_ctl.update(adv.metrics.get("kl/value", 0.0), n_steps=train.size)
         metrics.update({**adv.metrics, **self.rollout_metrics(rollouts, tensors, fwd), "kl/coef": self.kl_ctl.coef})
         if fwd.values is not None:
@@ -361,13 +369,13 @@ class Controller:
         }
 
     def evaluate(self, step: int, log: bool = True) -> float | None:
-        """Greedy exact-match accuracy on the held-out prompts (None without eval prompts)."""
+        """Greedy accuracy on the held-out prompts, judged by `cfg.eval_judge()` (None without eval prompts)."""
         if not self.eval_prompts:
             return None
         greedy = replace(self.collector.sampling, temperature=0.0, samples_per_prompt=1)
         with self.phase("eval"):
             rollouts = self.rollout.generate(self.eval_prompts, greedy, step=step, seed=self.cfg.run.seed)
-        accuracy = sum(exact_match(r.prompt_text, r.response_text, r.answer) for r in rollouts) / len(rollouts)
+        accuracy = sum(self.eval_score(r.prompt_text, r.response_text, r.answer) > 0 for r in rollouts) / len(rollouts)
         if log:
             self.tracker.log(step, {"eval/accuracy": accuracy})
         return accuracy

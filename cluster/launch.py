@@ -6,6 +6,7 @@ Everything the controller uses is built here and passed in; nothing is global.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -96,11 +97,21 @@ def init_ray(cfg: Config) -> None:
     # (README, "Security and threat model").
     check_cluster_auth(address, allow_insecure=cfg.ray.allow_insecure, env=os.environ)
     if address == "local":
-        # Advertise loopback only; Ray's own servers still listen on every interface (DESIGN),
-        # so token authentication, checked right after start-up, is the real protection.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), namespace=cfg.ray.namespace,
-                 include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
-                 _node_ip_address="127.0.0.1")
+        # The local instance's processes (GCS, raylet, workers) are the driver's children, in
+        # its process group: a SIGTERM to the group (timeout(1), SLURM, systemd) killed them
+        # with the driver's own, so the run it asked to stop could not finish its step or
+        # checkpoint. They start with SIGTERM blocked (a signal mask is inherited); the driver
+        # handles it, and ray.shutdown ends them (SIGKILL after 1 s: ~4 s more at shutdown).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            # Advertise loopback only; Ray's own servers still listen on every interface
+            # (DESIGN), so token authentication, checked right after start-up, is the real
+            # protection.
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), namespace=cfg.ray.namespace,
+                     include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
+                     _node_ip_address="127.0.0.1")
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         require_token_auth(allow_insecure=cfg.ray.allow_insecure)
     else:
         join_cluster(address, namespace=cfg.ray.namespace, runtime_env=runtime_env)
@@ -174,9 +185,50 @@ def check_reward_config(cfg: Config, train_prompts: list, train_path: str) -> No
             log.warning("data.train_path %s: %s cannot score %d prompt(s) (e.g. prompt %d); with "
                         "reward.on_failure=zero their samples score 0", train_path, spec.name, len(unscorable),
                         unscorable[0])
-    if cfg.reward.model is not None and not (Path(cfg.reward.model.path) / "config.json").is_file():
-        raise ConfigError(f"reward.model.path {cfg.reward.model.path!r} is not a model directory "
-                          f"(no config.json): give a local Hugging Face sequence-classification model")
+    if cfg.reward.model is not None:
+        check_reward_model(cfg.reward.model.path)
+
+
+def check_reward_model(path: str) -> None:
+    """A local sequence-classification model with one label, by its config.json. A causal LM
+    loads as one with a freshly initialised (random) score head, and with a one-label config
+    such a run went to the end scoring noise."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"reward.model.path {path!r} is not a model directory (no config.json): give a local "
+                          f"Hugging Face sequence-classification model")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"reward.model.path {path!r}: config.json is not valid JSON ({e})") from None
+    architectures = config.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise ConfigError(f"reward.model.path {path!r} is a {', '.join(map(str, architectures)) or 'model of no stated'} "
+                          f"architecture, not a sequence-classification reward model (its score head would be "
+                          f"random): train one with reward/train.py or give an *ForSequenceClassification model")
+    labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
+    if labels != 1:
+        raise ConfigError(f"reward.model.path {path!r} has {labels} labels; a reward model has exactly one "
+                          f"(a scalar score)")
+
+
+def check_eval_judge(cfg: Config, eval_prompts: list, eval_path: str | None) -> None:
+    """The eval judge exists and can judge every eval prompt's answer (a non-numeric answer
+    under numeric_match would fail the first evaluation, after the actors started)."""
+    from reward.rules import BUILTINS, resolve_reward_function
+
+    name = cfg.eval_judge()
+    try:
+        judge = resolve_reward_function(name)
+    except ValueError as e:
+        raise ConfigError(f"trainer.eval_function: {e}") from None
+    if name not in BUILTINS:
+        return  # a user's function is called on real responses only
+    for prompt in eval_prompts:
+        try:
+            judge(prompt.text or "", "", prompt.answer)
+        except ValueError as e:
+            raise DataError(f"data.eval_path {eval_path}: prompt {prompt.index}: eval judge {name}: {e}") from None
 
 
 def train(cfg: Config, resume: str | None = None) -> RunSummary:
@@ -301,6 +353,7 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
             log.warning("skipped %d %s prompt(s) longer than %d tokens (data.too_long=skip)", skipped[name], name,
                         limit)
     check_reward_config(cfg, train_prompts, paths.train_path)
+    check_eval_judge(cfg, eval_prompts, paths.eval_path)
     if cfg.rollout.prompts_per_step > len(train_prompts):
         raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) exceeds the "
                           f"{len(train_prompts)} prompts of {paths.train_path} that fit")

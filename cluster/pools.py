@@ -247,6 +247,7 @@ class RewardPool:
         self.actors = ActorSet(
             "reward worker", size=rc.num_workers, timeout_s=rc.timeout_s, max_restarts=rc.max_restarts,
             spawn=lambda _: actor.remote(functions, model, timeout_s=rc.timeout_s, num_threads=rc.num_threads,
+                                         stop_after_failure=rc.on_failure == "error",
                                          device=device, isolation=rc.isolation),
             prepare=lambda handle: handle.ping.remote())
 
@@ -362,8 +363,10 @@ class LearnerGroup:
         return ForwardResult(old_logprobs=merge("old_logprobs"), ref_logprobs=merge("ref_logprobs"),
                              values=merge("values"))
 
-    def update(self, batch: TrainBatch, minibatch_rows: list[torch.Tensor], train_policy: bool) -> dict[str, float]:
-        """One optimizer step per minibatch (rows given by the driver); merged metrics."""
+    def update(self, batch: TrainBatch, minibatch_rows: list[torch.Tensor], train_policy: bool,
+               kl_coef: float | None = None) -> dict[str, float]:
+        """One optimizer step per minibatch (rows given by the driver); merged metrics.
+        ``kl_coef``: the step's coefficient of a KL loss term (None: the configured one)."""
         per_rank: list[list[Minibatch]] = [[] for _ in self.ranks]
         for rows in minibatch_rows:
             mb = batch.select(rows)
@@ -371,7 +374,7 @@ class LearnerGroup:
             tokens = float(mb.rollouts.response_mask.sum())
             for r, shard in enumerate(shards):
                 per_rank[r].append(Minibatch(batch=mb.select(shard), micro_sizes=sizes[r],
-                                             num_tokens=tokens, num_seqs=len(rows)))
+                                             num_tokens=tokens, num_seqs=len(rows), kl_coef=kl_coef))
         results: list[UpdateResult] = wait(
             [rank.update.remote(mbs, train_policy) for rank, mbs in zip(self.ranks, per_rank)],
             self.timeout_s, self._names())

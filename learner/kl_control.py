@@ -30,12 +30,19 @@ class FixedKLController:
         self.coef = float(state["coef"])
 
 
+MIN_FACTOR, MAX_FACTOR = 0.5, 2.0
+"""Bounds of the adaptive controller's factor per update (it stays positive)."""
+
+
 class AdaptiveKLController:
     """Adaptive KL coefficient of Ziegler et al. 2019 (arXiv:1909.08593, section 2.2).
 
     ``error = clip(current_kl / target - 1, -0.2, 0.2)``;
     ``coef *= 1 + error * n_steps / horizon``. The clip bounds the change to 20% per
-    ``horizon`` samples, so one noisy KL measurement cannot swing the coefficient.
+    ``horizon`` samples, so one noisy KL measurement cannot swing the coefficient. A horizon
+    shorter than a fifth of a batch would make the factor negative (the coefficient changes
+    sign and the penalty silently turns off or into a bonus): the factor is kept within
+    [1/2, 2] per update, which the usual horizons (thousands of samples) never reach.
 
     Example: ``AdaptiveKLController(init_coef=0.1, target=6.0, horizon=10000)``
     """
@@ -51,7 +58,7 @@ class AdaptiveKLController:
         """``current_kl``: KL to the reference measured on the last batch;
         ``n_steps``: samples (sequences) in that batch."""
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.coef *= 1.0 + error * n_steps / self.horizon
+        self.coef *= min(max(1.0 + error * n_steps / self.horizon, MIN_FACTOR), MAX_FACTOR)
 
     def state_dict(self) -> dict[str, float]:
         return {"coef": self.coef}

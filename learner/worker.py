@@ -71,6 +71,9 @@ class Minibatch:
     """Real response tokens in the WHOLE minibatch over all ranks (loss denominator)."""
     num_seqs: int
     """Sequences in the WHOLE minibatch over all ranks (loss denominator)."""
+    kl_coef: float | None = None
+    """This step's KL coefficient for ``algorithm.kl_place=loss`` (the adaptive controller's
+    current value); None uses the fixed ``algorithm.kl_coef``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -385,7 +388,8 @@ class LearnerRank:
             loss = loss - algo.entropy_coef * entropy_term
         if micro.ref_logprobs is not None and algo.kl_place == "loss":
             kl = kl_penalty(logprobs, micro.ref_logprobs, algo.kl_estimator)
-            loss = loss + algo.kl_coef * aggregate(kl, mask, algo.loss_agg, **denominators)
+            coef = algo.kl_coef if mb.kl_coef is None else mb.kl_coef
+            loss = loss + coef * aggregate(kl, mask, algo.loss_agg, **denominators)
             metrics["kl/loss_term"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
         return loss, metrics
 

@@ -50,12 +50,19 @@ _BOOT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[
          "from reward.isolated import _serve; _serve(*map(int, sys.argv[1:]))")
 
 
+def _numpy_scalar(value) -> bool:
+    """A numpy bool, int or float scalar (``np.bool_`` is no ``numbers.Real``, unlike a Python
+    bool); checked without importing numpy."""
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 \
+        and getattr(getattr(value, "dtype", None), "kind", "") in ("b", "i", "u", "f")
+
+
 def run_call(fn: Callable, args: tuple) -> Outcome:
     """Call ``fn(*args)`` and classify the result; shared by the thread and the process path so
     both report the same outcomes. Only a float crosses the pipe, never a user object."""
     try:
         value = fn(*args)
-        if not isinstance(value, numbers.Real):
+        if not (isinstance(value, numbers.Real) or _numpy_scalar(value)):
             return ("not_a_number", type(value).__name__)
         return ("value", float(value))  # a Real's own __float__ is user code too
     except BaseException as err:  # noqa: BLE001 - whatever user code raised fails one sample

@@ -117,6 +117,7 @@ class RewardWorker:
         num_threads: int | None = None,
         device: str = "cpu",
         isolation: str = "process",
+        stop_after_failure: bool = False,
     ) -> None:
         for spec in functions:
             if not isinstance(spec, RewardFunctionSpec):
@@ -135,6 +136,9 @@ class RewardWorker:
         # Resolve now (here or in the child) so a misspelled function fails at launch, not on
         # the first batch.
         self._specs = list(functions)
+        self._stop_after_failure = stop_after_failure
+        """``reward.on_failure=error``: a failed sample ends the run, so the rest of its call is
+        not scored (each could take the whole timeout: hours over a batch before the error)."""
         self._process: FunctionProcess | None = None
         self._thread_functions: list[Callable] = []
         self._caller: _CallThread | None = None
@@ -184,6 +188,10 @@ class RewardWorker:
 
         results = []
         for i, request in enumerate(requests):
+            if self._stop_after_failure and any(r.failed for r in results):
+                results.append(ScoreResult(reward=math.nan, components=(),
+                                           error="not scored: an earlier sample of its batch failed"))
+                continue
             components: list[float] = []
             error: str | None = None
             for index, spec in enumerate(self._specs):

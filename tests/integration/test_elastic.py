@@ -73,9 +73,11 @@ def test_scale_up_and_down_while_training(tmp_path, tiny_model_dir):
         status = json.loads(run_cli("status", "--job", "elastic-test", "--json", env=env).stdout)
         assert len(status["rollout_workers"]) == 1
 
-        # The job needs no more steps: a first SIGTERM ends it after the step in progress.
+        # The job needs no more steps: a first SIGTERM ends it after the step in progress. Sent
+        # to its process group, as timeout(1), SLURM and systemd do: the local Ray instance's
+        # processes are in it too, and died with it before they started with SIGTERM blocked.
         at_stop = len([r for r in rows(run_dir) if "reward/mean" in r])
-        job.send_signal(signal.SIGTERM)
+        os.killpg(job.pid, signal.SIGTERM)
         job.wait(timeout=300)
         out, err = out_path.read_text(), err_path.read_text()
         assert job.returncode == 0, err[-4000:]

@@ -110,7 +110,7 @@ def test_a_run_that_fails_after_it_started_says_why_in_one_line(tmp_path, tiny_m
                      f"data.train_path={train}", "data.eval_path=null", f"run.dir={run_dir}", "model.max_model_len=64",
                      "reward.functions=[failing_rewards:score]", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 1, result.stderr[-4000:]
-    assert "rlrelay: run failed: 8 sample(s) could not be scored; first: prompt" in result.stderr
+    assert "rlrelay: run failed: a sample could not be scored: prompt" in result.stderr
     assert "reward function 'failing_rewards:score' raised ValueError: no score for" in result.stderr
     assert f"rlrelay: traceback in {run_dir / 'error.txt'}" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-4000:]

@@ -277,3 +277,24 @@ def test_submit_resume_with_a_relative_run_directory_is_refused(capsys):
     # with it: `--resume auto` would find nothing and start afresh without a word.
     assert main(["submit", DEMO, "--resume", "auto", "--address", "http://127.0.0.1:1"]) == 2
     assert "--resume needs run.dir on storage the cluster keeps" in capsys.readouterr().err
+
+
+def test_eval_accuracy_is_judged_by_the_jobs_reward_not_always_exact_match(tmp_path, capsys):
+    # A GSM8K-style job scores with numeric_match; its eval compared whole responses with the
+    # answer (exact_match), so eval/accuracy stayed near 0 all run.
+    from cluster.config import load_config
+
+    assert load_config(DEMO).eval_judge() == "exact_match"
+    numeric = load_config(DEMO, ['reward.functions=[{"name": "numeric_match"}]'])
+    assert numeric.eval_judge() == "numeric_match"
+    assert load_config(DEMO, ['reward.functions=[{"name": "numeric_match"}]', "trainer.eval_function=exact_match"]) \
+        .eval_judge() == "exact_match"
+
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2=", "answer": "four"}) + "\n")
+    argv = ["train", DEMO, *run_overrides(tmp_path, f"data.eval_path={evals}", "trainer.eval_function=numeric_match")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"data.eval_path {evals}: prompt 1: eval judge numeric_match" in err
+    assert main(["train", DEMO, *run_overrides(tmp_path, "trainer.eval_function=nope")]) == 2
+    assert "trainer.eval_function: unknown reward function 'nope'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The config tree: YAML + overrides, and failing fast with the key named."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -190,8 +191,21 @@ def test_reward_settings_are_checked_before_any_worker_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"reward.model.path '.*rm' is not a model directory \(no config.json\)"):
         check(f"reward.model={{path: {tmp_path / 'rm'}}}")
     (tmp_path / "rm").mkdir()
-    (tmp_path / "rm" / "config.json").write_text("{}")
-    check(f"reward.model={{path: {tmp_path / 'rm'}}}")
+    rm = f"reward.model={{path: {tmp_path / 'rm'}}}"
+    # A causal LM would load with a random score head (and with a one-label config run to the
+    # end scoring noise): refused by its config before any worker starts.
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                             "id2label": {"0": "LABEL_0"}}))
+    with pytest.raises(ConfigError, match=r"is a LlamaForCausalLM architecture, not a sequence-classification"):
+        check(rm)
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    with pytest.raises(ConfigError, match=r"has 2 labels; a reward model has exactly one"):
+        check(rm)
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"],
+                                                             "id2label": {"0": "LABEL_0"}}))
+    check(rm)
+    with pytest.raises(ConfigError, match="every weight is 0"):
+        load_config(DEMO, ['reward.functions=[{"name": "exact_match", "weight": 0}]'])
 
 
 @pytest.mark.parametrize("function, answer, message", [

@@ -127,3 +127,11 @@ def test_prompts_with_characters_the_tokenizer_does_not_know_are_counted_and_log
     assert (len(kept), dropped) == (4, 0)  # kept: the model sees them, less what it cannot read
     assert "data.train_path d.jsonl: 2 prompt(s) hold characters the tokenizer does not know" in caplog.text
     assert "e.g. prompt 1" in caplog.text
+
+
+def test_a_byte_order_mark_at_the_start_of_a_file_is_not_data(tmp_path):
+    from cluster.data import load_prompts
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    assert [(p.text, p.answer) for p in load_prompts(path)] == [("1+1=", "2"), ("2+2=", "4")]

@@ -53,6 +53,17 @@ def test_adaptive_controller_direction_and_bounded_step():
         assert abs(ctl.coef / 0.2 - 1) <= 0.2 * n_steps / horizon + 1e-12
 
 
+def test_adaptive_controller_stays_positive_with_a_horizon_shorter_than_a_batch():
+    # horizon 5, 32 samples: 1 + (-0.2) * 32 / 5 = -0.28 made the coefficient negative, which
+    # the estimator then treated as "no KL" (QA: kl/coef -0.014, -0.032, -0.073).
+    ctl = AdaptiveKLController(init_coef=0.05, target=0.01, horizon=5)
+    for _ in range(3):
+        ctl.update(current_kl=0.0, n_steps=32)
+    assert ctl.coef == pytest.approx(0.05 * 0.5 ** 3)
+    ctl.update(current_kl=1.0, n_steps=32)  # far over target: at most doubled
+    assert ctl.coef == pytest.approx(0.05 * 0.5 ** 3 * 2)
+
+
 def test_adaptive_controller_round_trip_continues_identically():
     a = AdaptiveKLController(init_coef=0.1, target=0.05, horizon=1000)
     for kl in (0.2, 0.01, 0.07):

@@ -128,6 +128,16 @@ def test_run_call_reports_user_code_failing_after_the_call_returned():
     assert run_call(lambda *a: [1.0], ("q", "r", None)) == ("not_a_number", "list")
 
 
+def test_numpy_scalars_count_as_numbers_arrays_do_not():
+    import numpy as np
+
+    assert run_call(lambda *a: np.bool_(True), ("q", "r", None)) == ("value", 1.0)  # np.bool_ is no numbers.Real
+    assert run_call(lambda *a: np.float32(0.5), ("q", "r", None)) == ("value", 0.5)
+    assert run_call(lambda *a: np.int64(3), ("q", "r", None)) == ("value", 3.0)
+    assert run_call(lambda *a: np.array([1.0]), ("q", "r", None)) == ("not_a_number", "ndarray")
+    assert run_call(lambda *a: np.str_("1"), ("q", "r", None)) == ("not_a_number", "str_")
+
+
 def test_start_up_output_of_the_interpreter_does_not_reach_the_protocol(tmp_path, monkeypatch, capfd):
     # A sitecustomize (or .pth file) that prints runs before any code of ours in the child.
     (tmp_path / "sitecustomize.py").write_text("print('hello from site')\n")

@@ -232,6 +232,17 @@ def test_raising_and_nonfinite_functions_fail_only_their_sample(user_rewards, is
     assert worker.stats() == {"scored": 2, "failures": 3, "timeouts": 0}
 
 
+def test_a_worker_that_stops_after_a_failure_spares_the_rest_of_its_batch(user_rewards):
+    # reward.on_failure=error ends the run at the first failure; scoring on meant one timeout
+    # per remaining sample first (hours over a batch of slow failures).
+    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:boom")], isolation="thread",
+                          stop_after_failure=True)
+    results = worker.score(requests_for("ok", "bad", "fine", "bad"))
+    assert not results[0].failed and "raised KeyError" in results[1].error
+    assert [r.error for r in results[2:]] == ["not scored: an earlier sample of its batch failed"] * 2
+    assert worker.stats()["failures"] == 1  # the spared ones were never called
+
+
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_non_number_return_value_fails_the_sample(user_rewards, isolation):
     worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:text")], isolation=isolation)
