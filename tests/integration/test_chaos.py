@@ -160,7 +160,10 @@ def reward_processes() -> list[int]:
 
 
 def test_reward_call_holding_the_gil_fails_its_sample_not_the_worker(ray_local):
-    cfg = config("reward.num_workers=1", "reward.timeout_s=3", "reward.functions=[rewards_for_tests:backtracking_length]")
+    # on_failure=zero: the worker scores the rest of the batch after the failed call (with the
+    # default, error, it would spare them: the run stops anyway).
+    cfg = config("reward.num_workers=1", "reward.timeout_s=3", "reward.on_failure=zero",
+                 "reward.functions=[rewards_for_tests:backtracking_length]")
     rewards = RewardPool(cfg, None)
     try:
         rewards.ready()
