@@ -187,7 +187,7 @@ class RolloutWorker:
         limit = self.settings.max_model_len - sampling.max_new_tokens
         if len(ids) > limit:
             raise ValueError(
-                f"prompt {prompt.index} has {len(ids)} tokens; max_model_len "
+                f"{prompt.label} has {len(ids)} tokens; max_model_len "
                 f"{self.settings.max_model_len} - max_new_tokens {sampling.max_new_tokens} leaves {limit}")
         return text, ids
 
@@ -199,13 +199,13 @@ def render_prompt(tokenizer, prompt: Prompt, model_path: str) -> tuple[str, list
     tokens lost them). Plain text is encoded with the tokenizer's special tokens."""
     if prompt.messages is not None:
         if not tokenizer.chat_template:
-            raise ValueError(f"prompt {prompt.index} is a chat, but the tokenizer of {model_path} has no chat template")
+            raise ValueError(f"{prompt.label} is a chat, but the tokenizer of {model_path} has no chat template")
         messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The template writes the special tokens (BOS, role markers) itself.
         return text, tokenizer.encode(text, add_special_tokens=False)
     if not prompt.text:
-        raise ValueError(f"prompt {prompt.index} is empty")
+        raise ValueError(f"{prompt.label} is empty")
     return prompt.text, tokenizer.encode(prompt.text)
 
 

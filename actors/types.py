@@ -30,12 +30,15 @@ class Prompt:
     Exactly one of ``text`` and ``messages`` is set. Chat messages are rendered with the
     tokenizer's chat template on the worker (an error if the tokenizer has none).
 
-    Example: ``Prompt(index=7, text="12+30=", answer="42")``
+    Example: ``Prompt(index=7, text="12+30=", answer="42", line=9)``
     """
 
     index: int
     """Position of the prompt in the training (or eval) set; with the step it makes the
     sampling seed of every sample, so a re-dispatched prompt samples the same completion."""
+    line: int | None = None
+    """1-based line of the dataset file it was read from (blank lines make it differ from
+    ``index``); ``None`` for a prompt built in code."""
     text: str | None = None
     """Plain-text prompt, fed to the model as is."""
     messages: tuple[ChatMessage, ...] | None = None
@@ -45,7 +48,13 @@ class Prompt:
 
     def __post_init__(self) -> None:
         if (self.text is None) == (self.messages is None):
-            raise ValueError(f"prompt {self.index}: set exactly one of text and messages")
+            raise ValueError(f"{self.label}: set exactly one of text and messages")
+
+    @property
+    def label(self) -> str:
+        """How errors name it: ``prompt 3 (line 5)``; the index alone is not findable in a file
+        with blank lines."""
+        return f"prompt {self.index}" if self.line is None else f"prompt {self.index} (line {self.line})"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -336,10 +336,17 @@ class Config:
         if per_minibatch < self.learner.world_size:
             raise ConfigError(f"each minibatch has {per_minibatch} samples, fewer than learner.world_size "
                               f"({self.learner.world_size}): lower algorithm.minibatches or the world size")
-        if (self.algorithm.advantage_estimator in GROUP_ESTIMATORS or self.algorithm.dynamic_sampling) \
-                and r.samples_per_prompt < 2:
-            raise ConfigError(f"algorithm.advantage_estimator={self.algorithm.advantage_estimator} (or dynamic "
-                              f"sampling) compares samples of a prompt: rollout.samples_per_prompt must be >= 2")
+        # Only the keys that ask for groups are named: naming the estimator when dynamic
+        # sampling alone asked sent the user to change an estimator that needs none.
+        comparing = []
+        if self.algorithm.advantage_estimator in GROUP_ESTIMATORS:
+            comparing.append(f"algorithm.advantage_estimator={self.algorithm.advantage_estimator}")
+        if self.algorithm.dynamic_sampling:
+            comparing.append("algorithm.dynamic_sampling=true")
+        if comparing and r.samples_per_prompt < 2:
+            raise ConfigError(f"rollout.samples_per_prompt must be >= 2 (got {r.samples_per_prompt}): "
+                              f"{' and '.join(comparing)} compare{'' if len(comparing) > 1 else 's'} "
+                              f"the samples of a prompt")
         if self.reward.on_failure not in ("error", "zero"):
             raise ConfigError(f"reward.on_failure: {self.reward.on_failure!r} is not one of error, zero")
         if self.reward.isolation not in ISOLATIONS:

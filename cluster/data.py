@@ -23,7 +23,8 @@ class DataError(ValueError):
 def load_prompts(path: str | Path) -> list[Prompt]:
     """Read ``{"prompt": str | [{"role", "content"}...], "answer": str?}`` lines into Prompts.
 
-    ``Prompt.index`` is the 0-based position among the file's prompts (blank lines skipped).
+    ``Prompt.index`` is the 0-based position among the file's prompts (blank lines skipped),
+    ``Prompt.line`` the 1-based line it was read from.
     """
     path = Path(path)
     if not path.is_file():
@@ -49,7 +50,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
             except ValueError as e:
                 raise DataError(f"{where}: {e}") from None
-            prompts.append(_parse(obj, len(prompts), where))
+            prompts.append(_parse(obj, len(prompts), lineno, where))
     if not prompts:
         raise DataError(f"dataset file {str(path)!r} holds no prompts")
     return prompts
@@ -73,7 +74,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
-def _parse(obj: object, index: int, where: str) -> Prompt:
+def _parse(obj: object, index: int, line: int, where: str) -> Prompt:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "prompt" not in obj:
@@ -85,7 +86,7 @@ def _parse(obj: object, index: int, where: str) -> Prompt:
     if isinstance(raw, str) and not isinstance(raw, _Decimal):
         if not raw.strip():
             raise DataError(f"{where}: the prompt is empty")
-        return Prompt(index=index, text=raw, answer=answer)
+        return Prompt(index=index, line=line, text=raw, answer=answer)
     if isinstance(raw, list) and raw:
         messages = []
         for m in raw:
@@ -94,7 +95,7 @@ def _parse(obj: object, index: int, where: str) -> Prompt:
             if m["role"] not in CHAT_ROLES:  # chat templates render an unknown role as text, or fail later
                 raise DataError(f"{where}: chat role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}")
             messages.append(ChatMessage(role=m["role"], content=m["content"]))
-        return Prompt(index=index, messages=tuple(messages), answer=answer)
+        return Prompt(index=index, line=line, messages=tuple(messages), answer=answer)
     raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of chat messages")
 
 
@@ -150,16 +151,16 @@ def drop_too_long(prompts: list[Prompt], encode, limit: int, policy: str, source
         try:
             ids = encode(p)
         except Exception as e:  # e.g. a chat template that refuses the roles' order: name the prompt
-            raise DataError(f"{source}: prompt {p.index} cannot be encoded: {type(e).__name__}: {e}") from e
+            raise DataError(f"{source}: {p.label} cannot be encoded: {type(e).__name__}: {e}") from e
         n = len(ids)
         if unknown_id is not None and unknown_id in ids:
-            unknown.append(p.index)
+            unknown.append(p.label)
         if n <= limit:
             kept.append(p)
         elif policy == "error":
-            raise DataError(f"{source}: prompt {p.index} has {n} tokens, more than the {limit} that "
+            raise DataError(f"{source}: {p.label} has {n} tokens, more than the {limit} that "
                             f"model.max_model_len - rollout.max_new_tokens leaves (data.too_long=skip drops such prompts)")
     if unknown:
         log.warning("%s: %d prompt(s) hold characters the tokenizer does not know (encoded as its unknown token), "
-                    "e.g. prompt %d", source, len(unknown), unknown[0])
+                    "e.g. %s", source, len(unknown), unknown[0])
     return kept, len(prompts) - len(kept)

@@ -179,10 +179,10 @@ def check_reward_config(cfg: Config, train_prompts: list, train_path: str) -> No
                 function(prompt.text or "", "", prompt.answer)
             except ValueError as e:
                 if cfg.reward.on_failure == "error":
-                    raise DataError(f"data.train_path {train_path}: prompt {prompt.index}: {e}") from None
-                unscorable.append(prompt.index)
+                    raise DataError(f"data.train_path {train_path}: {prompt.label}: {e}") from None
+                unscorable.append(prompt.label)
         if unscorable:  # reward.on_failure=zero: their samples score 0 and are counted in reward/failures
-            log.warning("data.train_path %s: %s cannot score %d prompt(s) (e.g. prompt %d); with "
+            log.warning("data.train_path %s: %s cannot score %d prompt(s) (e.g. %s); with "
                         "reward.on_failure=zero their samples score 0", train_path, spec.name, len(unscorable),
                         unscorable[0])
     if cfg.reward.model is not None:
@@ -228,7 +228,7 @@ def check_eval_judge(cfg: Config, eval_prompts: list, eval_path: str | None) -> 
         try:
             judge(prompt.text or "", "", prompt.answer)
         except ValueError as e:
-            raise DataError(f"data.eval_path {eval_path}: prompt {prompt.index}: eval judge {name}: {e}") from None
+            raise DataError(f"data.eval_path {eval_path}: {prompt.label}: eval judge {name}: {e}") from None
 
 
 def train(cfg: Config, resume: str | None = None) -> RunSummary:
@@ -250,6 +250,19 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     check_writable(checkpoint_root, "trainer.checkpoint_dir")
     with exclusive(run_dir):
         return _train(cfg, resume, run_dir, CheckpointManager(checkpoint_root, keep_last=cfg.trainer.keep_last))
+
+
+def completed_run(run_dir: Path, steps: int) -> RunSummary | None:
+    """The summary of the run in ``run_dir`` if it ran to its end at ``steps`` steps (final
+    checkpoint, model and evaluation, then summary.json, written last); None otherwise,
+    e.g. after a crash between its last checkpoint and its summary, whose end a resume redoes."""
+    try:
+        saved = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("steps_completed") != steps or saved.get("stopped_early"):
+        return None
+    return RunSummary(steps_completed=steps, eval_before=saved.get("eval_before"), eval_after=saved.get("eval_after"))
 
 
 def is_own_checkpoint(checkpoint: Path, checkpoints: CheckpointManager) -> bool:
@@ -314,6 +327,13 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
         # from these later weights, replacing the real one.
         raise ConfigError(f"--resume: checkpoint {resume_from} is at step {resumed.step}, past trainer.steps="
                           f"{cfg.trainer.steps}: raise trainer.steps, or resume an earlier checkpoint")
+    if resumed is not None and resumed.step == cfg.trainer.steps and is_own_checkpoint(resume_from, checkpoints):
+        done = completed_run(run_dir, cfg.trainer.steps)
+        if done is not None:
+            # Resumed, it would redo its end and log the final evaluation a second time.
+            log.warning("the run in %s has already completed its %d steps (summary.json); nothing to do: raise "
+                        "trainer.steps to train on", run_dir, cfg.trainer.steps)
+            return done
     if cfg.model.path is not None:
         check_model_dir(cfg.model.path)  # before the demo's data is built for it (a minute)
     paths = resolve_paths(cfg)

@@ -8,7 +8,8 @@ and starts a fresh one for the next call.
 
 Both the child (`_serve`) and the parent's side live here, so the protocol is read in one
 place. It runs over two pipes of its own, not the child's stdin/stdout, so nothing a user
-function or the interpreter's start-up prints can reach it. Messages, each one pickled
+function or the interpreter's start-up prints can reach it. What the child prints goes
+through `OutputLimit` to the worker's stderr. Messages, each one pickled
 ``multiprocessing`` frame:
 
 - parent -> child, once: ``(sys_path, function_specs)``; child -> parent: ``("ready",)`` or
@@ -28,6 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -43,6 +45,13 @@ START_TIMEOUT_S = 120.0
 RESTART_TIMEOUT_S = 30.0
 """Limit on starting a replacement after a timeout or a crash; the driver's wait on a batch
 allows it once per call."""
+
+SHOWN_LINES = 20
+"""Lines of reward-function output a worker passes on; the rest are only counted."""
+NOTE_EVERY_S = 60.0
+"""Least time between two notes counting the lines not shown."""
+_MAX_LINE = 65536
+"""Longer lines are read (and counted) in pieces of this many bytes, so memory stays bounded."""
 
 # The package root goes first on the child's path, so a user module named `reward` in the
 # working directory cannot stand in for ours; then the child takes the parent's sys.path.
@@ -73,6 +82,74 @@ def run_call(fn: Callable, args: tuple) -> Outcome:
         return ("raised", type(err).__name__, message)
 
 
+class OutputLimit:
+    """Passes on the first ``shown`` lines of output, then counts the rest and says how many at
+    most once every ``note_every_s`` seconds (and on `flush`). A ``print`` in a reward function
+    runs for every sample, and Ray forwards a worker's output to the driver's console, where
+    thousands of lines a step would bury the run's own messages. Thread-safe: the output of a
+    replacement child may arrive while its predecessor's last lines are still being relayed.
+
+    Example::
+
+        limit = OutputLimit(shown=1, note_every_s=60.0)
+        limit.feed(b"a\n", now=0.0)   # -> [b"a\n"]
+        limit.feed(b"b\n", now=1.0)   # -> [b"rlrelay: reward functions printed more than 1 line(s) ..."]
+        limit.feed(b"c\n", now=61.0)  # -> [b"rlrelay: reward functions printed 2 more line(s), not shown\n"]
+    """
+
+    def __init__(self, *, shown: int = SHOWN_LINES, note_every_s: float = NOTE_EVERY_S) -> None:
+        self.shown = shown
+        self.note_every_s = note_every_s
+        self._passed = 0
+        self._pending = 0
+        """Lines not shown since the last note."""
+        self._last_note: float | None = None
+        self._lock = threading.Lock()
+
+    def feed(self, line: bytes, now: float) -> list[bytes]:
+        """What to write for one more line of output, printed at time ``now`` (seconds)."""
+        with self._lock:
+            if self._passed < self.shown:
+                self._passed += 1
+                return [line]
+            self._pending += 1
+            if self._last_note is None:
+                self._last_note = now
+                return [f"rlrelay: reward functions printed more than {self.shown} line(s) in this worker; "
+                        f"the rest are counted, not shown\n".encode()]
+            if now - self._last_note >= self.note_every_s:
+                self._last_note = now
+                return self._count()
+            return []
+
+    def flush(self) -> list[bytes]:
+        """The count of lines not shown since the last note, if any."""
+        with self._lock:
+            return self._count() if self._pending else []
+
+    def _count(self) -> list[bytes]:
+        pending, self._pending = self._pending, 0
+        return [f"rlrelay: reward functions printed {pending} more line(s), not shown\n".encode()]
+
+
+def _relay(pipe, limit: OutputLimit) -> None:
+    """Copy a child's output to this process's stderr (the worker's Ray log) through ``limit``,
+    until every writer of the pipe is gone. Holds no reference to the `FunctionProcess`, so a
+    dropped handle is still collected (and its child killed)."""
+    with pipe:
+        while line := pipe.readline(_MAX_LINE):
+            for text in limit.feed(line, time.monotonic()):
+                _write_stderr(text)
+    for text in limit.flush():
+        _write_stderr(text)
+
+
+def _write_stderr(data: bytes) -> None:
+    # To the file descriptor, where the child's output went when it inherited it.
+    while data:
+        data = data[os.write(2, data):]
+
+
 class FunctionProcess:
     """The parent's handle on a child process running the given reward functions.
 
@@ -88,6 +165,9 @@ class FunctionProcess:
         self._to_child: Connection | None = None
         self._from_child: Connection | None = None
         self._stop = None
+        self._relay: threading.Thread | None = None
+        self._output = OutputLimit()
+        """Shared by the successive children: a restart does not show the first lines again."""
         self.starts = 0
         """Child processes started so far (1 + the restarts after timeouts and crashes)."""
         self._start(start_timeout_s)
@@ -97,10 +177,13 @@ class FunctionProcess:
         from_child_r, from_child_w = os.pipe()
         try:
             # A session of its own: on a kill, the whole group goes, with anything the user
-            # function forked. stdout is our stderr, so a print goes to the worker's log.
-            self._proc = _spawn([sys.executable, "-c", _BOOT, str(to_child_r), str(from_child_w), str(os.getpid())],
-                                stdin=subprocess.DEVNULL, stdout=2, pass_fds=(to_child_r, from_child_w),
-                                start_new_session=True)
+            # function forked. Its stdout and stderr come to us, to be relayed to the worker's
+            # log through the output limit; unbuffered (-u), so what it printed just before a
+            # timeout's kill is not lost in its buffer.
+            self._proc = _spawn([sys.executable, "-u", "-c", _BOOT, str(to_child_r), str(from_child_w),
+                                 str(os.getpid())],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                pass_fds=(to_child_r, from_child_w), start_new_session=True)
         except BaseException:
             os.close(to_child_w)
             os.close(from_child_r)
@@ -109,6 +192,9 @@ class FunctionProcess:
             os.close(to_child_r)
             os.close(from_child_w)
         self.starts += 1
+        self._relay = threading.Thread(target=_relay, args=(self._proc.stdout, self._output),
+                                       name="reward-output", daemon=True)
+        self._relay.start()
         self._to_child = Connection(to_child_w, readable=False)
         self._from_child = Connection(from_child_r, writable=False)
         # Also when the worker drops us without close(): no child outlives its handle.
@@ -162,7 +248,11 @@ class FunctionProcess:
         """Kill the child (it may be stuck in user code) and release the pipes."""
         if self._stop is not None:
             self._stop()
-        self._proc = self._to_child = self._from_child = self._stop = None
+        if self._relay is not None:
+            # The group is dead, so the pipe ends at once; unless something the function started
+            # left the session and holds it, which is not worth more than a second's wait.
+            self._relay.join(timeout=1.0)
+        self._proc = self._to_child = self._from_child = self._stop = self._relay = None
 
 
 def describe_exit(code: int) -> str:

@@ -95,7 +95,7 @@ def test_a_prompt_longer_than_the_context_stops_the_run_before_it_starts(tmp_pat
             "model.max_model_len=64", "rollout.prompts_per_step=2", f"run.dir={tmp_path / 'run'}")
     result = run_cli(*args, timeout=120)
     assert result.returncode != 0
-    assert "prompt 1 has" in result.stderr and "data.too_long=skip" in result.stderr
+    assert "prompt 1 (line 2) has" in result.stderr and "data.too_long=skip" in result.stderr
 
 
 def test_a_run_that_fails_after_it_started_says_why_in_one_line(tmp_path, tiny_model_dir):

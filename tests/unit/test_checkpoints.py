@@ -121,3 +121,32 @@ def test_only_a_runs_own_checkpoint_continues_its_wandb_run(tmp_path):
     assert is_own_checkpoint(tmp_path / "runs" / "b" / "checkpoints" / "step-000010", manager)
     assert is_own_checkpoint(tmp_path / "runs" / "b" / "checkpoints" / ".." / "checkpoints" / "step-000010", manager)
     assert not is_own_checkpoint(tmp_path / "runs" / "a" / "checkpoints" / "step-000010", manager)
+
+
+def test_resuming_a_completed_run_returns_its_summary_and_logs_nothing_again(tmp_path):
+    # It used to redo its end and append the final eval/accuracy to metrics.jsonl a second time.
+    from pathlib import Path
+
+    from cluster.config import load_config
+    from cluster.controller import RunSummary
+    from cluster.launch import train
+
+    run = tmp_path / "run"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    write(CheckpointManager(run / "checkpoints", keep_last=2), 4, model_dir)
+    metrics = '{"step": 0, "eval/accuracy": 0.2}\n{"step": 4, "reward/mean": 0.5}\n{"step": 4, "eval/accuracy": 0.6}\n'
+    (run / "metrics.jsonl").write_text(metrics)
+    (run / "summary.json").write_text(json.dumps({"steps_completed": 4, "eval_before": 0.2, "eval_after": 0.6,
+                                                  "stopped_early": False, "wandb_run_id": "abc"}))
+    demo = Path(__file__).resolve().parents[2] / "deploy" / "jobs" / "demo.yaml"
+    # A model.path that is not there: the completed run is answered before anything is looked at.
+    cfg = load_config(demo, [f"run.dir={run}", "trainer.steps=4", f"model.path={tmp_path / 'gone'}"])
+    assert train(cfg, resume="auto") == RunSummary(steps_completed=4, eval_before=0.2, eval_after=0.6)
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+    # Not complete: its summary is of fewer steps (then trained on past its end): the resume goes on.
+    (run / "summary.json").write_text(json.dumps({"steps_completed": 2, "eval_after": 0.4, "stopped_early": False}))
+    with pytest.raises(ConfigError, match="model.path .* is not a directory"):
+        train(cfg, resume="auto")

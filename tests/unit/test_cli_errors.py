@@ -295,6 +295,6 @@ def test_eval_accuracy_is_judged_by_the_jobs_reward_not_always_exact_match(tmp_p
     argv = ["train", DEMO, *run_overrides(tmp_path, f"data.eval_path={evals}", "trainer.eval_function=numeric_match")]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"data.eval_path {evals}: prompt 1: eval judge numeric_match" in err
+    assert f"data.eval_path {evals}: prompt 1 (line 2): eval judge numeric_match" in err
     assert main(["train", DEMO, *run_overrides(tmp_path, "trainer.eval_function=nope")]) == 2
     assert "trainer.eval_function: unknown reward function 'nope'" in capsys.readouterr().err

@@ -143,10 +143,22 @@ def test_null_override_unsets_an_optional_value():
 
 
 def test_group_estimators_need_several_samples():
-    with pytest.raises(ConfigError, match="samples_per_prompt must be >= 2"):
+    with pytest.raises(ConfigError, match=r"rollout.samples_per_prompt must be >= 2 \(got 1\): "
+                                          r"algorithm.advantage_estimator=grpo compares the samples of a prompt$"):
         load_config(DEMO, ["rollout.samples_per_prompt=1"])
     cfg = load_config(DEMO, ["rollout.samples_per_prompt=1", "algorithm.advantage_estimator=reinforce_pp"])
     assert cfg.rollout.samples_per_prompt == 1
+
+
+@pytest.mark.parametrize("estimator, culprits", [
+    # The estimator needs no groups: only the dynamic-sampling key is to blame, and named.
+    ("reinforce_pp", "algorithm.dynamic_sampling=true compares"),
+    ("rloo", "algorithm.advantage_estimator=rloo and algorithm.dynamic_sampling=true compare"),
+])
+def test_dynamic_sampling_with_one_sample_names_the_key_that_needs_more(estimator, culprits):
+    with pytest.raises(ConfigError, match=rf"samples_per_prompt must be >= 2 \(got 1\): {culprits} the samples"):
+        load_config(DEMO, ["rollout.samples_per_prompt=1", f"algorithm.advantage_estimator={estimator}",
+                           "algorithm.dynamic_sampling=true"])
 
 
 def test_reward_functions_by_name_or_mapping():
@@ -230,9 +242,9 @@ def test_with_failures_scored_zero_unscorable_prompts_are_counted_not_refused(ca
     from actors.types import Prompt
     from cluster.launch import check_reward_config
 
-    prompts = [Prompt(index=0, text="1+1=", answer="2"), Prompt(index=3, text="hi", answer=None)]
+    prompts = [Prompt(index=0, text="1+1=", answer="2"), Prompt(index=3, line=5, text="hi", answer=None)]
     check_reward_config(load_config(DEMO, ["reward.on_failure=zero"]), prompts, "train.jsonl")
-    assert "exact_match cannot score 1 prompt(s) (e.g. prompt 3)" in caplog.text
+    assert "exact_match cannot score 1 prompt(s) (e.g. prompt 3 (line 5))" in caplog.text
 
 
 def test_the_cli_and_the_config_do_not_import_torch():

@@ -21,6 +21,7 @@ def test_loads_text_and_chat_prompts(tmp_path):
     ])
     prompts = load_prompts(path)
     assert [p.index for p in prompts] == [0, 1, 2]
+    assert [p.line for p in prompts] == [1, 3, 4]  # the blank line 2 is no prompt, but counts as a line
     assert prompts[0].text == "1+1=" and prompts[0].answer == "2"
     assert prompts[1].messages[0].content == "hi" and prompts[1].answer == "7"
     assert prompts[2].answer is None
@@ -79,11 +80,27 @@ def test_too_long_prompts_error_by_default_or_are_dropped_and_counted(tmp_path):
     path = write(tmp_path / "d.jsonl", [json.dumps({"prompt": "x" * n}) for n in (3, 9, 5, 12)])
     prompts = load_prompts(path)
     encode = lambda p: list(p.text)  # one token per character  # noqa: E731
-    with pytest.raises(DataError, match=r"data.train_path d.jsonl: prompt 1 has 9 tokens, more than the 6"):
+    with pytest.raises(DataError, match=r"data.train_path d.jsonl: prompt 1 \(line 2\) has 9 tokens, more than the 6"):
         drop_too_long(prompts, encode, limit=6, policy="error", source="data.train_path d.jsonl")
     kept, dropped = drop_too_long(prompts, encode, limit=6, policy="skip", source="x")
     assert [p.index for p in kept] == [0, 2] and dropped == 2
     assert drop_too_long(prompts, encode, limit=12, policy="error", source="x") == (prompts, 0)
+
+
+def test_errors_after_loading_name_the_file_line_as_well_as_the_prompt_index(tmp_path):
+    # With blank lines the 0-based index is not where the prompt is in the file: prompt 1 is on line 4.
+    path = write(tmp_path / "d.jsonl", [json.dumps({"prompt": "ok"}), "", "", json.dumps({"prompt": "x" * 9})])
+    prompts = load_prompts(path)
+    with pytest.raises(DataError, match=r"d.jsonl: prompt 1 \(line 4\) has 9 tokens"):
+        drop_too_long(prompts, lambda p: list(p.text), limit=6, policy="error", source="d.jsonl")
+
+    def refuse(p):
+        if p.index == 1:
+            raise ValueError("no")
+        return [0]
+
+    with pytest.raises(DataError, match=r"d.jsonl: prompt 1 \(line 4\) cannot be encoded: ValueError: no"):
+        drop_too_long(prompts, refuse, limit=6, policy="skip", source="d.jsonl")
 
 
 def test_bytes_that_are_not_utf8_are_named_with_their_line(tmp_path):
@@ -126,7 +143,7 @@ def test_prompts_with_characters_the_tokenizer_does_not_know_are_counted_and_log
                                   source="data.train_path d.jsonl", unknown_id=tokenizer.unk_token_id)
     assert (len(kept), dropped) == (4, 0)  # kept: the model sees them, less what it cannot read
     assert "data.train_path d.jsonl: 2 prompt(s) hold characters the tokenizer does not know" in caplog.text
-    assert "e.g. prompt 1" in caplog.text
+    assert "e.g. prompt 1 (line 2)" in caplog.text
 
 
 def test_a_byte_order_mark_at_the_start_of_a_file_is_not_data(tmp_path):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from reward.isolated import FunctionProcess, run_call
+from reward.isolated import SHOWN_LINES, FunctionProcess, OutputLimit, run_call
 from reward.types import ScoreRequest
 from reward.worker import RewardFunctionSpec, RewardWorker
 
@@ -60,6 +60,33 @@ def test_prints_of_a_function_do_not_disturb_the_protocol(user_rewards, capfd):
     assert [r.reward for r in worker.score(requests_for("abc", "de"))] == [3.0, 2.0]
     worker.close()
     assert "scoring abc" in capfd.readouterr().err
+
+
+def test_a_worker_shows_the_first_lines_its_functions_print_and_counts_the_rest(user_rewards, capfd):
+    # Ray forwards a worker's output to the driver's console: a print per sample buried it.
+    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:chatty")])
+    responses = [f"r{i}" for i in range(SHOWN_LINES + 5)]
+    assert [r.reward for r in worker.score(requests_for(*responses))] == [float(len(r)) for r in responses]
+    worker.close()
+    err = capfd.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("scoring")] == \
+        [f"scoring {r}" for r in responses[:SHOWN_LINES]]
+    assert f"reward functions printed more than {SHOWN_LINES} line(s) in this worker" in err
+    assert "reward functions printed 5 more line(s), not shown" in err  # the count comes at the latest on close
+
+
+def test_output_limit_passes_the_first_lines_then_counts_at_most_once_per_interval():
+    limit = OutputLimit(shown=2, note_every_s=60.0)
+    assert limit.feed(b"a\n", now=0.0) == [b"a\n"]
+    assert limit.feed(b"b\n", now=0.0) == [b"b\n"]
+    assert limit.flush() == []
+    assert limit.feed(b"c\n", now=1.0) == [b"rlrelay: reward functions printed more than 2 line(s) in this worker; "
+                                           b"the rest are counted, not shown\n"]
+    assert limit.feed(b"d\n", now=30.0) == []
+    assert limit.feed(b"e\n", now=61.0) == [b"rlrelay: reward functions printed 3 more line(s), not shown\n"]
+    assert limit.feed(b"f\n", now=62.0) == []
+    assert limit.flush() == [b"rlrelay: reward functions printed 1 more line(s), not shown\n"]
+    assert limit.flush() == []
 
 
 def test_function_errors_are_those_of_the_thread_path(user_rewards):
