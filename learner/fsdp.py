@@ -3,10 +3,13 @@ rank's rows into a fixed number of micro-batches so every rank makes the same co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
@@ -78,6 +81,36 @@ def shard_model(model: nn.Module, plan: ShardingPlan, checkpoint_activations: bo
     # backward releases them with `release_root`.
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model
+
+
+def shard_from_rank0(skeleton: nn.Module, load: Callable[[], nn.Module], plan: ShardingPlan, device: torch.device,
+                     checkpoint_activations: bool = False) -> nn.Module:
+    """Shard ``skeleton`` (the model on the meta device) and fill it with the weights that rank
+    0 alone reads with ``load`` (collective).
+
+    Every rank reading the checkpoint itself would hold, per node, one whole fp32 copy in host
+    memory per rank at once (8 x 32 GB for an 8B model on a node of 8 GPUs), and without CPU
+    offload move it whole onto each GPU before sharding: past ~16B that alone fills an 80 GB
+    GPU. Here each rank allocates only its own shards; rank 0 broadcasts the checkpoint one
+    tensor at a time and every rank keeps its slice of it.
+    """
+    shard_model(skeleton, plan, checkpoint_activations)
+    # Offloaded shards live in host memory (FSDP2 pins them before the first forward).
+    skeleton.to_empty(device=torch.device("cpu") if plan.offload else device)
+    full = load() if dist.get_rank() == 0 else None
+    # Buffers (rotary frequencies, which no state dict carries) are computed with, so they
+    # belong on the compute device even when parameters are offloaded; they are small.
+    for prefix, module in skeleton.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if full is not None:
+                value = full.get_buffer(f"{prefix}.{name}" if prefix else name).to(device)
+            else:
+                value = torch.empty_like(buf, device=device)
+            dist.broadcast(value, src=0)
+            setattr(module, name, value)
+    set_model_state_dict(skeleton, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return skeleton
 
 
 def release_root(model: nn.Module) -> None:

@@ -87,6 +87,24 @@ def load_critic(path: str, dtype: torch.dtype, packed: bool = False) -> Critic:
     return Critic(trunk, config.hidden_size).to(dtype)
 
 
+def policy_skeleton(path: str, dtype: torch.dtype, packed: bool = False) -> nn.Module:
+    """The policy's modules from its ``config.json`` on the meta device: shapes and names,
+    no memory and no weights (``learner.fsdp.shard_from_rank0`` fills in the weights)."""
+    check_model_dir(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                attn_implementation=_attention(packed))
+
+
+def critic_skeleton(path: str, dtype: torch.dtype, packed: bool = False) -> Critic:
+    """The critic's modules on the meta device, as ``policy_skeleton``."""
+    check_model_dir(path)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        trunk = AutoModel.from_config(config, dtype=dtype, attn_implementation=_attention(packed))
+        return Critic(trunk, config.hidden_size).to(dtype)
+
+
 def _attention(packed: bool) -> str | None:
     return PACKED_ATTENTION if packed else None  # None: transformers' default (SDPA)
 

@@ -32,10 +32,11 @@ from learner.batch import RolloutBatch, TrainBatch
 from learner.checkpoint import (JsonMetadataReader, JsonMetadataWriter, join_optimizer_state,
                                 split_optimizer_state)
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.fsdp import (ShardingPlan, cat_rows, init_optimizer_state, micro_batches, release_root, shard_model,
-                          to_device)
+from learner.fsdp import (ShardingPlan, cat_rows, init_optimizer_state, micro_batches, release_root,
+                          shard_from_rank0, to_device)
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
-from learner.models import load_critic, load_policy, sequence_logprobs, sequence_values
+from learner.models import (critic_skeleton, load_critic, load_policy, policy_skeleton, sequence_logprobs,
+                            sequence_values)
 from learner.shared_weights import SharedWeights, SharedWeightWriter
 from learner.weight_bucket import WeightUpdate, share_state_dict
 
@@ -160,16 +161,19 @@ class LearnerRank:
             logging.getLogger("rlrelay").info("learner.cpu_offload/reference_offload: no effect when training on CPU")
         trained = ShardingPlan(mesh=mesh, reshard_after_forward=cfg.sharding == "full", mp=mp,
                                offload=cfg.cpu_offload and gpu, compile_blocks=cfg.compile)
-        # Offloaded parameters start on the CPU; FSDP2 moves each block to the GPU to compute.
-        placed = (lambda m: m) if trained.offload else (lambda m: m.to(self.device))
-
         ckpt = cfg.activation_checkpointing
         packed = cfg.pack_sequences
-        self.policy = shard_model(placed(load_policy(self.model_path, torch.float32, packed)), trained, ckpt)
+        path = self.model_path
+
+        def build(skeleton, load, plan: ShardingPlan, checkpoint: bool = ckpt) -> nn.Module:
+            return shard_from_rank0(skeleton(path, torch.float32, packed), lambda: load(path, torch.float32, packed),
+                                    plan, self.device, checkpoint)
+
+        self.policy = build(policy_skeleton, load_policy, trained)
         self.policy_opt, self.policy_sched = self._optimizer(self.policy, cfg.lr)
         self.critic = self.critic_opt = self.critic_sched = None
         if self.algo.uses_critic:
-            self.critic = shard_model(placed(load_critic(self.model_path, torch.float32, packed)), trained, ckpt)
+            self.critic = build(critic_skeleton, load_critic, trained)
             self.critic_opt, self.critic_sched = self._optimizer(self.critic, cfg.critic_lr)
         self.reference = None
         if self.algo.uses_reference:
@@ -177,8 +181,7 @@ class LearnerRank:
             # that would free a gathered copy, which under grad_op/none stayed for the whole job.
             frozen = replace(trained, offload=(cfg.reference_offload or cfg.cpu_offload) and gpu,
                              reshard_after_forward=True)
-            model = load_policy(self.model_path, torch.float32, packed)
-            self.reference = shard_model(model if frozen.offload else model.to(self.device), frozen)
+            self.reference = build(policy_skeleton, load_policy, frozen, checkpoint=False)
             self.reference.requires_grad_(False).eval()
         dist.barrier()  # every rank is set up and the group carries a collective end to end
 

@@ -153,6 +153,37 @@ def test_compiled_blocks_and_packed_rows_give_the_same_update(ray_local, tiny_mo
     assert rel < 1e-3, f"{option}: update differs by {rel:.2e} (relative)"
 
 
+def test_ranks_hold_the_checkpoint_that_rank_0_alone_read(ray_local, tiny_tied_model_dir):
+    """Two ranks build their models on the meta device and rank 0 broadcasts the checkpoint
+    (learner/fsdp.py shard_from_rank0). Weights, and the rotary frequencies that no state dict
+    carries, must arrive whole: a rank with uninitialised buffers computes other log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    from learner.models import sequence_logprobs
+
+    cfg = Config()
+    cfg.learner.world_size, cfg.learner.micro_batch_size, cfg.learner.num_cpus = 2, 2, 0.5
+    cfg.learner.num_threads = 1
+    cfg.algorithm.advantage_estimator, cfg.algorithm.kl_coef = "gae", 0.1  # a critic and a reference too
+    group = LearnerGroup(cfg, str(tiny_tied_model_dir), total_updates=1)
+    try:
+        group.ready()
+        batch = make_batch().rollouts
+        got = group.forward(batch)
+        exported = dict(iter_tensors(ray_local.get(group.export_weights(version=0), timeout=300)))
+    finally:
+        group.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_tied_model_dir))
+    assert exported.keys() == model.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        want, _ = sequence_logprobs(model, batch, cfg.rollout.temperature)
+    # Each rank computed its own share of the rows (by length).
+    assert torch.allclose(got.old_logprobs, want, atol=1e-5), float((got.old_logprobs - want).abs().max())
+    assert torch.allclose(got.ref_logprobs, want, atol=1e-5)
+    assert got.values is not None and torch.equal(got.values, torch.zeros_like(got.values))  # the zero value head
+
+
 def test_a_non_finite_loss_skips_the_update_on_every_rank_and_is_counted(ray_local, tiny_model_dir):
     cfg = Config()
     cfg.learner.world_size, cfg.learner.micro_batch_size, cfg.learner.num_cpus = 2, 2, 0.5
