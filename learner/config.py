@@ -149,7 +149,8 @@ class LearnerConfig:
     state and re-gathers parameters for backward (ZeRO-3-like, least memory); ``grad_op`` keeps
     each block's parameters gathered from forward to backward (ZeRO-2-like: one all-gather per
     block instead of two, the gathered block stays in memory); ``none`` replicates everything
-    (plain data parallel: fastest for small models, most memory)."""
+    (plain data parallel: fastest for small models, most memory; gradients add up locally
+    over a step's micro-batches and are all-reduced once per optimizer step)."""
     cpu_offload: bool = False
     """Keep parameters, gradients and optimizer state in CPU memory, moving each block to the GPU
     only while it computes (FSDP2 CPUOffloadPolicy); the optimizer step runs on the CPU. Saves

@@ -243,7 +243,8 @@ class LearnerRank:
             if self.critic is not None:
                 self.critic.train()
                 self.critic_opt.zero_grad(set_to_none=True)
-            for micro, real in micro_batches(mb.batch, mb.micro_sizes):
+            for i, (micro, real) in enumerate(micro_batches(mb.batch, mb.micro_sizes)):
+                self._sync_gradients(last=i == len(mb.micro_sizes) - 1)
                 if real:  # compute spent on padding: a padded micro-batch is as wide as its longest row
                     seen = micro.rollouts.attention_mask[:real]
                     padding = 0.0 if self.cfg.pack_sequences else 1.0 - float(seen.sum()) / seen.numel()
@@ -410,6 +411,22 @@ class LearnerRank:
                                    clip_range=self.algo.value_clip, loss_agg=self.algo.loss_agg,
                                    num_tokens=mb.num_tokens, num_seqs=mb.num_seqs)
         return loss, {f"value/{k}": v for k, v in metrics.items()}
+
+    def _sync_gradients(self, last: bool) -> None:
+        """Whether the coming backward reduces gradients across ranks.
+
+        Under ``learner.sharding=none`` every rank holds whole gradients anyway, so they add up
+        locally over a step's micro-batches and are all-reduced once, in the last one's backward
+        (DDP's ``no_sync``): one all-reduce of the gradients per optimizer step instead of one
+        per micro-batch, and no more memory: the local sum takes the place of the reduced gradients a
+        rank would keep between micro-batches. ``full`` and ``grad_op`` reduce-scatter in every
+        backward, which is what keeps only a shard of the gradients on each rank.
+        """
+        if self.cfg.sharding != "none":
+            return
+        for model in (self.policy, self.critic):
+            if model is not None:
+                model.set_requires_gradient_sync(last)
 
     def _step(self, model: nn.Module, opt, sched) -> float:
         """Clip and apply the accumulated gradient; returns its norm before clipping.
