@@ -76,3 +76,42 @@ def test_packed_rows_match_padded_rows_in_bf16(model_dir, monkeypatch):
     mask = rollouts.response_mask.bool()
     assert float((lp - ref_lp)[mask].abs().mean()) < 2e-2, float((lp - ref_lp)[mask].abs().max())
     assert float((grad - ref_grad).norm() / ref_grad.norm()) < 5e-2
+
+
+# One learner rank on the GPU in a fresh process (its NCCL group must not outlive the test):
+# rank 0 reads the checkpoint into meta-built shards, exports bf16 weights, and a checkpoint
+# round trip restores the CUDA generator.
+RANK_PROBE = """
+import json, sys, tempfile, torch
+from transformers import AutoModelForCausalLM
+from cluster.config import load_config
+from learner.worker import LearnerRank
+
+cfg = load_config(None, ["learner.world_size=1", "learner.num_gpus=1", "algorithm.kl_coef=0.1"])
+rank = LearnerRank(0, 1, sys.argv[1], cfg.learner, cfg.algorithm, temperature=1.0, total_updates=4)
+rank.setup("127.0.0.1", rank.free_port())
+state = rank.full_policy_state()
+want = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).state_dict()
+exact = all(state[k].dtype == torch.bfloat16 and torch.equal(state[k], v.to(torch.bfloat16)) for k, v in want.items())
+with tempfile.TemporaryDirectory() as d:
+    saved = rank.save_checkpoint(d)
+    expected = torch.rand(4, device="cuda")
+    torch.rand(100, device="cuda")
+    rank.load_checkpoint(d, saved)
+    restored = bool(torch.equal(torch.rand(4, device="cuda"), expected))
+rank.shutdown()
+print(json.dumps({"keys": sorted(state) == sorted(want), "exact": exact, "cuda_rng": saved.cuda_rng is not None,
+                  "restored": restored}))
+"""
+
+
+def test_weights_arrive_from_rank_0_export_in_bf16_and_the_cuda_generator_is_checkpointed(model_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", RANK_PROBE, str(model_dir)], cwd=Path(__file__).resolve().parents[2],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"keys": True, "exact": True, "cuda_rng": True,
+                                                               "restored": True}
