@@ -95,21 +95,34 @@ def shard_from_rank0(skeleton: nn.Module, load: Callable[[], nn.Module], plan: S
     tensor at a time and every rank keeps its slice of it.
     """
     shard_model(skeleton, plan, checkpoint_activations)
-    # Offloaded shards live in host memory (FSDP2 pins them before the first forward).
+    # Offloaded shards live in host memory (to_empty pins them: FSDP2 re-pads each shard there).
     skeleton.to_empty(device=torch.device("cpu") if plan.offload else device)
     full = load() if dist.get_rank() == 0 else None
-    # Buffers (rotary frequencies, which no state dict carries) are computed with, so they
-    # belong on the compute device even when parameters are offloaded; they are small.
+    # Non-persistent buffers (rotary frequencies) are in no state dict: rank 0 sends its own.
+    # `_non_persistent_buffers_set` is nn.Module's own record of them; persistent buffers come
+    # with the weights below, on the parameters' device, which set_model_state_dict requires.
     for prefix, module in skeleton.named_modules():
         for name, buf in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                continue
+            value = torch.empty_like(buf, device=device)
             if full is not None:
-                value = full.get_buffer(f"{prefix}.{name}" if prefix else name).to(device)
-            else:
-                value = torch.empty_like(buf, device=device)
+                theirs = full.get_buffer(f"{prefix}.{name}" if prefix else name)
+                if theirs.shape != buf.shape:
+                    raise ValueError(f"buffer {prefix}.{name}: the checkpoint's model has shape {tuple(theirs.shape)}, "
+                                     f"its config builds {tuple(buf.shape)}")
+                value.copy_(theirs)
             dist.broadcast(value, src=0)
             setattr(module, name, value)
+    # Offloaded, the tensors cross over gloo (the shards' device decides the backend): slower
+    # than NCCL, once per model at start-up.
     set_model_state_dict(skeleton, full.state_dict() if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Every buffer is computed with, so it belongs on the compute device even when offloaded.
+    for module in skeleton.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.device != device:
+                setattr(module, name, buf.to(device))
     return skeleton
 
 

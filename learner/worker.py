@@ -320,14 +320,22 @@ class LearnerRank:
         # across PCIe to the host, and no cast of the whole model on rank 0's CPU afterwards
         # (single-threaded seconds at 7B). Rank 0 keeps each full tensor, the others drop it.
         state = {} if self.rank == 0 else None
-        for name, value in self.policy.state_dict().items():
+        done: dict[int, torch.Tensor | None] = {}  # tied weights (one parameter, two names) cross once
+        for name, value in self.policy.state_dict(keep_vars=True).items():
+            if id(value) in done:
+                if state is not None:
+                    state[name] = done[id(value)]
+                continue
+            key = id(value)
             if isinstance(value, DTensor):  # a shard (or a replica) of the weight
                 # On the compute device even when offloaded: the gather then runs over NCCL.
                 local = value.to_local().to(device=self.device, dtype=dtype)
                 value = DTensor.from_local(local, value.device_mesh, value.placements, shape=value.shape,
                                            stride=value.stride()).full_tensor()
             if state is not None:
-                state[name] = value.detach().to(device="cpu", dtype=dtype).contiguous()
+                state[name] = done[key] = value.detach().to(device="cpu", dtype=dtype).contiguous()
+            else:
+                done[key] = None  # off rank 0 only the identity matters
         return state
 
     def save_checkpoint(self, path: str) -> RankState:
@@ -437,7 +445,10 @@ class LearnerRank:
         rank would keep between micro-batches. ``full`` and ``grad_op`` reduce-scatter in every
         backward, which is what keeps only a shard of the gradients on each rank.
         """
-        if self.cfg.sharding != "none":
+        if self.cfg.sharding != "none" or (self.cfg.cpu_offload and self.device.type == "cuda"):
+            # Offloaded, the local sum would stay on the GPU in fp32 for the whole step (FSDP2
+            # accumulates unsynced gradients on the compute device), 4 bytes a parameter that
+            # offloading exists to keep off it.
             return
         for model in (self.policy, self.critic):
             if model is not None:

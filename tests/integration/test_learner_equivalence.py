@@ -153,12 +153,14 @@ def test_compiled_blocks_and_packed_rows_give_the_same_update(ray_local, tiny_mo
     assert rel < 1e-3, f"{option}: update differs by {rel:.2e} (relative)"
 
 
-def test_ranks_hold_the_checkpoint_that_rank_0_alone_read(ray_local, tiny_tied_model_dir):
+def test_ranks_hold_the_checkpoint_that_rank_0_alone_read(ray_local, tiny_tied_model_dir, tmp_path):
     """Two ranks build their models on the meta device and rank 0 broadcasts the checkpoint
     (learner/fsdp.py shard_from_rank0). Weights, and the rotary frequencies that no state dict
     carries, must arrive whole: a rank with uninitialised buffers computes other log-probs."""
-    from transformers import AutoModelForCausalLM
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    from learner.checkpoint import JsonMetadataReader
     from learner.models import sequence_logprobs
 
     cfg = Config()
@@ -171,8 +173,15 @@ def test_ranks_hold_the_checkpoint_that_rank_0_alone_read(ray_local, tiny_tied_m
         batch = make_batch().rollouts
         got = group.forward(batch)
         exported = dict(iter_tensors(ray_local.get(group.export_weights(version=0), timeout=300)))
+        group.save_checkpoint(str(tmp_path))  # the critic's shards, read back whole below
     finally:
         group.shutdown()
+    # The critic's values start at 0 whatever its trunk holds (a zero head): its trunk is
+    # compared with the checkpoint's through what the ranks saved.
+    trunk = AutoModel.from_pretrained(str(tiny_tied_model_dir)).state_dict()
+    saved = {f"critic/trunk.{k}": torch.empty_like(v) for k, v in trunk.items()}
+    dcp.load(saved, storage_reader=JsonMetadataReader(str(tmp_path)), no_dist=True)
+    assert all(torch.equal(saved[f"critic/trunk.{k}"], v) for k, v in trunk.items())
     model = AutoModelForCausalLM.from_pretrained(str(tiny_tied_model_dir))
     assert exported.keys() == model.state_dict().keys()
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())

@@ -68,8 +68,8 @@ def collectives(model_dir: Path, sharding: str) -> dict[str, dict[str, int]]:
 
 def test_replicated_gradients_are_all_reduced_once_per_step(tiny_model_dir):
     counts = collectives(tiny_model_dir, "none")
-    # One all-reduce per FSDP group (2 blocks and the root) in the last backward, plus the
-    # clipping norm's: four micro-batches cost what one does (each reduced, it was 12).
+    # One all-reduce per FSDP group (2 blocks and the root), in the last backward: four
+    # micro-batches cost what one does (each reduced, it was 12).
     assert counts["4"]["all_reduce"] == counts["1"]["all_reduce"] > 0, counts
 
 
