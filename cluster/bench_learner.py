@@ -353,13 +353,12 @@ if __name__ == "__main__":  # the GPU machine has no Ray: `python -m cluster.ben
 
     parser = argparse.ArgumentParser(prog="python -m cluster.bench_learner")
     register_args(parser)
-    parser.add_argument("--json", action="store_true")  # the flags `rlrelay bench` adds to every bench
+    # --json and --seed as `rlrelay bench` has them for every bench; --out for a lent machine's $OUT.
+    parser.add_argument("--json", action="store_true", help="print the JSON object instead of a line per option")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and rows")
-    parser.add_argument("--out", metavar="FILE", help="write the JSON to FILE and print one line per option")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
     ns = parser.parse_args()
     measured = run(ns)
     if ns.out:
         Path(ns.out).write_text(json.dumps(measured, indent=2))
-        print(brief(measured))
-    else:
-        print(json.dumps(measured, indent=2))
+    print(json.dumps(measured, indent=2) if ns.json else brief(measured))

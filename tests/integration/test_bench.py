@@ -213,3 +213,27 @@ def test_bench_reward_times_both_isolations_on_the_same_samples():
     assert out["process_over_thread_us_per_call"] == pytest.approx(
         out["us_per_call"]["process"]["median"] - out["us_per_call"]["thread"]["median"], abs=0.1)
     assert_spread(out["process_start_ms"], n=2)
+
+
+def test_bench_learner_runs_without_the_cli_as_on_a_lent_gpu_machine(tmp_path):
+    """`python -m cluster.bench_learner` (the GPU machine has no Ray, so no `rlrelay`): one line
+    per option by default, the JSON object with --json, and --out writes that object either way."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "figures.json"
+    args = [sys.executable, "-m", "cluster.bench_learner", "--preset", "tiny", "--cpu", "--seq-len", "32",
+            "--prompt-len", "16", "--micro-batch", "2", "--micro-steps", "1", "--steps", "1", "--options", "full",
+            "--out", str(out)]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    written = json.loads(out.read_text())
+    assert "error" not in written["options"]["full"], written["options"]["full"]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("  ")]
+    assert len(lines) == 1 and lines[0].startswith("  full: ") and "tok/s" in lines[0]
+    done = subprocess.run(args + ["--json"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    printed = json.loads(done.stdout)
+    assert printed == json.loads(out.read_text()) and set(printed["options"]) == {"full"}
