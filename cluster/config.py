@@ -45,7 +45,8 @@ class RunConfig:
     cache_dir: str = ".cache/rlrelay"
     """Where built assets (the demo's warm-started model and data) are cached between runs."""
     overwrite: bool = False
-    """A fresh run (no ``--resume``) whose run directory holds an earlier run's checkpoints or
+    """A run that resumes none of its own checkpoints (no ``--resume``, ``--resume auto`` finding
+    none, or another run's checkpoint) whose run directory holds an earlier run's checkpoints or
     metrics is refused, since the two would mix (checkpoint rotation, ``--resume auto``);
     true removes the earlier run's checkpoints, metrics, summary, plot, final model and
     offline W&B runs first."""
@@ -213,9 +214,9 @@ class TrainerConfig:
     sample_table_every: int = 5
     """Log a table of sample generations every N steps (0 = never)."""
     async_staleness: int = 0
-    """0: synchronous (generate, then train, then push). k >= 1: generation of step s+1 overlaps
-    the update on step s, so samples are at most one policy version stale (<= k); truncated
-    importance sampling corrects for it unless algorithm.tis_cap=0."""
+    """0: synchronous (generate, then train, then push). 1: generation of step s+1 overlaps the
+    update on step s, so samples are at most one policy version stale; truncated importance
+    sampling corrects for it unless algorithm.tis_cap=0. Deeper pipelines (> 1) are refused."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end); the end of training always checkpoints."""
     keep_last: int = 2
@@ -296,6 +297,16 @@ class Config:
                            ("reward.num_gpus", rw.num_gpus)):
             if not value >= 0:  # also NaN
                 raise ConfigError(f"{key} must be >= 0 (got {value})")
+        for key, value in (("rollout.num_gpus", r.num_gpus), ("reward.num_gpus", rw.num_gpus)):
+            if value > 1:  # the engine and the reward model run on one device (no tensor parallelism)
+                raise ConfigError(f"{key} must be <= 1 (got {value}): a worker uses one GPU, and tensor "
+                                  f"parallelism is not supported, so the others would sit idle; a fraction "
+                                  f"shares a GPU, more workers use more GPUs")
+        lc = self.learner
+        if not (lc.num_cpus > 0 or lc.num_gpus > 0):
+            # Ray refuses a placement-group bundle that reserves nothing, after it has started.
+            raise ConfigError("learner.num_cpus and learner.num_gpus are both 0: each learner rank's placement "
+                              "bundle must reserve some CPU or GPU (set learner.num_cpus > 0)")
         for key, value in (("rollout.num_threads", r.num_threads), ("reward.num_threads", rw.num_threads),
                            ("ray.num_cpus", 1 if self.ray.num_cpus is None else self.ray.num_cpus)):
             if value < 1:
@@ -321,8 +332,15 @@ class Config:
             if not 0 <= r.autoscale_low < r.autoscale_high <= 1 or r.autoscale_patience < 1:
                 raise ConfigError(f"rollout.autoscale needs 0 <= autoscale_low ({r.autoscale_low}) < autoscale_high "
                                   f"({r.autoscale_high}) <= 1 and autoscale_patience >= 1")
-        if self.trainer.async_staleness < 0:
-            raise ConfigError(f"trainer.async_staleness must be >= 0 (got {self.trainer.async_staleness})")
+        if self.trainer.async_staleness not in (0, 1):
+            # The pipeline is one batch deep: a k above 1 would run exactly as 1.
+            raise ConfigError(f"trainer.async_staleness must be 0 (synchronous) or 1 (generation overlaps the "
+                              f"update, samples one version stale); got {self.trainer.async_staleness}: deeper "
+                              f"pipelines are not implemented")
+        if self.algorithm.uses_critic and self.algorithm.critic_warmup_steps >= self.trainer.steps:
+            raise ConfigError(f"algorithm.critic_warmup_steps ({self.algorithm.critic_warmup_steps}) must be below "
+                              f"trainer.steps ({self.trainer.steps}): the policy trains only after the critic's "
+                              f"warm-up, so it would never train")
         if self.trainer.keep_last < 1 or self.trainer.save_every < 0 or self.trainer.max_skipped_updates < 1:
             raise ConfigError("trainer.keep_last and trainer.max_skipped_updates must be >= 1, "
                               "trainer.save_every >= 0")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -71,7 +72,9 @@ def register(sub) -> None:
                                                       "(default: the current one)")
     p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                    help="environment variable for the job (value from here if only NAME); repeatable. "
-                        "Secret-looking names are refused")
+                        "Secret-looking names are refused. One rlrelay also sets for its workers "
+                        "(PYTHONPATH, TOKENIZERS_PARALLELISM, VLLM_LOGGING_LEVEL, VLLM_CONFIGURE_LOGGING) "
+                        "keeps the value given here")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="passed on to `rlrelay train`: continue from the run's latest checkpoint or from the "
                         "checkpoint directory PATH (a path on the cluster)")
@@ -128,11 +131,14 @@ def submit_command(args) -> int:
         if args.allow_insecure:
             overrides.append("ray.allow_insecure=true")
         load_config(args.config, overrides)  # exactly what the job will load
-        if args.resume and not Path(cfg.run.path).is_absolute():
-            # Each job runs in a fresh copy of the working directory: a relative run directory,
-            # and the checkpoints in it, went away with the job that wrote them.
-            raise ConfigError(f"--resume needs run.dir on storage the cluster keeps (an absolute path); "
-                              f"{cfg.run.path} is relative to the job's copy of the working directory")
+        # Each job runs in a fresh copy of the working directory: checkpoints under a relative
+        # path went away with the job that wrote them. They go to trainer.checkpoint_dir when
+        # set (whatever run.dir is), else to run.dir.
+        key, checkpoints = (("trainer.checkpoint_dir", cfg.trainer.checkpoint_dir) if cfg.trainer.checkpoint_dir
+                            else ("run.dir", str(cfg.run.path)))
+        if args.resume and not Path(checkpoints).is_absolute():
+            raise ConfigError(f"--resume needs the checkpoints on storage the cluster keeps (an absolute {key}); "
+                              f"{key} {checkpoints} is relative to the job's copy of the working directory")
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
     except ValueError as e:
@@ -192,7 +198,13 @@ def stop_command(args) -> int:
         bounded(client.stop_job, args.job)
     except (RuntimeError, OSError) as e:
         return _fail(str(e), 1)
-    status = wait_until_done(client, args.job, deadline=time.monotonic() + args.timeout)
+    try:
+        status = wait_until_done(client, args.job, deadline=time.monotonic() + args.timeout)
+    except (RuntimeError, OSError) as e:
+        if not is_transient(e):
+            return _fail(f"job {args.job}: {e}", 1)
+        return _fail(f"job {args.job} was asked to stop, but the job API still failed after {args.timeout:g} s "
+                     f"({e}): whether it has stopped is unknown", TIMED_OUT)
     if status is None:
         return _fail(f"job {args.job} has not stopped after {args.timeout:.0f} s", TIMED_OUT)
     print(f"job {args.job}: {status}")
@@ -208,8 +220,10 @@ def follow(client, submission_id: str, *, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     try:
         bounded(client.get_job_status, submission_id)
-    except (RuntimeError, OSError) as e:  # an unknown id: the job API's own words
-        return _fail(str(e), 1)
+    except (RuntimeError, OSError) as e:
+        if not is_transient(e):  # an unknown id: the job API's own words
+            return _fail(str(e), 1)
+        # else the job API is restarting: the log stream fails too, and the wait below asks again
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(submission_id):
@@ -228,23 +242,33 @@ def follow(client, submission_id: str, *, timeout: float) -> int:
         print(f"\nrlrelay: stopped following; job {submission_id} keeps running "
               f"(`rlrelay stop {submission_id}` stops it)", file=sys.stderr)
         return 130
+    except (RuntimeError, OSError) as e:
+        if not is_transient(e):
+            return _fail(f"job {submission_id}: {e}", 1)
+        return _fail(f"the job API still failed after {timeout:g} s ({e}): the status of job {submission_id} is "
+                     f"unknown (it may still be running)", TIMED_OUT)
     if status is None:
         print(f"rlrelay: job {submission_id} still running after {timeout:.0f} s (it keeps running; "
               f"`rlrelay stop {submission_id}` stops it)", file=sys.stderr)
         return TIMED_OUT
-    info = bounded(client.get_job_info, submission_id)
-    print(f"job {submission_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""))
+    try:
+        message = bounded(client.get_job_info, submission_id).message
+    except (RuntimeError, OSError):  # the outcome is known; its message is a nicety
+        message = None
+    print(f"job {submission_id}: {status}" + (f" ({message})" if status != "SUCCEEDED" and message else ""))
     return 0 if status == "SUCCEEDED" else 1
 
 
 def wait_until_done(client, submission_id: str, *, deadline: float) -> str | None:
-    """The job's terminal status, or None if it has none by ``deadline`` (time.monotonic)."""
+    """The job's terminal status, or None if it has none by ``deadline`` (time.monotonic).
+    A job API that does not answer, or answers with a server error, is asked again until the
+    deadline, then its last error is raised; any other answer (an unknown job) is raised at once."""
     warned = False
     while True:
         try:
             status = bounded(client.get_job_status, submission_id).value
-        except OSError as e:  # the dashboard restarting or not answering: the job itself may be fine
-            if time.monotonic() >= deadline:
+        except (RuntimeError, OSError) as e:
+            if not is_transient(e) or time.monotonic() >= deadline:
                 raise
             if not warned:
                 print(f"rlrelay: the job API did not answer ({e}); retrying until the deadline", file=sys.stderr)
@@ -255,6 +279,18 @@ def wait_until_done(client, submission_id: str, *, deadline: float) -> str | Non
         if time.monotonic() >= deadline:
             return None
         time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a job API error may pass by itself, as while the dashboard restarts: no connection
+    or no answer (requests' errors and ``bounded``'s TimeoutError are OSErrors), or a server error.
+    Ray's client raises a RuntimeError "Request failed with status code N: ..." for every answer
+    but 200, with no other way to tell them apart: a 5xx (the dashboard, or a proxy or port-forward
+    in front of it, failing) may pass; a 4xx (an unknown job id) will not."""
+    if isinstance(e, OSError):
+        return True
+    code = re.search(r"status code (\d{3})", str(e)) if isinstance(e, RuntimeError) else None
+    return code is not None and code.group(1).startswith("5")
 
 
 # -- building the submission ------------------------------------------------------------------
@@ -270,22 +306,35 @@ def job_tag(submission_id: str) -> str:
     return f"{JOB_TAG_PREFIX}{submission_id}"
 
 
-def current_submission_id(env: Mapping[str, str]) -> str | None:
-    """The submission id of the Ray job this process is the driver of, or None outside a job.
+def job_config(env: Mapping[str, str]) -> dict[str, Any]:
+    """The job config (``runtime_env``, ``metadata``) of the Ray job this process is the driver
+    of; {} outside a job.
 
-    Ray's job supervisor gives the driver its job config (metadata included) in the environment
-    variable RAY_JOB_CONFIG_JSON_ENV_VAR; this holds for jobs from ``rlrelay submit``,
-    ``ray job submit`` and KubeRay RayJobs alike.
+    Ray's job supervisor gives the driver its job config in the environment variable
+    RAY_JOB_CONFIG_JSON_ENV_VAR; this holds for jobs from ``rlrelay submit``, ``ray job submit``
+    and KubeRay RayJobs alike.
     """
     raw = env.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not raw:
-        return None
     try:
-        metadata = json.loads(raw).get("metadata") or {}
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    value = metadata.get("job_submission_id")
+        config = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def current_submission_id(env: Mapping[str, str]) -> str | None:
+    """The submission id of the Ray job this process is the driver of, or None outside a job."""
+    metadata = job_config(env).get("metadata")
+    value = metadata.get("job_submission_id") if isinstance(metadata, dict) else None
     return value if isinstance(value, str) and value else None
+
+
+def job_env_vars(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables the runtime env of the Ray job this process is the driver of sets ({} outside
+    a job): ``ray.init`` in such a job refuses a runtime env that sets any of them again."""
+    runtime_env = job_config(env).get("runtime_env")
+    env_vars = runtime_env.get("env_vars") if isinstance(runtime_env, dict) else None
+    return env_vars if isinstance(env_vars, dict) else {}
 
 
 def train_entrypoint(config: str, overrides: Sequence[str], resume: str | None = None) -> str:
@@ -297,7 +346,12 @@ def train_entrypoint(config: str, overrides: Sequence[str], resume: str | None =
 def job_env(specs: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
     """The job's environment variables: the stop grace period, the non-secret W&B settings set
     here, then ``--env`` ``NAME`` (value from ``env``) or ``NAME=VALUE``. Raises ValueError for a
-    secret's name."""
+    secret's name.
+
+    A variable that ``rlrelay train`` also sets for its workers (``cluster.launch.WORKER_ENV``,
+    PYTHONPATH) is no conflict: in a job, ``init_ray`` leaves the variables the job sets to the
+    job (Ray's ``ray.init`` refuses a variable set by both), so the value given here wins, and
+    Ray puts the job's working directory first on PYTHONPATH whatever it holds."""
     out = {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S)}
     out.update({name: env[name] for name in FORWARDED_ENV if env.get(name)})
     for spec in specs:

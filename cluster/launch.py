@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,7 +26,7 @@ from cluster.config import Config, ConfigError, to_dict
 from cluster.control import JobControl, control_actor_name, register_job
 from cluster.controller import Controller, RunSummary
 from cluster.data import DataError, PromptSampler, drop_too_long, load_prompts
-from cluster.jobs import join_cluster
+from cluster.jobs import job_env_vars, join_cluster
 from cluster.security import check_cluster_auth, require_token_auth
 
 log = logging.getLogger("rlrelay")
@@ -84,15 +84,36 @@ def stop_on_signal(controller: Controller) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def worker_runtime_env(env: Mapping[str, str], cwd: str) -> dict:
+    """The runtime env ``ray.init`` gives every worker: WORKER_ENV, and the driver's working
+    directory ``cwd`` on the import path, so user reward functions named ``my_rewards:score``
+    resolve in the reward actors as they do here.
+
+    In a Ray job (``rlrelay submit``, ``ray job submit``, a KubeRay RayJob), ``ray.init`` merges
+    this with the job's own runtime env and fails on any variable set in both, even to the same
+    value: a variable the job sets is left out, and the job's value holds. For WORKER_ENV that is
+    acceptable: those only set log levels and tokenizer threads. PYTHONPATH must still hold
+    ``cwd``; Ray puts a job's working directory (the driver's ``cwd``) there first, so it does
+    unless the job has none and sets PYTHONPATH without it: refused, naming the fix."""
+    path = os.pathsep.join(p for p in (cwd, env.get("PYTHONPATH")) if p)
+    env_vars = {**WORKER_ENV, "PYTHONPATH": path}
+    from_job = job_env_vars(env)
+    if "PYTHONPATH" in from_job:
+        # The driver's own PYTHONPATH is what the workers get: the job's, after Ray's additions.
+        on_path = {os.path.realpath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p}
+        if os.path.realpath(cwd) not in on_path:
+            raise ConfigError(f"the Ray job's runtime env sets PYTHONPATH={from_job['PYTHONPATH']!r} without the "
+                              f"driver's working directory {cwd}, and Ray refuses to set it again for the "
+                              f"workers: add {cwd} to the job's PYTHONPATH, or leave PYTHONPATH out of it")
+    return {"env_vars": {k: v for k, v in env_vars.items() if k not in from_job}}
+
+
 def init_ray(cfg: Config) -> None:
     """Start a fresh local Ray instance, or join the configured cluster."""
     import ray
 
     address = cfg.ray.target(os.environ)
-    # The driver's working directory goes on the workers' import path, so user reward
-    # functions named `my_rewards:score` resolve in the reward actors as they do here.
-    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-    runtime_env = {"env_vars": {**WORKER_ENV, "PYTHONPATH": path}}
+    runtime_env = worker_runtime_env(os.environ, os.getcwd())
     # Refused before anything starts: a cluster that would run without token authentication
     # (README, "Security and threat model").
     check_cluster_auth(address, allow_insecure=cfg.ray.allow_insecure, env=os.environ)
@@ -135,16 +156,19 @@ def start_control(cfg: Config):
 
 
 def clear_earlier_run(run_dir: Path, checkpoints: CheckpointManager, overwrite: bool) -> None:
-    """Refuse a fresh run where an earlier run left checkpoints or metrics (rotation would delete
-    the new run's checkpoints in favour of the old, higher-numbered ones, and a later
-    ``--resume auto`` would pick one of those), or remove them with ``run.overwrite``."""
+    """Refuse a run that continues none of its own checkpoints where an earlier run left
+    checkpoints or metrics (rotation would delete the new run's checkpoints in favour of the
+    old, higher-numbered ones, a later ``--resume auto`` would pick one of those, and the old
+    metrics would be emptied), or remove them with ``run.overwrite``."""
     earlier = checkpoints.checkpoints()
     metrics = run_dir / "metrics.jsonl"
     found = bool(earlier) or (metrics.is_file() and metrics.stat().st_size > 0)
     what = f"{len(earlier)} checkpoint(s), the latest {earlier[-1]}" if earlier else f"{metrics}"
     if found and not overwrite:
-        raise ConfigError(f"run directory {run_dir} holds an earlier run ({what}): --resume auto continues it, "
-                          f"another run.name or run.dir starts a new one beside it, run.overwrite=true replaces it")
+        # Without a checkpoint (one that ended early with trainer.save_every=0) there is nothing to continue.
+        how = "--resume auto continues it" if earlier else "it left no checkpoint to continue from"
+        raise ConfigError(f"run directory {run_dir} holds an earlier run ({what}): {how}, another run.name or "
+                          f"run.dir starts a new one beside it, run.overwrite=true replaces it")
     if not overwrite:
         return
     if found:
@@ -238,6 +262,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     if there is none), a path continues from that checkpoint, None starts fresh."""
     # Refused before anything is written or built (init_ray checks again for the benches).
     check_cluster_auth(cfg.ray.target(os.environ), allow_insecure=cfg.ray.allow_insecure, env=os.environ)
+    worker_runtime_env(os.environ, os.getcwd())  # a Ray job's PYTHONPATH it cannot work with, likewise
     # The reward workers get the driver's working directory on their import path (init_ray);
     # the driver's own check of `module:function` rewards must see the same modules, also when
     # it runs as the `rlrelay` console script, whose sys.path starts at the script's directory.
@@ -378,12 +403,15 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
         raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) exceeds the "
                           f"{len(train_prompts)} prompts of {paths.train_path} that fit")
 
-    if resume is None:
+    own = resume_from is not None and is_own_checkpoint(Path(resume_from), checkpoints)
+    if not own:
+        # Continuing none of this run's own checkpoints (a fresh start, `--resume auto` that found
+        # none, another run's checkpoint by path), it must not mix with what an earlier run left
+        # here: the Tracker would empty its metrics.jsonl.
         clear_earlier_run(run_dir, checkpoints, overwrite=cfg.run.overwrite)
     (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, now stale
     resolved = replace(cfg, model=replace(cfg.model, path=paths.model_path),
                        data=replace(cfg.data, train_path=paths.train_path, eval_path=paths.eval_path))
-    own = resume_from is not None and is_own_checkpoint(Path(resume_from), checkpoints)
     tracker = Tracker(run_dir, project=cfg.run.wandb_project, name=cfg.run.name, mode=cfg.run.wandb_mode,
                       config={**to_dict(resolved), "data/skipped_too_long": skipped}, tags=cfg.run.wandb_tags, total_steps=cfg.trainer.steps,
                       run_id=resumed.wandb_run_id if resumed and own else None,

@@ -188,6 +188,49 @@ def test_resuming_with_another_estimator_or_model_shape_is_refused_before_start(
     assert f"checkpoint {wider} holds a policy of shape {{'hidden_size': 64}}" in capsys.readouterr().err
 
 
+def test_a_run_that_continues_none_of_its_checkpoints_keeps_an_earlier_runs_metrics(tmp_path, monkeypatch, capsys):
+    # `--resume auto` that found no checkpoint (a crashed run with trainer.save_every=0) started
+    # afresh and emptied the earlier run's metrics.jsonl with only an info line; so did
+    # `--resume PATH` of another run's checkpoint into a run directory holding a run.
+    import dataclasses
+
+    import cluster.launch
+    from cluster.checkpoints import DriverState, run_signature
+
+    class StartedRay(Exception):
+        pass
+
+    def start_ray(cfg):
+        raise StartedRay
+
+    monkeypatch.setattr(cluster.launch, "init_ray", start_ray)
+    model = tmp_path / "model"
+    build_char_tokenizer("0123456789+=", model)
+    LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(model)
+    other = tmp_path / "other" / "checkpoints" / "step-000004"
+    (other / "learner").mkdir(parents=True)
+    state = DriverState(step=4, version=4, sampler_epoch=0, sampler_position=32, kl_controller={},
+                        reward_normalizer=None, wandb_run_id=None, eval_before=None,
+                        extra={"signature": run_signature(False, str(model))})
+    (other / "driver.json").write_text(json.dumps(dataclasses.asdict(state)))
+    (other / "learner_ranks.json").write_text("[]")
+    overrides = run_overrides(tmp_path, f"model.path={model}", "run.wandb_mode=disabled")
+    metrics = tmp_path / "runs" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text('{"step": 1, "reward/mean": 0.5}\n')
+
+    assert main(["train", DEMO, *overrides, "--resume", "auto"]) == 2
+    assert f"holds an earlier run ({metrics}): it left no checkpoint to continue from" in capsys.readouterr().err
+    assert main(["train", DEMO, *overrides, "--resume", str(other)]) == 2
+    assert f"holds an earlier run ({metrics})" in capsys.readouterr().err
+    assert metrics.read_text() == '{"step": 1, "reward/mean": 0.5}\n'
+    # run.overwrite=true replaces the earlier run, and the job goes on to start.
+    with pytest.raises(StartedRay):
+        main(["train", DEMO, *overrides, "run.overwrite=true", "--resume", "auto"])
+    assert metrics.read_text() == ""
+
+
 def test_a_broken_pipe_ends_a_printing_command_but_not_a_training_driver(monkeypatch):
     # A driver that took SIGPIPE's default died (rc 141, no checkpoint, no error.txt) when
     # W&B's service process went away; `rlrelay config | head` should still end quietly.
@@ -276,7 +319,26 @@ def test_submit_resume_with_a_relative_run_directory_is_refused(capsys):
     # The job's relative run directory lives in its own copy of the working directory, gone
     # with it: `--resume auto` would find nothing and start afresh without a word.
     assert main(["submit", DEMO, "--resume", "auto", "--address", "http://127.0.0.1:1"]) == 2
-    assert "--resume needs run.dir on storage the cluster keeps" in capsys.readouterr().err
+    assert "--resume needs the checkpoints on storage the cluster keeps (an absolute run.dir)" in \
+        capsys.readouterr().err
+
+
+def test_submit_resume_checks_where_the_checkpoints_go(tmp_path, monkeypatch, capsys):
+    # trainer.checkpoint_dir, when set, holds the checkpoints: a relative one passed (and went
+    # away with the job), an absolute one beside a relative run.dir was refused.
+    from cluster import jobs
+
+    def connect(address, *, allow_insecure):  # past the checks: nothing is sent
+        raise SystemExit("connecting")
+
+    def submit(*overrides: str) -> int:
+        return main(["submit", DEMO, *overrides, "--resume", "auto", "--address", "http://127.0.0.1:1"])
+
+    monkeypatch.setattr(jobs, "_connect", connect)
+    assert submit(f"run.dir={tmp_path / 'runs'}", "trainer.checkpoint_dir=ckpt") == 2
+    assert "an absolute trainer.checkpoint_dir); trainer.checkpoint_dir ckpt is relative" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="connecting"):
+        submit(f"trainer.checkpoint_dir={tmp_path / 'ckpt'}")  # run.dir stays relative
 
 
 def test_eval_accuracy_is_judged_by_the_jobs_reward_not_always_exact_match(tmp_path, capsys):

@@ -186,6 +186,89 @@ def test_the_long_lived_cluster_holds_the_two_node_jobs():
         assert gpus_needed(cfg) <= gpus, config.name
 
 
+# -- a Ray job's runtime env ------------------------------------------------------------------
+# Inside a Ray job, ray.init merges the runtime env init_ray gives it into the job's own and
+# raises ValueError ("Failed to merge the Job's runtime env") on any variable set in both, even to
+# the same value: the GSM8K RayJob, and `rlrelay submit --env` of such a variable, failed there.
+
+WORKING_DIR_ON_NODE = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_0123abcd"
+
+
+def runtime_env_given(monkeypatch, *, cwd: str, pythonpath: str | None) -> dict:
+    """The runtime env init_ray gives ray.init (captured: no Ray is started), for a driver in
+    ``cwd`` with ``pythonpath``, as Ray's job supervisor starts one."""
+    import cluster.launch as launch
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # as the job supervisor sets it: join, not start
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    if pythonpath is None:
+        monkeypatch.delenv("PYTHONPATH", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONPATH", pythonpath)
+    monkeypatch.setattr(launch.os, "getcwd", lambda: cwd)
+    given = {}
+    monkeypatch.setattr(launch, "join_cluster", lambda address, **kwargs: given.update(kwargs))
+    launch.init_ray(load_config(None))
+    return given["runtime_env"]
+
+
+def merged_in_job(monkeypatch, job_runtime_env: dict, *, cwd: str, pythonpath: str | None) -> dict | None:
+    """The runtime env the workers of a Ray job get: init_ray's merged into the job's as ray.init
+    does it (ray/_private/worker.py, with Ray's own function); None on a conflict."""
+    from ray.job_config import JobConfig
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    job_config = {"runtime_env": job_runtime_env, "metadata": {"job_submission_id": "rlrelay-demo-0123abcd"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job_config))
+    given = runtime_env_given(monkeypatch, cwd=cwd, pythonpath=pythonpath)
+    return _merge_runtime_env(JobConfig.from_json(job_config).runtime_env, given)
+
+
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if yaml.safe_load(p.read_text())["kind"] == "RayJob"],
+                         ids=lambda p: p.name)
+def test_ray_job_runtime_env_merges_with_the_drivers(path, monkeypatch):
+    from cluster.launch import WORKER_ENV
+
+    job_env = yaml.safe_load(yaml.safe_load(path.read_text())["spec"].get("runtimeEnvYAML") or "{}") or {}
+    job_vars = job_env.get("env_vars", {})
+    # No working_dir: the code is the image's, and the driver runs in its WORKDIR.
+    merged = merged_in_job(monkeypatch, job_env, cwd=IMAGE_CODE_DIR, pythonpath=job_vars.get("PYTHONPATH"))
+    assert merged is not None, f"{path.name}: ray.init would fail to merge the job's runtime env with rlrelay's"
+    assert set(WORKER_ENV) | {"PYTHONPATH"} <= set(merged["env_vars"])
+    assert {k: merged["env_vars"][k] for k in job_vars} == job_vars
+
+
+def test_submit_env_of_a_variable_rlrelay_sets_merges_and_holds(monkeypatch):
+    from cluster.jobs import EXCLUDES, job_env
+    from cluster.launch import WORKER_ENV
+
+    given = {**{name: "from-submit" for name in WORKER_ENV}, "PYTHONPATH": "/shared/lib"}
+    env_vars = job_env([f"{name}={value}" for name, value in given.items()], {})
+    job_runtime_env = {"working_dir": "gcs://_ray_pkg_0123abcd.zip", "excludes": EXCLUDES, "env_vars": env_vars}
+    # Ray puts the job's working directory, where the driver runs, first on its PYTHONPATH.
+    merged = merged_in_job(monkeypatch, job_runtime_env, cwd=WORKING_DIR_ON_NODE,
+                           pythonpath=f"{WORKING_DIR_ON_NODE}:/shared/lib")
+    assert merged is not None, "ray.init would fail to merge the job's runtime env with rlrelay's"
+    assert {k: merged["env_vars"][k] for k in given} == given  # the job's values hold
+
+
+def test_a_jobs_pythonpath_without_the_drivers_directory_is_refused(monkeypatch):
+    from cluster.config import ConfigError
+    from cluster.launch import WORKER_ENV
+
+    # A RayJob (no working_dir) whose PYTHONPATH leaves out /app: user reward modules there would
+    # not import in the workers, and rlrelay cannot add it.
+    with pytest.raises(ConfigError, match=r"sets PYTHONPATH='/extra' without the driver's working directory /app"):
+        merged_in_job(monkeypatch, {"env_vars": {"PYTHONPATH": "/extra"}}, cwd="/app", pythonpath="/extra")
+    merged = merged_in_job(monkeypatch, {"env_vars": {"PYTHONPATH": "/app:/extra"}}, cwd="/app",
+                           pythonpath="/app:/extra")
+    assert merged is not None and merged["env_vars"] == {**WORKER_ENV, "PYTHONPATH": "/app:/extra"}
+    # Outside a job every variable is rlrelay's, the driver's directory first on the path.
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert runtime_env_given(monkeypatch, cwd="/work", pythonpath="/extra") == \
+        {"env_vars": {**WORKER_ENV, "PYTHONPATH": "/work:/extra"}}
+
+
 # -- Ray cluster launcher ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
