@@ -6,7 +6,7 @@
     learner/                      DCP shards of policy, critic and their optimizers
       __0_0.distcp ...            (one file per learner rank)
       .metadata.json              DCP metadata as JSON (learner/checkpoint.py)
-    learner_ranks.json            optimizer param groups, LR schedulers, RNG, per rank
+    learner_ranks.json            optimizer param groups, LR schedulers and schedule, RNG, per rank
     driver.json                   step, policy version, data position, KL/normaliser state, W&B id
     model/                        config + tokenizer of the policy, so `rlrelay export` needs nothing else
   .step-000006.tmp-x1y2/          a checkpoint being written (ignored by resume; removed on failure)
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.config_parse import ConfigError
-from learner.worker import RankState
+from learner.worker import LRSchedule, RankState
 
 log = logging.getLogger("rlrelay")
 
@@ -53,8 +53,9 @@ class DriverState:
     """Data position: completed passes over the training set."""
     sampler_position: int
     """Data position: prompts taken from the current pass."""
-    kl_controller: dict[str, float]
-    """KL controller state (the coefficient)."""
+    kl_controller: dict[str, float | bool]
+    """KL controller state: the coefficient, and whether an adaptive controller adapted it (only
+    then does a resume restore it; a fixed coefficient is the resumed job's config's)."""
     reward_normalizer: dict[str, float] | None
     """Running reward statistics, when reward normalisation is on."""
     wandb_run_id: str | None
@@ -155,7 +156,8 @@ def read_checkpoint(path: Path) -> tuple[DriverState, list[RankState]]:
     """The plain state of a checkpoint: JSON only, nothing unpickled."""
     try:
         driver = DriverState(**json.loads((path / "driver.json").read_text()))
-        ranks = [RankState(**r) for r in json.loads((path / "learner_ranks.json").read_text())]
+        ranks = [RankState(**{**r, "schedule": LRSchedule(**r["schedule"]) if r.get("schedule") else None})
+                 for r in json.loads((path / "learner_ranks.json").read_text())]
     except (OSError, TypeError, ValueError) as e:
         raise ConfigError(f"checkpoint {path} is incomplete or malformed: {e}") from None
     return driver, ranks

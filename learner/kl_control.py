@@ -1,9 +1,10 @@
 """KL-coefficient controllers and the running reward normaliser.
 
 Small stateful classes whose whole state is a few floats: ``state_dict()`` returns a plain
-dict that round-trips through JSON, so a resumed run continues with the same coefficient
-and reward statistics. Hyperparameters (target, horizon) come from the config at
-construction and are not part of the state.
+dict that round-trips through JSON, so a resumed run continues with the same adapted
+coefficient and reward statistics. Settings (a fixed coefficient, the adaptive one's target
+and horizon) come from the config at construction and are not state: a resume whose config
+changed them goes on with the new ones.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ class FixedKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         """No-op; kept so the trainer calls every controller the same way."""
 
-    def state_dict(self) -> dict[str, float]:
-        return {"coef": self.coef}
+    def state_dict(self) -> dict[str, float | bool]:
+        return {"coef": self.coef, "adaptive": False}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, float | bool]) -> None:
+        """The inverse of ``state_dict``. A resume does not call it: a fixed coefficient is a
+        setting, so the resumed job's configured one applies (``Controller.restore_kl``)."""
         self.coef = float(state["coef"])
 
 
@@ -60,11 +63,16 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.coef *= min(max(1.0 + error * n_steps / self.horizon, MIN_FACTOR), MAX_FACTOR)
 
-    def state_dict(self) -> dict[str, float]:
-        return {"coef": self.coef}
+    def state_dict(self) -> dict[str, float | bool]:
+        return {"coef": self.coef, "adaptive": True}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.coef = float(state["coef"])
+    def load_state_dict(self, state: dict[str, float | bool]) -> None:
+        """Continue from the adapted coefficient; the configured target and horizon steer it from
+        there. A fixed controller's checkpoint holds nothing adapted: the configured start stays.
+        Checkpoints written before ``adaptive`` was kept: a coefficient of 0 cannot be an adapted
+        one (this one starts above 0 and stays there), and restoring it would pin it at 0."""
+        if state.get("adaptive", state["coef"] > 0):
+            self.coef = float(state["coef"])
 
 
 class RunningMeanStd:
