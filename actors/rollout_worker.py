@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
 from learner.shared_weights import SharedWeightReader, SharedWeights
-from learner.weight_bucket import WeightUpdate, iter_tensors, verify
+from learner.weight_bucket import WeightSyncError, WeightUpdate, iter_tensors, verify
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,7 +151,10 @@ class RolloutWorker:
 
     def load_weights(self, update: WeightUpdate | SharedWeights) -> WeightLoadReport:
         """Check and load a weight update (the bytes, or where they lie in the learner's shared
-        memory on this host); the engine keeps its old weights if the check fails."""
+        memory on this host). A bad checksum or a stale version is refused before loading, so the
+        engine keeps its old weights; the checks after loading (shared memory rewritten while
+        read, prefix cache not reset) fail with the new weights half in place and the old
+        version: the caller stops the run or replaces this worker, never samples from it."""
         t0 = time.perf_counter()
         if isinstance(update, SharedWeights):
             tensors = self.shared.open(update, self.policy_version)
@@ -167,7 +170,9 @@ class RolloutWorker:
             self.shared.check(update)
         # A reload does not invalidate cached prefixes: a repeated prompt (every GRPO group)
         # would reuse KV computed with the old weights (measured: mean log-prob error 0.85).
-        self._llm.reset_prefix_cache()
+        if not self._llm.reset_prefix_cache():  # vLLM only warns when blocks are still in use
+            raise WeightSyncError(f"weights v{update.version} loaded but the prefix cache could not be reset "
+                                  f"(KV blocks still in use): cached prompts would keep the old weights' KV")
         self.policy_version = update.version
         return WeightLoadReport(version=update.version, verify_seconds=t1 - t0,
                                 load_seconds=time.perf_counter() - t1, nbytes=update.nbytes)

@@ -178,9 +178,7 @@ def _copy_gbps(nbytes: int) -> float:
 
 def _production_push(ray, learner, pool, version: int, transport: str) -> dict:
     started = time.perf_counter()
-    ref = learner.export_weights(version, transport)
-    # Wait for the put without pulling the update into the driver.
-    ray.wait([ref], timeout=600, fetch_local=False)
+    _, ref = learner.export_weights(version, transport)  # returns once every rank's part is done
     exported = time.perf_counter()
     reports = pool.load_weights(ref)
     done = time.perf_counter()

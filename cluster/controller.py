@@ -200,6 +200,7 @@ class Controller:
         if self.tis_cap > 0:  # importance weights for samples the engine drew off-policy
             weights, tis_metrics = truncated_importance_weights(fwd.old_logprobs, tensors.rollout_logprobs, mask,
                                                                 self.tis_cap)
+            tis_metrics.pop("rollout/logprob_mismatch")  # over every row: rollout_metrics splits it by version
             metrics.update(tis_metrics)
         train = TrainBatch(rollouts=tensors, old_logprobs=fwd.old_logprobs, advantages=adv.advantages,
                            returns=adv.returns, old_values=fwd.values,
@@ -309,7 +310,7 @@ class Controller:
             self.push_weights(version=driver.version)
         self.collector.sampler.state = SamplerState(epoch=driver.sampler_epoch, position=driver.sampler_position)
         self.resume_sampler = replace(self.collector.sampler.state)
-        self.kl_ctl.load_state_dict(driver.kl_controller)
+        self.restore_kl(driver.kl_controller, driver.step)
         if self.collector.reward_norm is not None and driver.reward_normalizer is not None:
             self.collector.reward_norm.load_state_dict(driver.reward_normalizer)
             self.resume_norm = self.collector.reward_norm.state_dict()
@@ -317,6 +318,19 @@ class Controller:
         self.consecutive_skips = driver.consecutive_skips
         log.info("resumed from %s at step %d (policy version %d)", path, driver.step, driver.version)
         return driver.step
+
+    def restore_kl(self, saved: dict[str, float | bool], step: int) -> None:
+        """The KL coefficient on resume: a fixed one is the config's, an adaptive one continues
+        from the checkpoint's adapted value under the configured target and horizon."""
+        if self.cfg.algorithm.kl_target is None:  # a setting, not state: a run resumed with KL on trains with it
+            if self.kl_ctl.coef != saved["coef"]:
+                log.warning("algorithm.kl_coef=%g applies from step %d on; the checkpoint's run used %g",
+                            self.kl_ctl.coef, step, saved["coef"])
+            return
+        self.kl_ctl.load_state_dict(saved)
+        if self.kl_ctl.coef != saved["coef"]:
+            log.info("algorithm.kl_target: the checkpoint has no adapted KL coefficient (its run's was fixed at %g); "
+                     "it adapts from algorithm.kl_coef=%g", saved["coef"], self.kl_ctl.coef)
 
     def guard_against_divergence(self, step: int, metrics: dict[str, float]) -> None:
         """Count steps whose update was skipped for a non-finite loss/gradient; stop after N."""
@@ -341,23 +355,34 @@ class Controller:
     def push_weights(self, version: int) -> dict[str, float]:
         t = time.perf_counter()
         transport = weight_transport(self.cfg.rollout.weight_transport, alive_nodes(), self.cfg.rollout.autoscale)
-        update_ref = self.learner.export_weights(version, transport)
+        receipt, update_ref = self.learner.export_weights(version, transport)
         exported = time.perf_counter()
         # Every worker must hold version N+1 before the next generate: samples are then
-        # on-policy and each records the version that produced it.
+        # on-policy and each records the version that produced it. A worker that died in the
+        # meantime has no report: its replacement loads this update before it serves.
         reports = self.rollout.load_weights(update_ref)
         self.version = version
-        return {"timing/weight_export": exported - t, "timing/weight_load_max": max(r.load_seconds for r in reports),
-                "sync/megabytes": reports[0].nbytes / 1e6, "sync/version": float(version),
-                "sync/shared_memory": float(transport == "shared_memory")}
+        return {"timing/weight_export": exported - t,
+                "timing/weight_load_max": max((r.load_seconds for r in reports), default=0.0),
+                "sync/megabytes": receipt.nbytes / 1e6, "sync/version": float(version),
+                "sync/workers_loaded": float(len(reports)), "sync/shared_memory": float(transport == "shared_memory")}
 
     def rollout_metrics(self, rollouts: list[Rollout], batch, fwd) -> dict[str, float]:
         mask = batch.response_mask
         lengths = mask.sum(1)
+        gap = (fwd.old_logprobs - batch.rollout_logprobs).abs()
+        # For samples of the learner's current version the old log-probs come from the weights
+        # that sampled: any gap is train/inference mismatch (DESIGN: ~1e-6 in fp32 when the
+        # traps are handled). For older samples (asynchronous mode) the gap is mostly how far
+        # the policy has moved since, so it is logged apart and cannot hide a mismatch.
+        current = torch.tensor([r.policy_version == self.version for r in rollouts])
+        split = {}
+        if current.any():
+            split["rollout/logprob_mismatch"] = float(masked_mean(gap[current], mask[current]))
+        if not current.all():
+            split["rollout/logprob_drift"] = float(masked_mean(gap[~current], mask[~current]))
         return {
-            # Old log-probs are the learner's for the same weights that sampled: any gap is
-            # train/inference mismatch (DESIGN: ~1e-6 in fp32 when the traps are handled).
-            "rollout/logprob_mismatch": float(masked_mean((fwd.old_logprobs - batch.rollout_logprobs).abs(), mask)),
+            **split,
             "rollout/response_length": float(lengths.mean()),
             "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
             "rollout/policy_version": float(min(r.policy_version for r in rollouts)),

@@ -31,7 +31,8 @@ from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
 from cluster.config import Config
 from cluster.control import WorkerInfo
 from learner.batch import RolloutBatch, TrainBatch, arrange_by_length, micro_batch_sizes, split_evenly
-from learner.worker import ForwardResult, LearnerRank, Minibatch, RankState, UpdateResult
+from learner.worker import (ExportReceipt, ForwardResult, LearnerRank, Minibatch, RankState, UpdateResult,
+                            merge_extreme)
 from reward.isolated import RESTART_TIMEOUT_S
 from reward.types import ScoreRequest, ScoreResult
 from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
@@ -380,22 +381,27 @@ class LearnerGroup:
             self.timeout_s, self._names())
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
+        extremes: dict[str, float] = {}
         for res in results:
             for k, v in res.metric_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
                 weights[k] = weights.get(k, 0.0) + res.metric_weights[k]
-        merged = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+            for k, v in res.metric_extremes.items():
+                extremes[k] = merge_extreme(k, extremes.get(k), v)
+        merged = {k: sums[k] / weights[k] for k in sums if weights[k] > 0} | extremes
         # Every rank sees the same all-reduced gradient norm, so all skip the same steps.
         merged["policy/skipped_updates"] = float(results[0].skipped_updates)
         return merged
 
-    def export_weights(self, version: int, transport: str = "object_store") -> ray.ObjectRef:
-        """Start the (collective) gather on every rank; returns rank 0's update (or, with
-        ``transport="shared_memory"``, where it lies in rank 0's shared memory), unfetched."""
-        refs = [rank.export_weights.remote(version, transport) for rank in self.ranks]
-        # The other ranks only take part in the gather; wait for them so a failure surfaces here.
-        wait(refs[1:], self.timeout_s, self._names()[1:])
-        return refs[0]
+    def export_weights(self, version: int, transport: str = "object_store") -> tuple[ExportReceipt, ray.ObjectRef]:
+        """The (collective) gather on every rank; returns rank 0's receipt and its update (or,
+        with ``transport="shared_memory"``, where it lies in rank 0's shared memory), unfetched."""
+        calls = [rank.export_weights.options(num_returns=2).remote(version, transport) for rank in self.ranks]
+        # Every rank's small receipt, rank 0's included, so that a failed export (rank 0 out of
+        # memory holding the full weights, say) names its learner rank here, within the learner's
+        # timeout, instead of surfacing in the first rollout worker to read the update.
+        receipts = wait([receipt for receipt, _ in calls], self.timeout_s, self._names())
+        return receipts[0], calls[0][1]
 
     def save_checkpoint(self, path: str) -> list[RankState]:
         """Every rank writes its shards into the DCP directory ``path``."""

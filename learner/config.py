@@ -55,7 +55,8 @@ class AlgorithmConfig:
     kl_horizon: int = 10000
     """Horizon (samples) of the adaptive KL controller."""
     whiten_advantages: bool = False
-    """Whiten advantages over the batch (mean 0, std 1) after estimation (gae/grpo/rloo)."""
+    """Whiten advantages over the batch after estimation: gae to mean 0 and std 1; grpo, dr_grpo and
+    rloo to std 1 only (they are centred per group already)."""
     tis_cap: float | None = None
     """Cap of the truncated importance weight exp(old - rollout log-prob). None: 2.0 when
     samples are off-policy (``trainer.async_staleness >= 1``), off otherwise; 0 turns it off."""
@@ -98,6 +99,13 @@ class AlgorithmConfig:
             if self.kl_coef == 0:  # the controller scales the coefficient: from 0 it stays 0
                 raise ValueError("algorithm.kl_target adapts algorithm.kl_coef, which is 0 (no reference model): "
                                  "set a starting kl_coef > 0, or kl_target=null")
+        if self.advantage_estimator == "grpo" and self.kl_place == "reward" and self.kl_coef > 0:
+            # GRPO divides a group's scores by their std: a KL penalty among them is scaled by
+            # 1/std, so a group whose rewards are all equal gets unit-size advantages from its
+            # KL differences alone, whatever kl_coef is.
+            raise ValueError("algorithm.advantage_estimator=grpo with algorithm.kl_place=reward would divide the KL "
+                             "penalty by each group's reward std (a group with equal rewards would train on KL noise "
+                             "at full scale): set algorithm.kl_place=loss (as GRPO does), or use dr_grpo or rloo")
         if self.critic_warmup_steps < 0:
             raise ValueError(f"algorithm.critic_warmup_steps must be >= 0 (got {self.critic_warmup_steps})")
 
@@ -179,7 +187,8 @@ class LearnerConfig:
     """Keep the frozen reference model in CPU memory between uses (blocks move to the GPU only
     during its forward). No effect when training on CPU."""
     gpus_per_node: int = 8
-    """GPUs per node of the cluster (for ``rlrelay plan`` and placement)."""
+    """GPUs per node of the cluster, for ``rlrelay plan``'s node count only: placement packs the
+    learner's bundles onto the nodes Ray reports, whatever this says."""
     gpu_memory_gib: float = 80.0
     """Memory of one GPU (for ``rlrelay plan``)."""
     seed: int = 0

@@ -63,7 +63,10 @@ def estimate_advantages(algo: AlgorithmConfig, *, scores: torch.Tensor, group_in
         else:
             adv = grpo_advantages(scores, group_index, mask, scale_by_std=estimator == "grpo")
     if algo.whiten_advantages and estimator not in ("reinforce_pp", "reinforce_pp_baseline"):
-        adv = masked_whiten(adv, mask)
+        # Group advantages are centred per group already; a token mean is not 0 once right and
+        # wrong answers differ in length, and subtracting it would give every token of a group
+        # with no signal (exactly 0) a common sign. So they are only rescaled.
+        adv = masked_whiten(adv, mask, shift_mean=estimator == "gae")
     metrics["advantages/mean"] = float(masked_mean(adv, mask))
     metrics["advantages/abs_mean"] = float(masked_mean(adv.abs(), mask))
     if returns is not None:

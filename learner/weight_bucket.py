@@ -94,6 +94,24 @@ class WeightUpdate:
         return sum(b.buffer.nbytes for b in self.buckets)
 
 
+def drop_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tensor under its first name only: a tied head is the embedding's own
+    memory under a second name (``lm_head.weight``), which would cross every push twice (270 MB
+    more for a 0.5B Qwen in bf16). The first name is the checkpoint's: a tied model's checkpoint
+    has no ``lm_head.weight``, and the engine ties its head to the embedding itself."""
+    seen: set[tuple] = set()
+    kept = {}
+    for name, tensor in state.items():
+        if tensor.numel():  # empty tensors share no memory worth the name
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                     tuple(tensor.stride()), tensor.dtype)
+            if where in seen:
+                continue
+            seen.add(where)
+        kept[name] = tensor
+    return kept
+
+
 def share_state_dict(state: Mapping[str, torch.Tensor], version: int) -> WeightUpdate:
     """Wrap a full state dict as an update without copying: one bucket per tensor, whose
     buffer is a byte view of the tensor's own memory.

@@ -13,7 +13,8 @@ import base64
 import logging
 import math
 import socket
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import numpy as np
@@ -38,7 +39,7 @@ from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import (critic_skeleton, load_critic, load_policy, policy_skeleton, sequence_logprobs,
                             sequence_values)
 from learner.shared_weights import SharedWeights, SharedWeightWriter
-from learner.weight_bucket import WeightUpdate, share_state_dict
+from learner.weight_bucket import WeightUpdate, drop_aliases, share_state_dict
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +79,36 @@ class Minibatch:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LRSchedule:
+    """The learning-rate multiplier of each optimizer step: linear warm-up, then constant or a
+    cosine decay to ``min_lr_ratio`` at ``total_updates``.
+
+    Example: ``LRSchedule(kind="cosine", warmup_steps=0, min_lr_ratio=0.1, total_updates=120).factor(60) == 0.55``
+    """
+
+    kind: str
+    """``constant`` or ``cosine`` (``learner.lr_schedule``)."""
+    warmup_steps: int
+    """Optimizer steps of linear warm-up (``learner.warmup_steps``)."""
+    min_lr_ratio: float
+    """End of the cosine as a fraction of the peak (``learner.min_lr_ratio``)."""
+    total_updates: int
+    """Optimizer steps of the whole run, where the cosine ends: ``trainer.steps`` times the
+    updates per step (``algorithm.ppo_epochs`` x ``algorithm.minibatches``)."""
+
+    def progress(self, step: int) -> float:
+        """How far along the decay step ``step`` is: 0 until warm-up ends, 1 from ``total_updates`` on."""
+        return min(1.0, max(0, step - self.warmup_steps) / max(1, self.total_updates - self.warmup_steps))
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.kind != "cosine":
+            return 1.0
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RankState:
     """The plain (JSON) part of a learner checkpoint from one rank; tensors go through DCP.
 
@@ -93,6 +124,24 @@ class RankState:
     cuda_rng: str | None = None
     """Its CUDA generator's state, base64, when it trains on a GPU (dropout, sampling on the
     device); None on CPU and in checkpoints written before it was kept."""
+    schedule: LRSchedule | None = None
+    """The LR schedule the state was saved under, so a resume can say why its rates differ;
+    None in checkpoints written before it was kept."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportReceipt:
+    """One rank's part of a weight export: rank 0's says what it sent.
+
+    Example: ``ExportReceipt(version=3, nbytes=2_600_000, seconds=0.04)``
+    """
+
+    version: int
+    """The policy version exported."""
+    nbytes: int
+    """Bytes of the update (rank 0); 0 on the other ranks, which only take part in the gather."""
+    seconds: float
+    """Gathering and wrapping the weights on this rank (Ray's copy into its store comes after)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,6 +157,10 @@ class UpdateResult:
     """The weights (token counts) behind each sum."""
     skipped_updates: int
     """Optimizer steps skipped because the loss or gradient was not finite."""
+    metric_extremes: dict[str, float] = field(default_factory=dict)
+    """Metrics named ``*_max`` / ``*_min`` (the PPO ratio's extremes): the largest / smallest over
+    micro-batches, merged across ranks the same way. A token-weighted mean of per-micro-batch
+    maxima would hide the one spike these exist to show."""
 
 
 class LearnerRank:
@@ -121,7 +174,8 @@ class LearnerRank:
         self.cfg = learner
         self.algo = algorithm
         self.temperature = temperature
-        self.total_updates = max(1, total_updates)
+        self.schedule = LRSchedule(kind=learner.lr_schedule, warmup_steps=learner.warmup_steps,
+                                   min_lr_ratio=learner.min_lr_ratio, total_updates=max(1, total_updates))
         self.device = torch.device("cuda" if learner.num_gpus > 0 else "cpu")
         torch.set_num_threads(learner.num_threads)
         self._head_checked = False
@@ -194,18 +248,7 @@ class LearnerRank:
         fused = self.device.type == "cuda" and not self.cfg.cpu_offload
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay,
                                 betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
-        warmup, total, floor = self.cfg.warmup_steps, self.total_updates, self.cfg.min_lr_ratio
-        cosine = self.cfg.lr_schedule == "cosine"
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if not cosine:
-                return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.factor)
 
     # -- verbs -------------------------------------------------------------------------------
 
@@ -232,11 +275,15 @@ class LearnerRank:
         """One optimizer step per minibatch for the policy (and the critic, if any)."""
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
+        extremes: dict[str, float] = {}
 
         def record(metrics: dict[str, float], weight: float) -> None:
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * weight
-                weights[k] = weights.get(k, 0.0) + weight
+                if k.endswith(("_max", "_min")):
+                    extremes[k] = merge_extreme(k, extremes.get(k), v)
+                else:
+                    sums[k] = sums.get(k, 0.0) + v * weight
+                    weights[k] = weights.get(k, 0.0) + weight
 
         skipped = 0
         self.policy.train()
@@ -278,23 +325,33 @@ class LearnerRank:
                 skipped += not math.isfinite(norm)
                 if math.isfinite(norm):
                     record({"value/grad_norm": norm}, 1.0)
-        return UpdateResult(metric_sums=sums, metric_weights=weights, skipped_updates=skipped)
+        return UpdateResult(metric_sums=sums, metric_weights=weights, skipped_updates=skipped,
+                            metric_extremes=extremes)
 
-    def export_weights(self, version: int, transport: str = "object_store") -> WeightUpdate | SharedWeights | None:
-        """Gather the full policy weights (collective); rank 0 returns them as ``version``.
+    def export_weights(self, version: int, transport: str = "object_store"
+                       ) -> tuple[ExportReceipt, WeightUpdate | SharedWeights | None]:
+        """Gather the full policy weights (collective); rank 0 returns them as ``version``,
+        after a small receipt (two values, so a caller can wait on the receipt without fetching
+        the weights).
 
         ``transport="object_store"``: the update itself, for Ray to copy into its object store;
         ``"shared_memory"``: the weights written into this process's shared memory and a small
         descriptor of them, for rollout workers on this host (``learner/shared_weights.py``)."""
+        started = time.perf_counter()
         state = self.full_policy_state()
+        update = None
         if state is None:
-            return None
-        if transport == "shared_memory":
-            return self.write_shared(state, version)
-        # The update wraps the tensors without a copy; Ray copies them into the object store
-        # once, when this call returns (this actor runs one call at a time, so no update can
-        # change them before that).
-        return share_state_dict(state, version=version)
+            pass
+        elif transport == "shared_memory":
+            update = self.write_shared(state, version)
+        else:
+            # The update wraps the tensors without a copy; Ray copies them into the object store
+            # once, when this call returns (this actor runs one call at a time, so no update can
+            # change them before that).
+            update = share_state_dict(state, version=version)
+        receipt = ExportReceipt(version=version, nbytes=update.nbytes if update is not None else 0,
+                                seconds=time.perf_counter() - started)
+        return receipt, update
 
     def write_shared(self, state: dict[str, torch.Tensor], version: int) -> SharedWeights:
         """Write full weights into this rank's shared-memory slots (made on first use)."""
@@ -304,7 +361,8 @@ class LearnerRank:
 
     def full_policy_state(self) -> dict[str, torch.Tensor] | None:
         """The policy's full weights as contiguous CPU tensors under their checkpoint names
-        (collective); rank 0 gets them, the other ranks None. Sent in bf16 from a GPU."""
+        (collective); rank 0 gets them, the other ranks None. Sent in bf16 from a GPU; a tied
+        head is left out (``drop_aliases``)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         if self.world_size == 1 and self.device.type == "cpu":
             # One CPU rank holds every parameter whole: its local tensors are the full weights,
@@ -312,30 +370,26 @@ class LearnerRank:
             # The module's own state_dict has the same names (FSDP2 keeps them; checked for
             # tied and untied models) at a fifth of get_model_state_dict's cost (2.5 against
             # 12 ms for 75 tensors, measured: a quarter of the copy bound).
-            state = self.policy.state_dict()
-            return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().to(dtype).contiguous()
-                    for k, v in state.items()}
+            state = drop_aliases({k: v.to_local() if isinstance(v, DTensor) else v
+                                  for k, v in self.policy.state_dict().items()})
+            return {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
         # Tensor by tensor, each cast to the sent dtype before its all-gather: half the bytes of
         # gathering the fp32 masters (as get_model_state_dict does) over NVLink/the network and
         # across PCIe to the host, and no cast of the whole model on rank 0's CPU afterwards
         # (single-threaded seconds at 7B). Rank 0 keeps each full tensor, the others drop it.
         state = {} if self.rank == 0 else None
-        done: dict[int, torch.Tensor | None] = {}  # tied weights (one parameter, two names) cross once
+        seen: set[int] = set()  # a tied weight (one parameter, two names) is sent once (drop_aliases)
         for name, value in self.policy.state_dict(keep_vars=True).items():
-            if id(value) in done:
-                if state is not None:
-                    state[name] = done[id(value)]
+            if id(value) in seen:
                 continue
-            key = id(value)
+            seen.add(id(value))
             if isinstance(value, DTensor):  # a shard (or a replica) of the weight
                 # On the compute device even when offloaded: the gather then runs over NCCL.
                 local = value.to_local().to(device=self.device, dtype=dtype)
                 value = DTensor.from_local(local, value.device_mesh, value.placements, shape=value.shape,
                                            stride=value.stride()).full_tensor()
             if state is not None:
-                state[name] = done[key] = value.detach().to(device="cpu", dtype=dtype).contiguous()
-            else:
-                done[key] = None  # off rank 0 only the identity matters
+                state[name] = value.detach().to(device="cpu", dtype=dtype).contiguous()
         return state
 
     def save_checkpoint(self, path: str) -> RankState:
@@ -351,10 +405,17 @@ class LearnerRank:
         dcp.save(tensors, storage_writer=JsonMetadataWriter(path))
         cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         return RankState(param_groups=groups, schedulers=schedulers, rng=_encode_rng(torch.get_rng_state()),
-                         cuda_rng=None if cuda is None else _encode_rng(cuda))
+                         cuda_rng=None if cuda is None else _encode_rng(cuda), schedule=self.schedule)
 
     def load_checkpoint(self, path: str, state: RankState) -> None:
-        """Load what ``save_checkpoint`` wrote (any rank count that FSDP2 can reshard to)."""
+        """Load what ``save_checkpoint`` wrote (any rank count that FSDP2 can reshard to).
+
+        The checkpoint supplies the state: weights, optimizer moments, step counts. The config
+        supplies the settings: peak learning rates, weight decay and the schedule, its length
+        from the current ``trainer.steps``; the next update's rate is that schedule's at the
+        checkpoint's step. With the checkpoint's own settings this is the rate it holds, bit for
+        bit; when the rate moves by more than 1 %, rank 0 warns from what to what and why.
+        """
         targets, structure = {}, {}
         for name, model, opt, sched in self._trained():
             init_optimizer_state(model, opt)
@@ -364,16 +425,55 @@ class LearnerRank:
             targets.update({f"{name}_optim/{k}": v for k, v in opt_tensors.items()})
             structure[name] = (model_sd, opt_tensors)
         dcp.load(targets, storage_reader=JsonMetadataReader(path))
+        changes = []
         for name, model, opt, sched in self._trained():
             model_sd, opt_tensors = structure[name]
             model_sd = {k: targets[f"{name}/{k}"] for k in model_sd}
             opt_tensors = {k: targets[f"{name}_optim/{k}"] for k in opt_tensors}
+            # The settings in the checkpoint's plain state are replaced by the config's before loading.
+            saved_sched, peak = state.schedulers[name], self._peak_lr(name)
+            rate = peak * self.schedule.factor(saved_sched["last_epoch"])
+            groups = [{**g, "lr": rate, "initial_lr": peak, "weight_decay": self.cfg.weight_decay}
+                      for g in state.param_groups[name]]
             set_state_dict(model, opt, model_state_dict=model_sd,
-                           optim_state_dict=join_optimizer_state(opt_tensors, state.param_groups[name]))
-            sched.load_state_dict({**state.schedulers[name], "lr_lambdas": [None] * len(opt.param_groups)})
+                           optim_state_dict=join_optimizer_state(opt_tensors, groups))
+            n = len(opt.param_groups)
+            sched.load_state_dict({**saved_sched, "base_lrs": [peak] * n, "_last_lr": [rate] * n,
+                                   "lr_lambdas": [None] * n})
+            was = state.param_groups[name][0]["lr"]  # the rate the checkpoint's next update would have used
+            if abs(rate - was) > 0.01 * abs(was):
+                changes.append(f"{was:.3g} to {rate:.3g} ({name})")
+        if changes and self.rank == 0:
+            logging.getLogger("rlrelay").warning(
+                "resume at optimizer step %d: the next update's learning rate goes from %s, as the config asks (%s); "
+                "the optimizer moments and step count are the checkpoint's", state.schedulers["policy"]["last_epoch"],
+                ", ".join(changes), "; ".join(self._settings_changed(state)))
         torch.set_rng_state(_decode_rng(state.rng))
         if state.cuda_rng is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(_decode_rng(state.cuda_rng))
+
+    def _peak_lr(self, name: str) -> float:
+        return self.cfg.lr if name == "policy" else self.cfg.critic_lr
+
+    def _settings_changed(self, state: RankState) -> list[str]:
+        """The LR settings of the config that differ from those ``state`` was saved under."""
+        changed = [f"{key} {state.param_groups[name][0]['initial_lr']:g} to {self._peak_lr(name):g}"
+                   for name, key in (("policy", "learner.lr"), ("critic", "learner.critic_lr"))
+                   if name in state.param_groups and state.param_groups[name][0]["initial_lr"] != self._peak_lr(name)]
+        old, new = state.schedule, self.schedule
+        if old is None:
+            return [*changed, "the checkpoint predates the record of its schedule, so changes to it cannot be named"]
+        changed += [f"{key} {a} to {b}" for key, a, b in (("learner.lr_schedule", old.kind, new.kind),
+                                                           ("learner.warmup_steps", old.warmup_steps, new.warmup_steps),
+                                                           ("learner.min_lr_ratio", old.min_lr_ratio, new.min_lr_ratio))
+                    if a != b]
+        if old.total_updates != new.total_updates:
+            step = state.schedulers["policy"]["last_epoch"]
+            where = (f": the cosine goes on from {new.progress(step):.2f} of its way, where it was at "
+                     f"{old.progress(step):.2f}" if old.kind == new.kind == "cosine" else "")
+            changed.append(f"the schedule's length from {old.total_updates} to {new.total_updates} optimizer steps "
+                           f"(trainer.steps x algorithm.ppo_epochs x algorithm.minibatches){where}")
+        return changed
 
     def save_pretrained(self, out_dir: str) -> None:
         """Gather the full policy (collective) and write it as a Hugging Face model (rank 0)."""
@@ -469,6 +569,13 @@ class LearnerRank:
             sched.step()
         opt.zero_grad(set_to_none=True)
         return norm
+
+
+def merge_extreme(name: str, seen: float | None, value: float) -> float:
+    """The larger of two values of a ``*_max`` metric, the smaller of a ``*_min`` one."""
+    if seen is None:
+        return value
+    return max(seen, value) if name.endswith("_max") else min(seen, value)
 
 
 def _encode_rng(state: torch.Tensor) -> str:

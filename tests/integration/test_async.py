@@ -70,6 +70,12 @@ def test_async_run_killed_and_resumed_loses_nothing(tmp_path, tiny_model_dir):
         assert r["rollout/policy_version"] == r["rollout/policy_version_max"] == max(0, k - 2)
         assert r["rollout/staleness_max"] == (0 if k == 1 else 1)
         assert "tis/weight_mean" in r  # the off-policy correction is on by default
+        # The engine/learner mismatch is measured on samples of the learner's own version only;
+        # older samples' gap (the policy's move since) is logged apart.
+        if k == 1:
+            assert r["rollout/logprob_mismatch"] <= 1e-3 and "rollout/logprob_drift" not in r
+        else:
+            assert "rollout/logprob_mismatch" not in r and r["rollout/logprob_drift"] > 0
         assert {"timing/wait_rollout", "timing/rollout_idle"} <= r.keys()  # the overlap is logged
 
     result = run_cli(*args(tiny_model_dir, train, run_dir), "--resume", "auto", env=env)

@@ -124,5 +124,8 @@ def test_autoscaler_grows_the_pool_while_the_learner_waits(tmp_path, tiny_model_
     assert [r["cluster/autoscale_target"] for r in steps] == [2.0] * 5  # decided after step 1, capped at max
     workers = [r["cluster/rollout_workers"] for r in steps]
     assert workers[0] == 1.0 and workers[-1] == 2.0 and max(workers) == 2.0
-    # A cluster that may gain nodes gets its weights through the object store.
+    # A cluster that may gain nodes gets its weights through the object store, the update the
+    # learner builds (share_state_dict) loaded exactly: by the first worker and by the joiner.
     assert all(r["sync/shared_memory"] == 0.0 for r in steps)
+    assert all(r["rollout/logprob_mismatch"] <= 1e-3 for r in steps)
+    assert all(r["sync/workers_loaded"] >= 1 for r in steps)

@@ -71,7 +71,7 @@ def _train_twice(ray, model_dir, *, world_size: int, micro_batch_size: int, loss
         plan = [torch.tensor([3, 0, 5, 6, 1, 7, 2, 4]), torch.arange(8)]
         metrics = group.update(batch, plan, train_policy=True)
         assert metrics["policy/clipfrac"] > 0  # clipping is exercised
-        weights = {k: v.clone() for k, v in iter_tensors(ray.get(group.export_weights(version=1), timeout=300))}
+        weights = {k: v.clone() for k, v in iter_tensors(ray.get(group.export_weights(version=1)[1], timeout=300))}
         return weights, metrics["policy/grad_norm"]
     finally:
         group.shutdown()
@@ -162,6 +162,7 @@ def test_ranks_hold_the_checkpoint_that_rank_0_alone_read(ray_local, tiny_tied_m
 
     from learner.checkpoint import JsonMetadataReader
     from learner.models import sequence_logprobs
+    from learner.weight_bucket import drop_aliases
 
     cfg = Config()
     cfg.learner.world_size, cfg.learner.micro_batch_size, cfg.learner.num_cpus = 2, 2, 0.5
@@ -172,7 +173,7 @@ def test_ranks_hold_the_checkpoint_that_rank_0_alone_read(ray_local, tiny_tied_m
         group.ready()
         batch = make_batch().rollouts
         got = group.forward(batch)
-        exported = dict(iter_tensors(ray_local.get(group.export_weights(version=0), timeout=300)))
+        exported = dict(iter_tensors(ray_local.get(group.export_weights(version=0)[1], timeout=300)))
         group.save_checkpoint(str(tmp_path))  # the critic's shards, read back whole below
     finally:
         group.shutdown()
@@ -183,8 +184,10 @@ def test_ranks_hold_the_checkpoint_that_rank_0_alone_read(ray_local, tiny_tied_m
     dcp.load(saved, storage_reader=JsonMetadataReader(str(tmp_path)), no_dist=True)
     assert all(torch.equal(saved[f"critic/trunk.{k}"], v) for k, v in trunk.items())
     model = AutoModelForCausalLM.from_pretrained(str(tiny_tied_model_dir))
-    assert exported.keys() == model.state_dict().keys()
-    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
+    # Every weight once: the tied head's second name (lm_head.weight) is not sent.
+    expected = drop_aliases(model.state_dict())
+    assert exported.keys() == expected.keys() and "lm_head.weight" not in exported
+    assert all(torch.equal(exported[k], v) for k, v in expected.items())
     with torch.no_grad():
         want, _ = sequence_logprobs(model, batch, cfg.rollout.temperature)
     # Each rank computed its own share of the rows (by length).
@@ -200,7 +203,7 @@ def test_a_non_finite_loss_skips_the_update_on_every_rank_and_is_counted(ray_loc
     group = LearnerGroup(cfg, str(tiny_model_dir), total_updates=2)
     try:
         group.ready()
-        before = dict(iter_tensors(ray_local.get(group.export_weights(version=0), timeout=300)))
+        before = dict(iter_tensors(ray_local.get(group.export_weights(version=0)[1], timeout=300)))
         batch = make_batch()
         poisoned = batch.advantages.clone()
         poisoned[5, 0] = float("nan")  # one token of one row on rank 1: the all-reduced norm is NaN everywhere
@@ -208,7 +211,7 @@ def test_a_non_finite_loss_skips_the_update_on_every_rank_and_is_counted(ray_loc
                          returns=None, old_values=None, ref_logprobs=None, importance_weights=None)
         metrics = group.update(bad, [torch.arange(8)], train_policy=True)
         assert metrics["policy/skipped_updates"] == 1.0 and "policy/grad_norm" not in metrics
-        after = dict(iter_tensors(ray_local.get(group.export_weights(version=1), timeout=300)))
+        after = dict(iter_tensors(ray_local.get(group.export_weights(version=1)[1], timeout=300)))
         assert all(torch.equal(before[k], after[k]) for k in before)  # weights untouched
         # The next finite batch trains normally.
         metrics = group.update(batch, [torch.arange(8)], train_policy=True)

@@ -13,7 +13,7 @@ from actors.types import GenerateRequest, Prompt, SamplingSettings
 from learner.batch import collate
 from learner.models import sequence_logprobs
 from learner.shared_weights import SharedWeightWriter
-from learner.weight_bucket import pack_state_dict
+from learner.weight_bucket import drop_aliases, pack_state_dict
 
 pytestmark = pytest.mark.integration
 
@@ -73,10 +73,12 @@ def test_generate_then_sync_changes_outputs_and_logprobs_match(ray_local, reques
     initial = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     assert mismatch(initial, before) <= 1e-3
 
-    # Sync new weights through the object store, as the learner does. A tied model's
-    # checkpoint has no lm_head.weight: the engine must re-pack lm_head itself.
+    # Sync new weights through the object store, as the learner does: its state dict less a
+    # tied head's second name (a tied model's checkpoint has no lm_head.weight either), so the
+    # engine must re-pack lm_head itself.
     new_model = perturbed(model_dir, seed=1)
-    weights = dict(new_model.named_parameters()) if new_model.config.tie_word_embeddings else new_model.state_dict()
+    weights = drop_aliases(new_model.state_dict())
+    assert ("lm_head.weight" in weights) != new_model.config.tie_word_embeddings
     update_ref = ray.put(pack_state_dict(weights, version=1))
     report = ray.get(worker.load_weights.remote(update_ref), timeout=300)
     assert report.version == 1 and report.nbytes > 0
@@ -95,7 +97,7 @@ def test_generate_then_sync_changes_outputs_and_logprobs_match(ray_local, reques
     # The same-host transport: written once into this process's shared memory, read in place
     # by the worker's process, with the same result.
     newer = perturbed(model_dir, seed=2)
-    weights = dict(newer.named_parameters()) if newer.config.tie_word_embeddings else newer.state_dict()
+    weights = drop_aliases(newer.state_dict())
     writer = SharedWeightWriter()
     try:
         report = ray.get(worker.load_weights.remote(writer.write(weights, version=2)), timeout=300)

@@ -96,7 +96,7 @@ def test_an_adaptive_kl_needs_a_horizon_and_a_starting_coefficient():
         load_config(DEMO, ["algorithm.kl_coef=0.1", "algorithm.kl_target=0.01", "algorithm.kl_horizon=0"])
     with pytest.raises(ConfigError, match="adapts algorithm.kl_coef, which is 0"):
         load_config(DEMO, ["algorithm.kl_target=0.01"])
-    assert load_config(DEMO, ["algorithm.kl_coef=0.1", "algorithm.kl_target=0.01"]).algorithm.kl_target == 0.01
+    assert load_config(DEMO, ["algorithm.kl_coef=0.1", "algorithm.kl_target=0.01", "algorithm.kl_place=loss"]).algorithm.kl_target == 0.01
 
 
 def test_a_config_file_that_is_a_directory_or_not_utf8_is_named(tmp_path):
@@ -255,3 +255,27 @@ def test_the_cli_and_the_config_do_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, text=True)
     assert '"steps": 3' in out.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # Ray refused a placement bundle that reserves nothing, only after it had started.
+    (["learner.num_cpus=0", "learner.num_gpus=0"], "learner.num_cpus and learner.num_gpus are both 0"),
+    # A worker drives one device (its engine gets no tensor-parallel size): the rest sat idle.
+    (["rollout.num_gpus=2"], r"rollout.num_gpus must be <= 1 \(got 2.0\).*tensor parallelism is not supported"),
+    (["reward.num_gpus=1.5"], r"reward.num_gpus must be <= 1 \(got 1.5\).*tensor parallelism is not supported"),
+    # The pipeline is one batch deep: 2 ran exactly as 1.
+    (["trainer.async_staleness=2"], r"trainer.async_staleness must be 0 \(synchronous\) or 1 .* got 2"),
+    # The policy trains only once the critic's warm-up is over.
+    (["algorithm.advantage_estimator=gae", "algorithm.critic_warmup_steps=20", "trainer.steps=20"],
+     r"algorithm.critic_warmup_steps \(20\) must be below trainer.steps \(20\)"),
+])
+def test_settings_that_fail_after_start_or_do_nothing_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, overrides)
+
+
+def test_settings_beside_the_refused_ones_still_load():
+    load_config(DEMO, ["learner.num_cpus=0", "learner.num_gpus=1"])  # the GPU alone makes a bundle
+    load_config(DEMO, ["rollout.num_gpus=1", "reward.num_gpus=0.25", "trainer.async_staleness=1"])
+    load_config(DEMO, ["algorithm.advantage_estimator=gae", "algorithm.critic_warmup_steps=19", "trainer.steps=20"])
+    load_config(DEMO, ["algorithm.critic_warmup_steps=50", "trainer.steps=20"])  # no critic: nothing to warm up

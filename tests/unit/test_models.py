@@ -105,3 +105,28 @@ def test_a_head_that_is_not_linear_is_refused_by_name(tiny_model_dir):
     hidden, logits = final_hidden_states(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     with pytest.raises(ValueError, match="not lm_head"):
         check_linear_head(model, hidden, logits)
+
+
+def test_the_learner_builds_its_models_without_dropout(tiny_model_dir, tmp_path):
+    """A checkpoint that trains with dropout: vLLM samples without it, so in training mode the
+    learner's log-probs must still equal the no-dropout ones, or the PPO ratio is noise at equal
+    weights. Training mode stays on (activation checkpointing runs only there)."""
+    import json
+
+    from learner.models import critic_skeleton, policy_skeleton
+
+    noisy = tmp_path / "noisy"
+    shutil.copytree(tiny_model_dir, noisy)
+    config = json.loads((noisy / "config.json").read_text())
+    config["attention_dropout"] = 0.5
+    (noisy / "config.json").write_text(json.dumps(config))
+    batch = _rollouts(config["vocab_size"])
+    policy = load_policy(str(noisy), torch.float32).train()
+    with torch.no_grad():
+        runs = [sequence_logprobs(policy, batch, 1.0, False)[0] for _ in range(2)]
+        clean = sequence_logprobs(policy.eval(), batch, 1.0, False)[0]
+    torch.testing.assert_close(runs[0], clean, rtol=0, atol=0)
+    torch.testing.assert_close(runs[1], clean, rtol=0, atol=0)
+    for model in (policy_skeleton(str(noisy), torch.float32), critic_skeleton(str(noisy), torch.float32).trunk,
+                  load_critic(str(noisy), torch.float32).trunk):
+        assert model.config.attention_dropout == 0.0

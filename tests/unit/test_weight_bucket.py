@@ -122,3 +122,19 @@ def test_checksum_is_the_unsigned_word_sum_modulo_2_64_whatever_the_threads():
     read_only = buf.copy()
     read_only.setflags(write=False)  # as out of Ray's object store
     assert checksum(read_only) == want
+
+
+def test_a_tied_head_is_sent_once_under_the_checkpoints_name(tiny_tied_model_dir, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from learner.weight_bucket import drop_aliases
+
+    tied = AutoModelForCausalLM.from_pretrained(str(tiny_tied_model_dir)).state_dict()
+    assert tied["lm_head.weight"].data_ptr() == tied["model.embed_tokens.weight"].data_ptr()
+    kept = drop_aliases(tied)
+    assert set(tied) - set(kept) == {"lm_head.weight"}
+    untied = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()
+    assert drop_aliases(untied).keys() == untied.keys()
+    # Equal values in separate memory are not aliases; a view of part of a tensor is not either.
+    x = torch.arange(6.0)
+    assert drop_aliases({"a": x, "b": x.clone(), "c": x[:3], "d": x.view(2, 3), "e": x}).keys() == {"a", "b", "c", "d"}

@@ -1,0 +1,75 @@
+"""A weight push whose only rollout worker died while the learner trained: the pool starts a
+replacement (which loads the update before it serves) and the push reports what it did, where
+it used to fail on ``max()`` of no reports. Ray is replaced by stand-ins here: this tests the
+pool's and the controller's bookkeeping, not Ray."""
+
+from __future__ import annotations
+
+import types
+
+from ray.exceptions import RayActorError
+
+import cluster.actor_set as actor_set
+import cluster.controller as controller_module
+from cluster.config import load_config
+from cluster.controller import Controller
+from learner.worker import ExportReceipt
+
+
+class Ref:
+    def __init__(self, value=None, error: Exception | None = None) -> None:
+        self.value, self.error = value, error
+
+
+def get(ref: Ref, timeout=None):
+    if ref.error is not None:
+        raise ref.error
+    return ref.value
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.dead = False
+        self.loaded: list[str] = []
+
+    def call(self, name: str, *args) -> Ref:
+        if self.dead:
+            return Ref(error=RayActorError())
+        if name == "load_weights":
+            self.loaded.append(args[0])
+            return Ref(types.SimpleNamespace(load_seconds=0.5, nbytes=1))
+        return Ref(0)
+
+
+FAKE_RAY = types.SimpleNamespace(
+    wait=lambda refs, num_returns=1, timeout=None, **_: (list(refs)[:num_returns], list(refs)[num_returns:]),
+    get=get, kill=lambda handle, no_restart=True: None, ObjectRef=Ref)
+
+
+def test_the_only_worker_dying_before_a_push_leaves_a_replacement_and_no_report(monkeypatch):
+    monkeypatch.setattr(actor_set, "ray", FAKE_RAY)
+    workers: list[Worker] = []
+
+    def spawn(i: int) -> Worker:
+        workers.append(Worker())
+        return workers[-1]
+
+    pool = actor_set.ActorSet("rollout worker", spawn=spawn, prepare=lambda w: w.call("ping"), size=1, timeout_s=60)
+    pool.wait_ready()
+    workers[0].dead = True  # dies while the learner trains
+    reports = pool.broadcast(lambda w: w.call("load_weights", "v1"))
+    assert reports == [] and pool.restarts == 1 and len(workers) == 2
+
+
+def test_a_push_that_no_worker_reported_on_still_gives_its_figures(monkeypatch):
+    monkeypatch.setattr(controller_module, "alive_nodes", lambda: 1)
+    cfg = load_config(None, [])
+    collector = types.SimpleNamespace(rollout=types.SimpleNamespace(load_weights=lambda ref: []), reward=None)
+    learner = types.SimpleNamespace(
+        export_weights=lambda version, transport: (ExportReceipt(version=version, nbytes=4_000_000, seconds=0.1), "ref"))
+    ctl = Controller(cfg, collector=collector, eval_prompts=[], learner=learner, tracker=None, checkpoints=None,
+                     model_path="unused", pad_token_id=0)
+    metrics = ctl.push_weights(3)
+    assert ctl.version == 3
+    assert metrics["sync/megabytes"] == 4.0 and metrics["sync/workers_loaded"] == 0.0
+    assert metrics["timing/weight_load_max"] == 0.0
