@@ -49,7 +49,8 @@ class AlgorithmConfig:
     kl_place: str = "reward"
     """Where the KL acts: ``reward`` (per-token penalty, k1) or ``loss`` (a loss term)."""
     kl_estimator: str = "k1"
-    """KL estimator for the loss term: k1 | k2 | k3 (the reward penalty always uses k1)."""
+    """KL estimator for the loss term: k2 | k3 (k1 is refused there: its gradient is 0 in
+    expectation); the reward penalty always uses k1."""
     kl_target: float | None = None
     """Target KL of the adaptive controller; None keeps the coefficient fixed."""
     kl_horizon: int = 10000
@@ -105,7 +106,14 @@ class AlgorithmConfig:
             # KL differences alone, whatever kl_coef is.
             raise ValueError("algorithm.advantage_estimator=grpo with algorithm.kl_place=reward would divide the KL "
                              "penalty by each group's reward std (a group with equal rewards would train on KL noise "
-                             "at full scale): set algorithm.kl_place=loss (as GRPO does), or use dr_grpo or rloo")
+                             "at full scale): set algorithm.kl_place=loss with algorithm.kl_estimator=k3 (as GRPO "
+                             "does), or use dr_grpo or rloo")
+        if self.kl_place == "loss" and self.kl_estimator == "k1" and self.kl_coef > 0:
+            # d/dθ of mean(log π - log ref) over tokens drawn from π is ∇log π, whose expectation
+            # under π is 0: the term would add variance and no pull towards the reference.
+            raise ValueError("algorithm.kl_estimator=k1 as a loss term (algorithm.kl_place=loss) has zero expected "
+                             "gradient on samples of the policy: use k2 (its gradient is that of KL(policy || ref)) "
+                             "or k3 (GRPO's), or kl_place=reward, where k1 is the classic penalty")
         if self.critic_warmup_steps < 0:
             raise ValueError(f"algorithm.critic_warmup_steps must be >= 0 (got {self.critic_warmup_steps})")
 

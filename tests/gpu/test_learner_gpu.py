@@ -87,7 +87,8 @@ from transformers import AutoModelForCausalLM
 from cluster.config import load_config
 from learner.worker import LearnerRank
 
-cfg = load_config(None, ["learner.world_size=1", "learner.num_gpus=1", "algorithm.kl_coef=0.1", "algorithm.kl_place=loss"])
+cfg = load_config(None, ["learner.world_size=1", "learner.num_gpus=1", "algorithm.kl_coef=0.1", "algorithm.kl_place=loss",
+                          "algorithm.kl_estimator=k3"])
 rank = LearnerRank(0, 1, sys.argv[1], cfg.learner, cfg.algorithm, temperature=1.0, total_updates=4)
 rank.setup("127.0.0.1", rank.free_port())
 state = rank.full_policy_state()

@@ -96,7 +96,8 @@ def test_an_adaptive_kl_needs_a_horizon_and_a_starting_coefficient():
         load_config(DEMO, ["algorithm.kl_coef=0.1", "algorithm.kl_target=0.01", "algorithm.kl_horizon=0"])
     with pytest.raises(ConfigError, match="adapts algorithm.kl_coef, which is 0"):
         load_config(DEMO, ["algorithm.kl_target=0.01"])
-    assert load_config(DEMO, ["algorithm.kl_coef=0.1", "algorithm.kl_target=0.01", "algorithm.kl_place=loss"]).algorithm.kl_target == 0.01
+    adaptive = ["algorithm.kl_coef=0.1", "algorithm.kl_target=0.01", "algorithm.kl_place=loss", "algorithm.kl_estimator=k3"]
+    assert load_config(DEMO, adaptive).algorithm.kl_target == 0.01
 
 
 def test_a_config_file_that_is_a_directory_or_not_utf8_is_named(tmp_path):

@@ -131,6 +131,15 @@ def test_grpo_refuses_a_kl_penalty_in_the_reward():
     up to unit size whatever the coefficient (0.56 mean |advantage| at kl_coef=1e-4, measured)."""
     with pytest.raises(ConfigError, match="kl_place=loss"):
         load_config(None, ["algorithm.advantage_estimator=grpo", "algorithm.kl_coef=0.01"])
-    for ok in (["algorithm.kl_place=loss"], ["algorithm.advantage_estimator=dr_grpo"],
+    for ok in (["algorithm.kl_place=loss", "algorithm.kl_estimator=k3"], ["algorithm.advantage_estimator=dr_grpo"],
                ["algorithm.advantage_estimator=rloo"]):
         load_config(None, ["algorithm.advantage_estimator=grpo", "algorithm.kl_coef=0.01", *ok])
+
+
+def test_k1_as_a_loss_term_is_refused():
+    """Its gradient, the score function on samples of the policy, is 0 in expectation."""
+    with pytest.raises(ConfigError, match="k1 as a loss term"):
+        load_config(None, ["algorithm.kl_coef=0.01", "algorithm.kl_place=loss", "algorithm.advantage_estimator=rloo"])
+    load_config(None, ["algorithm.kl_coef=0.01", "algorithm.kl_place=loss", "algorithm.kl_estimator=k2",
+                       "algorithm.advantage_estimator=rloo"])
+    load_config(None, ["algorithm.kl_coef=0.01", "algorithm.advantage_estimator=rloo"])  # k1 in the reward

@@ -23,7 +23,8 @@ from learner.worker import LearnerRank
 
 model_dir, sharding = sys.argv[1], sys.argv[2]
 cfg = load_config(None, ["algorithm.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
-                         "algorithm.kl_coef=0.1", "algorithm.kl_place=loss", f"learner.sharding={sharding}", "learner.world_size=1",
+                         "algorithm.kl_coef=0.1", "algorithm.kl_place=loss", "algorithm.kl_estimator=k3",
+                         f"learner.sharding={sharding}", "learner.world_size=1",
                          "learner.num_gpus=0", "learner.num_threads=1", "rollout.max_new_tokens=4"])
 rank = LearnerRank(0, 1, model_dir, cfg.learner, cfg.algorithm, temperature=1.0, total_updates=10)
 rank.setup("127.0.0.1", rank.free_port())

@@ -27,7 +27,7 @@ from cluster.data import PromptSampler
 from learner.kl_control import AdaptiveKLController, FixedKLController
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = ["algorithm.advantage_estimator=grpo", "algorithm.kl_place=loss", "rollout.samples_per_prompt=4"]
+BASE = ["algorithm.advantage_estimator=grpo", "algorithm.kl_place=loss", "algorithm.kl_estimator=k3", "rollout.samples_per_prompt=4"]
 
 
 def checkpoint(root: Path, kl_controller: dict) -> Path:
