@@ -19,6 +19,8 @@ from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
 from learner.shared_weights import SharedWeightReader, SharedWeights
 from learner.weight_bucket import WeightSyncError, WeightUpdate, iter_tensors, verify
 
+log = logging.getLogger("rlrelay")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineSettings:
@@ -110,6 +112,8 @@ class RolloutWorker:
         self._generate_seconds = 0.0
         self.shared = SharedWeightReader()
         """Mappings of the learner's shared-memory weight slots (same-host pushes)."""
+        self._update_names: frozenset[str] | None = None
+        """The weight names of the first update loaded; every later one must carry the same."""
         self._llm = _build_engine(settings)
         self._tokenizer = self._llm.get_tokenizer()
 
@@ -161,6 +165,7 @@ class RolloutWorker:
         else:
             verify(update, self.policy_version)
             tensors = list(iter_tensors(update))
+        self._check_names([name for name, _ in tensors], update.version)
         t1 = time.perf_counter()
         self._llm.collective_rpc("rlrelay_load_weights", args=(tensors,))
         if isinstance(update, SharedWeights):
@@ -187,6 +192,24 @@ class RolloutWorker:
 
     # -- helpers -------------------------------------------------------------------------------
 
+    def _check_names(self, names: list[str], version: int) -> None:
+        """vLLM loads the names it knows and only logs the rest; a layer left out of an update
+        keeps its old weights under the new version. The first update is compared with the
+        checkpoint (a warning naming the differences: a checkpoint may hold buffers the learner
+        does not send), and every later update must carry exactly the first one's names."""
+        got = frozenset(names)
+        if self._update_names is None:
+            self._update_names = got
+            expected = checkpoint_weight_names(self.settings.model_path)
+            if expected is not None and expected != got:
+                log.warning("rollout worker %d: weight update v%d differs from the checkpoint in %s: not sent %s, "
+                            "not in the checkpoint %s (the engine keeps its loaded weights for the first and "
+                            "ignores the second)", self.worker_id, version, self.settings.model_path,
+                            sorted(expected - got)[:5], sorted(got - expected)[:5])
+        elif got != self._update_names:
+            raise WeightSyncError(f"weight update v{version} does not carry the names of the first update: "
+                                  f"missing {sorted(self._update_names - got)[:5]}, new {sorted(got - self._update_names)[:5]}")
+
     def _render(self, prompt: Prompt, sampling: SamplingSettings) -> tuple[str, list[int]]:
         text, ids = render_prompt(self._tokenizer, prompt, self.settings.model_path)
         limit = self.settings.max_model_len - sampling.max_new_tokens
@@ -195,6 +218,28 @@ class RolloutWorker:
                 f"{prompt.label} has {len(ids)} tokens; max_model_len "
                 f"{self.settings.max_model_len} - max_new_tokens {sampling.max_new_tokens} leaves {limit}")
         return text, ids
+
+
+def checkpoint_weight_names(model_path: str) -> frozenset[str] | None:
+    """The tensor names of a safetensors checkpoint, from its index or its files' headers
+    (no tensor is read); None for a checkpoint in another format."""
+    import glob
+    import json
+
+    from safetensors import safe_open
+
+    index = os.path.join(model_path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return frozenset(json.load(f)["weight_map"])
+    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not files:
+        return None
+    names: set[str] = set()
+    for path in files:
+        with safe_open(path, "pt") as f:
+            names.update(f.keys())
+    return frozenset(names)
 
 
 def render_prompt(tokenizer, prompt: Prompt, model_path: str) -> tuple[str, list[int]]:

@@ -73,3 +73,37 @@ def test_a_push_that_no_worker_reported_on_still_gives_its_figures(monkeypatch):
     assert ctl.version == 3
     assert metrics["sync/megabytes"] == 4.0 and metrics["sync/workers_loaded"] == 0.0
     assert metrics["timing/weight_load_max"] == 0.0
+
+
+def test_a_worker_compares_update_names_with_the_checkpoint_then_with_the_first_update(
+        tiny_model_dir, tiny_tied_model_dir, caplog):
+    """vLLM only logs a weight it does not know, and a layer left out keeps its old weights:
+    the first update is compared with the checkpoint (a warning), later ones with the first
+    (an error, before loading). No engine is needed for the check itself."""
+    import pytest
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from actors.rollout_worker import EngineSettings, RolloutWorker, checkpoint_weight_names
+    from learner.weight_bucket import WeightSyncError, drop_aliases
+
+    for model_dir in (tiny_model_dir, tiny_tied_model_dir):
+        sent = drop_aliases(AutoModelForCausalLM.from_pretrained(str(model_dir)).state_dict())
+        names = checkpoint_weight_names(str(model_dir))
+        assert names == set(load_file(str(model_dir / "model.safetensors"))) == set(sent)  # what the learner sends
+
+    worker = RolloutWorker.__new__(RolloutWorker)  # the check alone: no engine
+    worker.worker_id, worker.settings, worker._update_names = 0, EngineSettings(model_path=str(tiny_model_dir)), None
+    full = sorted(checkpoint_weight_names(str(tiny_model_dir)))
+    with caplog.at_level("WARNING", logger="rlrelay"):
+        worker._check_names(full, version=1)
+        worker._check_names(full, version=2)
+    assert not caplog.records
+    with pytest.raises(WeightSyncError, match=r"v3 does not carry .*missing \['lm_head.weight'\]"):
+        worker._check_names([n for n in full if n != "lm_head.weight"], version=3)
+
+    renamed = RolloutWorker.__new__(RolloutWorker)
+    renamed.worker_id, renamed.settings, renamed._update_names = 1, worker.settings, None
+    with caplog.at_level("WARNING", logger="rlrelay"):
+        renamed._check_names([f"_orig_mod.{n}" for n in full], version=1)
+    assert "not sent" in caplog.text and "_orig_mod." in caplog.text
