@@ -116,6 +116,9 @@ class AlgorithmConfig:
                              "or k3 (GRPO's), or kl_place=reward, where k1 is the classic penalty")
         if self.critic_warmup_steps < 0:
             raise ValueError(f"algorithm.critic_warmup_steps must be >= 0 (got {self.critic_warmup_steps})")
+        if self.critic_warmup_steps and not self.uses_critic:
+            raise ValueError(f"algorithm.critic_warmup_steps={self.critic_warmup_steps} warms up a critic, which only "
+                             f"advantage_estimator=gae has (this one is {self.advantage_estimator}): set it to 0")
 
     @property
     def uses_critic(self) -> bool:

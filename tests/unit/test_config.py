@@ -279,4 +279,5 @@ def test_settings_beside_the_refused_ones_still_load():
     load_config(DEMO, ["learner.num_cpus=0", "learner.num_gpus=1"])  # the GPU alone makes a bundle
     load_config(DEMO, ["rollout.num_gpus=1", "reward.num_gpus=0.25", "trainer.async_staleness=1"])
     load_config(DEMO, ["algorithm.advantage_estimator=gae", "algorithm.critic_warmup_steps=19", "trainer.steps=20"])
-    load_config(DEMO, ["algorithm.critic_warmup_steps=50", "trainer.steps=20"])  # no critic: nothing to warm up
+    with pytest.raises(ConfigError, match="only advantage_estimator=gae has"):  # no critic: a key that would do nothing
+        load_config(DEMO, ["algorithm.critic_warmup_steps=5"])
