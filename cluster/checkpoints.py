@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,22 @@ class CheckpointManager:
         for old in self.checkpoints()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def set_aside_after(self, step: int) -> Path | None:
+        """Move the checkpoints past ``step`` into ``abandoned-<time>/`` (kept, not deleted);
+        returns that directory, or None when there were none.
+
+        A resume from an earlier checkpoint of the run starts another timeline: left in place,
+        the later ones would outrank its new checkpoints in rotation (which keeps the highest
+        steps) and in ``--resume auto``, mixing the two."""
+        later = [p for p in self.checkpoints() if int(_NAME.match(p.name).group(1)) > step]
+        if not later:
+            return None
+        aside = self.root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(exist_ok=True)
+        for path in later:
+            os.rename(path, aside / path.name)
+        return aside
 
     def abort(self, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -409,6 +409,9 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
         # none, another run's checkpoint by path), it must not mix with what an earlier run left
         # here: the Tracker would empty its metrics.jsonl.
         clear_earlier_run(run_dir, checkpoints, overwrite=cfg.run.overwrite)
+    elif (aside := checkpoints.set_aside_after(resumed.step)) is not None:
+        log.warning("resuming from step %d, an earlier checkpoint of this run: its later checkpoints belong to the "
+                    "abandoned timeline and were moved to %s", resumed.step, aside)
     (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, now stale
     resolved = replace(cfg, model=replace(cfg.model, path=paths.model_path),
                        data=replace(cfg.data, train_path=paths.train_path, eval_path=paths.eval_path))

@@ -151,3 +151,20 @@ def test_resuming_a_completed_run_returns_its_summary_and_logs_nothing_again(tmp
     (run / "summary.json").write_text(json.dumps({"steps_completed": 2, "eval_after": 0.4, "stopped_early": False}))
     with pytest.raises(ConfigError, match="model.path .* is not a directory"):
         train(cfg, resume="auto")
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """They belong to the abandoned timeline: left in place, rotation (highest steps kept) would
+    delete the new timeline's checkpoints before them, and `--resume auto` would pick them."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    m = CheckpointManager(tmp_path / "ckpt", keep_last=3)
+    for step in (2, 4, 6):
+        write(m, step, model_dir)
+    assert m.set_aside_after(6) is None
+    aside = m.set_aside_after(2)
+    assert [p.name for p in m.checkpoints()] == ["step-000002"]
+    assert sorted(p.name for p in aside.iterdir()) == ["step-000004", "step-000006"]
+    write(m, 3, model_dir)
+    assert resolve_resume("auto", m).name == "step-000003"
