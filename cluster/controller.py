@@ -39,7 +39,7 @@ from cluster.checkpoints import CheckpointManager, DriverState, read_checkpoint,
 from cluster.collect import Batch, Collector, group_ids
 from cluster.config import Config
 from cluster.control import JobStatus
-from cluster.data import SamplerState
+from cluster.data import SamplerState, data_fingerprint
 from cluster.pools import LearnerGroup, alive_nodes, weight_transport
 from cluster.tracking import Tracker
 from learner.advantages import masked_mean
@@ -294,7 +294,8 @@ class Controller:
                 reward_normalizer=self.resume_norm,
                 wandb_run_id=self.tracker.run_id, eval_before=self.eval_before,
                 consecutive_skips=self.consecutive_skips,
-                extra={"signature": run_signature(self.cfg.algorithm.uses_critic, self.model_path)})
+                extra={"signature": run_signature(self.cfg.algorithm.uses_critic, self.model_path),
+                       "data": data_fingerprint(self.collector.sampler.prompts)})
             path = self.checkpoints.commit(tmp, step, state, ranks, self.model_path)
         except BaseException:
             self.checkpoints.abort(tmp)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import logging
 import random
@@ -107,6 +109,15 @@ class SamplerState:
     """Completed passes over the dataset."""
     position: int = 0
     """Prompts taken from the current pass."""
+
+
+def data_fingerprint(prompts: list[Prompt]) -> dict:
+    """What a checkpoint's data position indexes: the number of prompts and a hash of their
+    contents in order, so a resume can tell when the training set it continues is another."""
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(repr((p.text, p.messages, p.answer)).encode())
+    return {"prompts": len(prompts), "sha256": digest.hexdigest()[:16]}
 
 
 class PromptSampler:

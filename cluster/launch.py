@@ -25,7 +25,7 @@ from cluster.collect import Collector
 from cluster.config import Config, ConfigError, to_dict
 from cluster.control import JobControl, control_actor_name, register_job
 from cluster.controller import Controller, RunSummary
-from cluster.data import DataError, PromptSampler, drop_too_long, load_prompts
+from cluster.data import DataError, PromptSampler, data_fingerprint, drop_too_long, load_prompts
 from cluster.jobs import job_env_vars, join_cluster
 from cluster.security import check_cluster_auth, require_token_auth
 
@@ -403,6 +403,12 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
         raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) exceeds the "
                           f"{len(train_prompts)} prompts of {paths.train_path} that fit")
 
+    if resumed is not None and resumed.extra.get("data") not in (None, data_fingerprint(train_prompts)):
+        saved = resumed.extra["data"]
+        log.warning("--resume: the training set differs from the checkpoint's (%d prompts now, %d then, or other "
+                    "contents): its data position (pass %d, prompt %d) now indexes another order, so prompts may be "
+                    "repeated or skipped", len(train_prompts), saved["prompts"], resumed.sampler_epoch,
+                    resumed.sampler_position)
     own = resume_from is not None and is_own_checkpoint(Path(resume_from), checkpoints)
     if not own:
         # Continuing none of this run's own checkpoints (a fresh start, `--resume auto` that found

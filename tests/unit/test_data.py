@@ -152,3 +152,14 @@ def test_a_byte_order_mark_at_the_start_of_a_file_is_not_data(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
     assert [(p.text, p.answer) for p in load_prompts(path)] == [("1+1=", "2"), ("2+2=", "4")]
+
+
+def test_the_data_fingerprint_tells_another_training_set_apart():
+    from actors.types import Prompt
+    from cluster.data import data_fingerprint
+
+    base = [Prompt(index=i, text=f"{i}+1=", answer=str(i + 1)) for i in range(4)]
+    same = [Prompt(index=i, line=i + 3, text=f"{i}+1=", answer=str(i + 1)) for i in range(4)]  # lines do not matter
+    assert data_fingerprint(base) == data_fingerprint(same) == {"prompts": 4, "sha256": data_fingerprint(base)["sha256"]}
+    assert data_fingerprint(base[::-1]) != data_fingerprint(base)  # another order
+    assert data_fingerprint(base[:3] + [Prompt(index=3, text="3+1=", answer="5")]) != data_fingerprint(base)
