@@ -177,6 +177,9 @@ class RolloutPool:
         Best effort and bounded: a member that does not answer within a few seconds shows as
         unknown rather than delaying the step."""
         members = list(self.actors.members.values())
+        current = {m.id for m in members}
+        for gone in [i for i in self._nodes if i not in current]:  # left or replaced: its ref goes too
+            del self._nodes[gone]
         for m in members:
             if m.id not in self._nodes:
                 self._nodes[m.id] = m.handle.__ray_call__.remote(lambda _: ray.util.get_node_ip_address())
