@@ -96,7 +96,7 @@ class Collector:
         scores: list[torch.Tensor] = []
         raw: list[torch.Tensor] = []
         penalties: list[torch.Tensor] = []  # what reward shaping added to each generated sample
-        filtered, rounds, issued, failures = 0, 0, 0, 0
+        filtered, rounds, issued, failures, dropped, failed_kept = 0, 0, 0, 0, 0, 0
         while True:
             with _timed(timings, "generate"):
                 prompts = self.sampler.next_batch(want - len(rollouts) // per)
@@ -109,16 +109,24 @@ class Collector:
                 issued += len(prompts)
             with _timed(timings, "score"):
                 new_scores, failed = self.score(new)
-                failures += failed
+                failures += int(failed.sum())
+            if self.cfg.reward.on_failure == "drop" and failed.any():
+                # A failed sample has no score, and any number put in its place is a reward
+                # (0 beats a wrong answer's -1): its whole group goes, as a filtered one does.
+                groups = group_ids(new)
+                keep = ~torch.isin(groups, groups[failed])
+                dropped += len(set(groups[failed].tolist()))
+                new, new_scores, failed = [r for r, k in zip(new, keep.tolist()) if k], new_scores[keep], failed[keep]
             raw.append(new_scores)
             shaped = self.shape(new_scores, new)
             penalties.append(shaped - new_scores)
             new_scores = shaped
-            if algo.dynamic_sampling:
+            if algo.dynamic_sampling and new:
                 keep = filter_uniform_groups(new_scores, group_ids(new))
                 filtered += int((~keep).sum()) // per
                 new = [r for r, k in zip(new, keep.tolist()) if k]
-                new_scores = new_scores[keep]
+                new_scores, failed = new_scores[keep], failed[keep]
+            failed_kept += int(failed.sum())
             rollouts += new
             scores.append(new_scores)
             rounds += 1
@@ -126,13 +134,19 @@ class Collector:
                 break
         all_raw = torch.cat(raw)
         scores_t = torch.cat(scores)
-        if self.reward_norm is not None and len(scores_t):
+        # Only a batch the learner will train on counts in the running statistics: one smaller
+        # than the learner group is skipped (Controller.learn).
+        if self.reward_norm is not None and len(scores_t) >= self.cfg.learner.world_size:
             self.reward_norm.update(scores_t)
             scores_t = self.reward_norm.normalize(scores_t)
-        metrics = {"reward/mean": float(all_raw.mean()), "reward/std": float(all_raw.std(unbiased=False)),
+        metrics = {"reward/mean": float(all_raw.mean()) if len(all_raw) else 0.0,
+                   "reward/std": float(all_raw.std(unbiased=False)) if len(all_raw) else 0.0,
                    "reward/failures": float(failures),
+                   # Failed samples left in the batch (reward.on_failure=zero), scored 0.
+                   "reward/failed_in_batch": float(failed_kept),
+                   "reward/dropped_groups": float(dropped),
                    # DAPO's overlong penalty, averaged over every generated sample (0 when off).
-                   "reward/overlong_penalty_mean": float(torch.cat(penalties).mean()),
+                   "reward/overlong_penalty_mean": float(torch.cat(penalties).mean()) if len(all_raw) else 0.0,
                    "rollout/filtered_groups": float(filtered),
                    "rollout/generation_rounds": float(rounds),
                    # Identifies the prompts a step trained on: equal between runs that see the same data.
@@ -141,8 +155,9 @@ class Collector:
         return Batch(step=step, rollouts=rollouts, scores=scores_t, metrics=metrics, sampler_before=sampler_before,
                      reward_norm_before=norm_before, finished_at=time.perf_counter())
 
-    def score(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, int]:
-        """Rewards of the rollouts and how many failed (failures score 0 or stop the run)."""
+    def score(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards of the rollouts and which failed (bool ``[B]``): with ``reward.on_failure``
+        ``error`` a failure stops the run, else it scores 0 here (``drop`` then drops its group)."""
         requests = [ScoreRequest(prompt=r.prompt_text, response=r.response_text, answer=r.answer)
                     for r in rollouts]
         results = self.reward.score(requests)
@@ -151,9 +166,10 @@ class Collector:
             # Workers stop scoring a batch at its first failure: name a real one.
             r, s = next(((r, s) for r, s in failed if not s.error.startswith("not scored")), failed[0])
             raise RewardFailure(f"a sample could not be scored: prompt {r.prompt_index} sample {r.sample_index}: "
-                                f"{s.error} (set reward.on_failure=zero to count and score such samples 0 "
-                                f"instead)")
-        return torch.tensor([0.0 if s.failed else s.reward for s in results]), len(failed)
+                                f"{s.error} (set reward.on_failure=drop to count such samples and leave their "
+                                f"prompt's group out of the batch instead)")
+        return (torch.tensor([0.0 if s.failed else s.reward for s in results]),
+                torch.tensor([s.failed for s in results], dtype=torch.bool))
 
     def shape(self, scores: torch.Tensor, rollouts: list[Rollout]) -> torch.Tensor:
         """DAPO's soft overlong penalty, when configured."""

@@ -180,14 +180,17 @@ class Controller:
         """Old/reference log-probs and values, advantages, PPO update. Returns the step's
         metrics and whether the policy was updated (no weight push otherwise)."""
         cfg, rollouts, metrics = self.cfg, batch.rollouts, dict(batch.metrics)
-        if len(rollouts) < cfg.learner.world_size:  # dynamic sampling kept (almost) nothing
+        if len(rollouts) < cfg.learner.world_size:  # dynamic sampling or failures kept (almost) nothing
             metrics["rollout/skipped_update"] = 1.0
-            log.warning("step %d: dynamic sampling kept no group with differing rewards after %d round(s); "
-                        "no update this step", step, int(metrics.get("rollout/generation_rounds", 0)))
+            log.warning("step %d: %d sample(s) left after %d round(s) (%d group(s) without differing rewards, %d "
+                        "dropped for reward failures), fewer than the %d learner rank(s); no update this step",
+                        step, len(rollouts), int(metrics.get("rollout/generation_rounds", 0)),
+                        int(metrics.get("rollout/filtered_groups", 0)), int(metrics.get("reward/dropped_groups", 0)),
+                        cfg.learner.world_size)
             return metrics, False
-        if metrics.get("reward/failures", 0) >= len(rollouts):
-            log.warning("step %d: the reward failed for every sample (reward.on_failure=zero scores them 0): "
-                        "this step learns nothing", step)
+        if metrics.get("reward/failed_in_batch", 0) >= len(rollouts):
+            log.warning("step %d: the reward failed for every sample of the batch (reward.on_failure=zero scores "
+                        "them 0): this step learns nothing", step)
         tensors = collate(rollouts, self.pad_token_id)
         with self.phase("forward"):
             fwd = self.learner.forward(tensors)

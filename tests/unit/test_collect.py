@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from actors.types import Rollout
@@ -29,3 +31,81 @@ def test_a_complete_call_passes_in_any_order():
 def test_a_lost_extra_or_doubled_sample_stops_the_step(got, message):
     with pytest.raises(RuntimeError, match=message):
         check_complete(got, range(3, 5), per=2, step=7)
+
+
+# -- Collector.collect with stand-in pools: which samples and scores make the batch ----------
+
+from actors.types import Prompt  # noqa: E402
+from cluster.collect import Collector  # noqa: E402
+from cluster.config import load_config  # noqa: E402
+from cluster.data import PromptSampler  # noqa: E402
+from reward.types import ScoreResult  # noqa: E402
+
+
+class StandInRollout:
+    """Sample k of every prompt answers ``answers[k]``; every sample of a prompt whose index is
+    in ``failing`` answers "boom"."""
+
+    def __init__(self, answers: list[str], failing: set[int]) -> None:
+        self.answers, self.failing = answers, failing
+
+    def generate(self, prompts, sampling, step, seed, first_slot=0):
+        return [Rollout(prompt_index=p.index, slot=first_slot + i, sample_index=k, prompt_text=p.text, answer=p.answer,
+                        prompt_token_ids=(1,), response_token_ids=(2,), response_logprobs=(-0.5,),
+                        response_text="boom" if p.index in self.failing else self.answers[k], finish_reason="stop",
+                        policy_version=0)
+                for i, p in enumerate(prompts) for k in range(sampling.samples_per_prompt)]
+
+
+class StandInReward:
+    """+1 right, -1 wrong; a response "boom" fails (as a timed-out call does)."""
+
+    def score(self, requests):
+        return [ScoreResult(reward=float("nan"), components=(), error="timed out") if r.response == "boom"
+                else ScoreResult(reward=1.0 if r.response == r.answer else -1.0, components=()) for r in requests]
+
+
+def collector(answers: list[str], *overrides: str, prompts: int = 40, failing: frozenset = frozenset()) -> Collector:
+    cfg = load_config(None, ["rollout.prompts_per_step=4", f"rollout.samples_per_prompt={len(answers)}", *overrides])
+    dataset = [Prompt(index=i, text=f"{i}+0=", answer="ok") for i in range(prompts)]
+    return Collector(cfg, PromptSampler(dataset, seed=0), StandInRollout(answers, set(failing)), StandInReward())
+
+
+def test_a_failed_sample_scored_zero_would_outrank_the_wrong_answers_of_its_group():
+    """What reward.on_failure=zero does (documented, not neutral): kept for comparison with drop."""
+    batch = collector(["no", "no", "no", "boom"], "reward.on_failure=zero").collect(step=1)
+    assert batch.scores.tolist() == [-1.0, -1.0, -1.0, 0.0] * 4
+    assert batch.metrics["reward/failures"] == batch.metrics["reward/failed_in_batch"] == 4
+
+
+def test_drop_leaves_out_the_group_of_a_failed_sample_and_counts_it():
+    batch = collector(["no", "no", "no", "boom"], "reward.on_failure=drop").collect(step=1)
+    assert batch.rollouts == [] and len(batch.scores) == 0
+    assert batch.metrics["reward/failures"] == 4 and batch.metrics["reward/dropped_groups"] == 4
+    assert batch.metrics["reward/failed_in_batch"] == 0
+    assert all(math.isfinite(v) for v in batch.metrics.values())  # an empty batch logs numbers, not NaN
+
+
+def test_drop_under_dynamic_sampling_refills_and_keeps_failures_out_of_the_normaliser():
+    """Every group has a right answer and a failure: dropped, refilled, dropped again, up to
+    the round limit. The normaliser counts nothing (nothing was kept), and a batch smaller than
+    the learner group would not count either."""
+    c = collector(["ok", "no", "boom"], "reward.on_failure=drop", "algorithm.dynamic_sampling=true",
+                  "algorithm.dynamic_sampling_max_rounds=2", "algorithm.normalize_rewards=true")
+    batch = c.collect(step=1)
+    assert batch.rollouts == [] and batch.metrics["rollout/generation_rounds"] == 3
+    assert batch.metrics["reward/dropped_groups"] == 12 and batch.metrics["rollout/filtered_groups"] == 0
+    assert c.reward_norm.state_dict()["count"] == 0
+
+
+def test_the_normaliser_counts_only_a_batch_the_learner_trains_on():
+    c = collector(["ok", "no"], "algorithm.normalize_rewards=true", "learner.world_size=2")
+    c.collect(step=1)
+    assert c.reward_norm.state_dict()["count"] == 8  # 4 prompts x 2 samples
+    # Three of the four prompts fail and are dropped: 2 samples left for 4 ranks, a step the
+    # learner skips, so its scores must not count.
+    small = collector(["ok", "no"], "algorithm.normalize_rewards=true", "learner.world_size=4",
+                      "reward.on_failure=drop", prompts=4, failing=frozenset({1, 2, 3}))
+    batch = small.collect(step=1)
+    assert len(batch.rollouts) == 2 and batch.metrics["reward/dropped_groups"] == 3
+    assert small.reward_norm.state_dict()["count"] == 0
