@@ -196,7 +196,9 @@ class RewardConfig:
     max_restarts: int = 8
     """Replacements of dead or hung reward workers allowed over the whole job."""
     on_failure: str = "error"
-    """A sample whose reward failed: ``error`` stops the run naming it; ``zero`` counts it and scores 0."""
+    """A sample whose reward failed: ``error`` stops the run naming it; ``drop`` counts it and leaves
+    its prompt's group out of the batch (refilled under dynamic sampling); ``zero`` counts it and
+    scores 0 (not neutral for a reward whose wrong answers score below 0)."""
 
 
 @dataclass(kw_only=True)
@@ -365,8 +367,8 @@ class Config:
             raise ConfigError(f"rollout.samples_per_prompt must be >= 2 (got {r.samples_per_prompt}): "
                               f"{' and '.join(comparing)} compare{'' if len(comparing) > 1 else 's'} "
                               f"the samples of a prompt")
-        if self.reward.on_failure not in ("error", "zero"):
-            raise ConfigError(f"reward.on_failure: {self.reward.on_failure!r} is not one of error, zero")
+        if self.reward.on_failure not in ("error", "zero", "drop"):
+            raise ConfigError(f"reward.on_failure: {self.reward.on_failure!r} is not one of error, zero, drop")
         if self.reward.isolation not in ISOLATIONS:
             raise ConfigError(f"reward.isolation: {self.reward.isolation!r} is not one of {', '.join(ISOLATIONS)}")
         if self.run.wandb_mode not in ("auto", "online", "offline", "disabled"):
