@@ -47,7 +47,7 @@ from learner.batch import TrainBatch, collate
 from learner.estimate import estimate_advantages
 from learner.kl_control import AdaptiveKLController, FixedKLController
 from learner.losses import explained_variance, truncated_importance_weights
-from reward.rules import resolve_reward_function
+from reward.judge import EvalJudge
 
 log = logging.getLogger("rlrelay")
 
@@ -84,7 +84,7 @@ class Controller:
         self.collector = collector
         self.rollout, self.reward = collector.rollout, collector.reward
         self.eval_prompts = eval_prompts
-        self.eval_score = resolve_reward_function(cfg.eval_judge())
+        self.eval_judge = EvalJudge(cfg.eval_judge(), timeout_s=cfg.reward.timeout_s)
         self.learner = learner
         self.tracker = tracker
         self.checkpoints = checkpoints
@@ -174,6 +174,7 @@ class Controller:
         if cfg.trainer.export_final:
             self.learner.save_pretrained(str(cfg.run.path.resolve() / "final_model"))
         eval_after = self.evaluate(step=cfg.trainer.steps)
+        self.eval_judge.close()
         return RunSummary(steps_completed=cfg.trainer.steps, eval_before=self.eval_before, eval_after=eval_after)
 
     def learn(self, step: int, batch: Batch) -> tuple[dict[str, float], bool]:
@@ -236,7 +237,7 @@ class Controller:
             metrics.update({"cluster/rollout_wait_share": share, "cluster/autoscale_target": float(self.autoscale_target)})
         every = cfg.trainer.eval_every
         if every and self.eval_prompts and step % every == 0 and step < cfg.trainer.steps:
-            metrics["eval/accuracy"] = self.evaluate(step=step, log=False)
+            self.evaluate(step=step, into=metrics)
         self.tracker.log(step, metrics)
         if cfg.trainer.sample_table_every and step % cfg.trainer.sample_table_every == 0:
             self.tracker.log_samples(step, batch.rollouts, batch.scores.tolist())
@@ -397,14 +398,23 @@ class Controller:
             "rollout/staleness_mean": self.version - sum(r.policy_version for r in rollouts) / len(rollouts),
         }
 
-    def evaluate(self, step: int, log: bool = True) -> float | None:
-        """Greedy accuracy on the held-out prompts, judged by `cfg.eval_judge()` (None without eval prompts)."""
+    def evaluate(self, step: int, into: dict[str, float] | None = None) -> float | None:
+        """Greedy accuracy on the held-out prompts, judged by `cfg.eval_judge()` (None without eval
+        prompts); its metrics are logged, or added to ``into`` (a step's metrics) when given."""
         if not self.eval_prompts:
             return None
         greedy = replace(self.collector.sampling, temperature=0.0, samples_per_prompt=1)
         with self.phase("eval"):
             rollouts = self.rollout.generate(self.eval_prompts, greedy, step=step, seed=self.cfg.run.seed)
-        accuracy = sum(self.eval_score(r.prompt_text, r.response_text, r.answer) > 0 for r in rollouts) / len(rollouts)
-        if log:
-            self.tracker.log(step, {"eval/accuracy": accuracy})
+        verdicts = [self.eval_judge(r.prompt_text, r.response_text, r.answer) for r in rollouts]
+        accuracy = sum(v is not None and v > 0 for v in verdicts) / len(rollouts)
+        failures = sum(v is None for v in verdicts)
+        if failures:  # counted as wrong, and said so: the accuracy is a lower bound
+            log.warning("step %d: the eval judge %s failed on %d of %d answers (counted wrong), e.g. %s", step,
+                        self.eval_judge.spec, failures, len(rollouts), self.eval_judge.last_error)
+        metrics = {"eval/accuracy": accuracy, "eval/judge_failures": float(failures)}
+        if into is not None:
+            into.update(metrics)
+        else:
+            self.tracker.log(step, metrics)
         return accuracy
