@@ -167,7 +167,12 @@ class RewardModelConfig:
     weight: float = 1.0
     """Weight in the total reward."""
     batch_size: int = 32
-    """Sequences per forward pass."""
+    """Sequences per forward pass (a pass that fails is run again one sequence at a time, so
+    only the sequence the model cannot take fails)."""
+    max_length: int | None = None
+    """Tokens of prompt + response the model scores; a longer text loses its start (the
+    response's end, where the score is read, stays). None: the model's own context, from its
+    ``max_position_embeddings`` or its tokenizer's ``model_max_length``; above it is refused."""
 
 
 @dataclass(kw_only=True)
@@ -383,6 +388,9 @@ class Config:
             raise ConfigError("reward: every weight is 0, so every sample would score 0 and no step would learn")
         if self.reward.model is not None and self.reward.model.batch_size < 1:
             raise ConfigError(f"reward.model.batch_size must be >= 1 (got {self.reward.model.batch_size})")
+        if self.reward.model is not None and self.reward.model.max_length is not None \
+                and self.reward.model.max_length < 1:
+            raise ConfigError(f"reward.model.max_length must be >= 1 or null (got {self.reward.model.max_length})")
         if not 0 <= self.run.seed < 2**32:  # numpy's and vLLM's seeds are unsigned 32-bit
             raise ConfigError(f"run.seed must lie in [0, 2**32) (got {self.run.seed})")
         for key, value in (("trainer.eval_every", self.trainer.eval_every),

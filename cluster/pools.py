@@ -241,7 +241,7 @@ class RewardPool:
         model = None
         if rc.model is not None:
             model = RewardModelSpec(path=reward_model_path or rc.model.path, weight=rc.model.weight,
-                                    batch_size=rc.model.batch_size)
+                                    batch_size=rc.model.batch_size, max_length=rc.model.max_length)
         # Torch threads of a reward model and of user functions alike (their child processes
         # inherit it): Ray would set OMP_NUM_THREADS from the CPU share, often 1.
         env = {"env_vars": {"OMP_NUM_THREADS": str(rc.num_threads)}}

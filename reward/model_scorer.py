@@ -4,6 +4,9 @@ The reward of a response is the model's single logit at the last token of
 ``prompt + response``. HF's seq-cls models pick that token as the last one that is not
 ``config.pad_token_id``, so the tokenizer's pad id and the config's must agree; the helpers
 here make sure they do, for scoring and for training (``reward/train.py``) alike.
+
+A text longer than the model can take is cut from the left: the start of the prompt goes
+first, and the end of the response, where the scored token is, always stays.
 """
 
 from __future__ import annotations
@@ -15,6 +18,20 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_NO_TOKENIZER_LIMIT = 10**9
+"""A tokenizer ``model_max_length`` at or above this says "unknown" (transformers puts 1e30
+there when the checkpoint names none), not a limit of the model."""
+
+
+def context_length(tokenizer, model) -> int | None:
+    """Tokens the model can take: the smaller of its position table (``max_position_embeddings``,
+    GPT-2's ``n_positions``) and its tokenizer's ``model_max_length`` where that is a real
+    limit (RoBERTa has 514 position rows but 512 usable positions); None if neither says."""
+    limits = [getattr(model.config.get_text_config(), "max_position_embeddings", None),
+              tokenizer.model_max_length]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < _NO_TOKENIZER_LIMIT]
+    return min(limits, default=None)
 
 
 def ensure_pad_token(tokenizer, model) -> None:
@@ -67,6 +84,9 @@ def without_doubled_bos(tokenizer, texts: Sequence[str]) -> list[str]:
 class RewardModelScorer:
     """A reward model (``AutoModelForSequenceClassification`` with one label) from a local path.
 
+    Each text is cut to its last ``max_length`` tokens; None takes the model's context
+    (`context_length`), and a ``max_length`` beyond it is refused.
+
     Example::
 
         scorer = RewardModelScorer("/ckpt/rm", batch_size=16)
@@ -92,7 +112,6 @@ class RewardModelScorer:
             raise ValueError(f"reward model max_length must be >= 1 or None, got {max_length}")
         self.path = path
         self.batch_size = batch_size
-        self.max_length = max_length
         self.device = torch.device(device)
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -105,6 +124,14 @@ class RewardModelScorer:
                 "a reward model needs exactly one (a scalar score)"
             )
         ensure_pad_token(self.tokenizer, self.model)
+        # Past its context a model with absolute positions raises (IndexError) and a rotary one
+        # scores positions it never saw in training: always truncate to the context.
+        context = context_length(self.tokenizer, self.model)
+        if max_length is not None and context is not None and max_length > context:
+            raise ValueError(f"reward model at {path!r}: max_length={max_length} exceeds the model's context "
+                             f"of {context} tokens (max_position_embeddings, or the tokenizer's model_max_length)")
+        self.max_length = context if max_length is None else max_length
+        """Tokens scored per text (the last ones); None only for a model that states no context."""
         self.model.to(self.device).eval()
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:

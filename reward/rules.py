@@ -12,7 +12,10 @@ import importlib
 import inspect
 import math
 import re
+import unicodedata
 from collections.abc import Callable
+from decimal import Decimal
+from fractions import Fraction
 
 RewardFunction = Callable[[str, str, str | None], float]
 
@@ -29,50 +32,104 @@ def exact_match(prompt: str, response: str, answer: str | None) -> float:
 
 
 def keyword_contains(prompt: str, response: str, answer: str | None) -> float:
-    """+1.0 if the response contains the keyword ``answer`` (case-insensitive), else -1.0."""
+    """+1.0 if the response contains the keyword ``answer``, else -1.0.
+
+    A substring test ("Rome" is found in "Romeo"), as word boundaries would never match in
+    text written without spaces (Chinese, Japanese, Thai); for whole words use a function of
+    your own. Case-insensitive and Unicode-normalised (NFKC) on both sides, so an accent typed
+    as a combining mark matches the precomposed one and fullwidth ``ＰＡＲＩＳ`` matches ``paris``.
+    """
     keyword = _require_answer("keyword_contains", answer)
     if not keyword:
         # Every string contains "", so an empty keyword would silently reward everything.
         raise ValueError("reward function 'keyword_contains' got an empty keyword as the answer")
-    return 1.0 if keyword.casefold() in response.casefold() else -1.0
+    return 1.0 if _caseless(keyword) in _caseless(response) else -1.0
 
 
-# A number not glued to a preceding digit: "5-3" ends in 3 (not -3), "x = -3" in -3.
-# Thousands separators ("1,000") are allowed so GSM8K-style answers parse.
-_NUMBER = re.compile(r"(?<!\d)-?\d+(?:,\d{3})*(?:\.\d+)?")
+def _caseless(text: str) -> str:
+    # NFKC again after casefold, which can leave text unnormalised ("ǰ" folds to j + U+030C).
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
 
 
-def _parse_number(text: str) -> float:
-    return float(text.replace(",", ""))
+# A number not glued to a preceding digit: "5-3" ends in 3 (not -3), "x = -3" in -3, "1.2.3" in
+# 3 (not .3). Thousands separators ("1,000") are allowed so GSM8K-style answers parse; a group
+# has exactly three digits, so "1,2345" is 1 and 2345, not 1,234 with the 5 lost.
+_NUMBER = re.compile(r"(?<!\d)-?(?:\d+(?:,\d{3}(?!\d))*(?:\.\d+)?|\.\d+)")
+_GSM8K_ANSWER = re.compile(r"####[ \t]*\$?[ \t]*(" + _NUMBER.pattern + ")")
+"""GSM8K's final-answer line, ``#### 72``; a Markdown heading (``#### Step 2``) is none."""
+_BOXED = "\\boxed{"
+
+
+def _parse_number(text: str) -> Fraction:
+    # Exact: as floats, 2**64 + 1 would equal 2**64.
+    return Fraction(text.replace(",", ""))
+
+
+def _normalize_signs(text: str) -> str:
+    return text.replace("\u2212", "-")  # U+2212 MINUS SIGN, as typeset math and some models write it
 
 
 def numeric_match(prompt: str, response: str, answer: str | None) -> float:
-    """1.0 if the last number in the response equals the answer numerically, else 0.0.
+    """1.0 if the response's final answer equals the answer numerically, else 0.0.
 
     Meant for math tasks (GSM8K) where the response reasons first and ends with the result:
-    ``numeric_match("", "5 + 37 = 42.", "42") == 1.0``; ``"1,000"`` equals ``"1000"``.
-    A response without any number scores 0.0.
+    ``numeric_match("", "5 + 37 = 42.", "42") == 1.0``; ``"1,000"`` equals ``"1000"``, ``".5"``
+    equals ``"0.5"``, ``"\u22125"`` (U+2212) equals ``"-5"``; the comparison is exact (no
+    float rounding). The final answer is, by precedence:
+
+    1. the explicit final-answer marker written last, whatever follows it: ``\\boxed{...}``,
+       which must hold exactly one number (``\\boxed{x = 42}``; ``\\boxed{\\frac{1}{2}}``
+       holds two and scores 0.0), or GSM8K's ``#### 42`` (a number right after ``####``);
+    2. otherwise the last number in the response.
+
+    A response without any number (or whose marker holds none) scores 0.0.
     """
     ref = _require_answer("numeric_match", answer).strip()
     target = _reference_number(ref)
     if target is None:
         raise ValueError(f"reward function 'numeric_match' needs a numeric answer, got {answer!r}")
+    final = _final_answer(_normalize_signs(response))
+    return 1.0 if final is not None and _parse_number(final) == target else 0.0
+
+
+def _final_answer(response: str) -> str | None:
+    """The text of the response's final number, by `numeric_match`'s precedence; None if none."""
+    boxed_at = response.rfind(_BOXED)
+    gsm8k_answers = list(_GSM8K_ANSWER.finditer(response))
+    gsm8k = gsm8k_answers[-1] if gsm8k_answers else None
+    if boxed_at >= 0 and (gsm8k is None or boxed_at > gsm8k.start()):
+        numbers = _NUMBER.findall(_braced(response, boxed_at + len(_BOXED)))
+        return numbers[0] if len(numbers) == 1 else None
+    if gsm8k is not None:
+        return gsm8k.group(1)
     numbers = _NUMBER.findall(response)
-    if not numbers:
-        return 0.0
-    return 1.0 if _parse_number(numbers[-1]) == target else 0.0
+    return numbers[-1] if numbers else None
 
 
-def _reference_number(ref: str) -> float | None:
+def _braced(text: str, start: int) -> str:
+    """The text from ``start`` up to the brace closing the one just before it (nested braces
+    count); the rest of the text if it never closes (a response cut off in the box)."""
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return text[start:]
+
+
+def _reference_number(ref: str) -> Fraction | None:
     """The answer as a number: as responses write numbers, or in any notation a dataset keeps
     (``1e3``, written as a JSON number)."""
+    ref = _normalize_signs(ref)
     if _NUMBER.fullmatch(ref) is not None:
         return _parse_number(ref)
     try:
         value = float(ref)
     except ValueError:
         return None
-    return value if math.isfinite(value) else None
+    # float() is the gate (it refuses "1/2", and "nan", "inf" and overflow come out non-finite);
+    # the value itself is read exactly.
+    return Fraction(Decimal(ref)) if math.isfinite(value) else None
 
 
 BUILTINS: dict[str, RewardFunction] = {

@@ -3,7 +3,8 @@
 A plain class; ``cluster/`` wraps it with ``ray.remote``. Each sample's reward is
 ``sum(weight_i * component_i)`` over the configured scorers, in order: the rule functions in
 configuration order, then the reward model. A sample whose scorer raised, timed out or gave a
-non-finite value comes back with ``error`` set and ``reward = nan``; the batch goes on.
+non-finite value comes back with ``error`` set and ``reward = nan``; the batch goes on (a
+reward-model forward batch that raises is run again one text at a time, to fail only the bad one).
 
 The rule functions run in a child process (``isolation="process"``, see `reward.isolated`), so
 a call that overruns its timeout is killed even when it holds the GIL; or in a thread of this
@@ -62,7 +63,9 @@ class RewardModelSpec:
     batch_size: int = 32
     """Texts per forward pass."""
     max_length: int | None = None
-    """Tokens kept per text (from the end, where the scored token is); ``None`` keeps all."""
+    """Tokens of ``prompt + response`` the model sees, the last ones (the start of the prompt is
+    cut first; the response's end, where the scored token is, stays); ``None``: the model's
+    own context (`reward.model_scorer.context_length`). A value beyond that is refused."""
 
     def __post_init__(self) -> None:
         _check_weight(f"reward model {self.path!r}", self.weight)
@@ -184,7 +187,7 @@ class RewardWorker:
         for request in requests:
             if not isinstance(request, ScoreRequest):
                 raise TypeError(f"RewardWorker.score takes ScoreRequest records, got {request!r}")
-        model_values, model_error = self._score_with_model(requests)
+        model_scores = self._score_with_model(requests)
 
         results = []
         for i, request in enumerate(requests):
@@ -201,7 +204,7 @@ class RewardWorker:
                 value, error = self._call(index, request)
                 components.append(value)
             if self._model is not None:
-                value = model_values[i]
+                value, model_error = model_scores[i]
                 components.append(value)
                 if error is None:
                     error = model_error or (None if math.isfinite(value) else f"reward model returned {value}")
@@ -218,15 +221,33 @@ class RewardWorker:
             results.append(ScoreResult(reward=reward, components=tuple(components), error=error))
         return results
 
-    def _score_with_model(self, requests: Sequence[ScoreRequest]) -> tuple[list[float], str | None]:
-        """The reward model's value per request (NaN if it failed) and its error, if any."""
-        if self._model is None or not requests:
-            return [], None
+    def _score_with_model(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, str | None]]:
+        """The reward model's ``(value, None)`` per request, or ``(nan, why)`` where it failed.
+
+        In forward batches of ``batch_size``; a batch that raises is run again one text at a
+        time, so a text the model cannot take (a token its checkpoint lacks, memory run out on
+        one long text) fails only its own sample, with its own error.
+        """
+        if self._model is None:
+            return []
+        size = self._model.batch_size
+        scores: list[tuple[float, str | None]] = []
+        for start in range(0, len(requests), size):
+            batch = requests[start : start + size]
+            outcome = self._forward(batch)
+            if len(batch) > 1 and outcome[0][1] is not None:
+                outcome = [self._forward([request])[0] for request in batch]
+            scores.extend(outcome)
+        return scores
+
+    def _forward(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, str | None]]:
+        """One forward batch: each request's ``(value, None)``, or ``(nan, why)`` for all if it raised."""
         try:
-            return self._model.score([r.prompt for r in requests], [r.response for r in requests]), None
+            values = self._model.score([r.prompt for r in requests], [r.response for r in requests])
         except Exception as err:  # noqa: BLE001 - one bad batch must not take the actor down
             error = f"reward model {self._model.path!r} failed: {type(err).__name__}: {err}"
-            return [math.nan] * len(requests), error
+            return [(math.nan, error)] * len(requests)
+        return [(value, None) for value in values]
 
     def _call(self, index: int, request: ScoreRequest) -> tuple[float, str | None]:
         """Run one rule function with the timeout; return (value, None) or (nan, why not)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import unicodedata
 import uuid
 
 import pytest
@@ -27,6 +28,24 @@ def test_exact_match_ignores_surrounding_whitespace_only():
 def test_keyword_contains_is_case_insensitive_and_signed():
     assert keyword_contains("", "The capital is PARIS.", "paris") == 1.0
     assert keyword_contains("", "The capital is Lyon.", "Paris") == -1.0
+
+
+@pytest.mark.parametrize(
+    ("response", "keyword", "expected"),
+    [
+        (unicodedata.normalize("NFD", "Un café noir"), "café", 1.0),  # é as e + combining accent
+        ("Un café noir", unicodedata.normalize("NFD", "CAFÉ"), 1.0),
+        ("The capital is \uff30\uff21\uff32\uff29\uff33.", "paris", 1.0),  # fullwidth PARIS
+        ("The ﬁnal answer", "final", 1.0),  # the "fi" ligature U+FB01
+        ("Ünïcödé", "unicode", -1.0),  # accents are part of the text, not dropped
+        # A substring test, as documented: no word boundaries, which Chinese or Japanese text
+        # (no spaces between words) would never have.
+        ("Romeo and Juliet", "Rome", 1.0),
+        ("首都是北京。", "北京", 1.0),
+    ],
+)
+def test_keyword_contains_compares_unicode_normalized_text(response, keyword, expected):
+    assert keyword_contains("", response, keyword) == expected
 
 
 @pytest.mark.parametrize("fn", [exact_match, keyword_contains, numeric_match])
@@ -59,6 +78,48 @@ def test_keyword_contains_refuses_an_empty_keyword():
     ],
 )
 def test_numeric_match_compares_the_final_number(response, answer, expected):
+    assert numeric_match("", response, answer) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "expected"),
+    [
+        ("Total: 1,2345", "1234", 0.0),  # not "1,234" with its 5 dropped: a group has 3 digits
+        ("She pays $1,234.50 in total.", "1234.5", 1.0),
+        ("The temperature drops to \u22125 degrees.", "-5", 1.0),  # U+2212 MINUS SIGN
+        ("x = -5", "\u22125", 1.0),
+        ("The answer is .5", "0.5", 1.0),
+        ("It is -.5", "-0.5", 1.0),
+        ("version 1.2.3", "0.3", 0.0),  # ".3" glued to a digit is no number of its own
+        # 2**64 + 1 and 2**64 are the same float; integers compare exactly.
+        ("The answer is 18446744073709551617", "18446744073709551616", 0.0),
+        ("The answer is 18446744073709551617", "18446744073709551617", 1.0),
+        ("So 0.1 + 0.2 = 0.3", "0.3", 1.0),
+    ],
+)
+def test_numeric_match_reads_numbers_as_written(response, answer, expected):
+    assert numeric_match("", response, answer) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "expected"),
+    [
+        # GSM8K's "#### x": the number right after the last "####", whatever follows.
+        ("#### 72\n\nNote: I used 2 steps", "72", 1.0),
+        ("6 * 12 = 72\n#### $1,000 in all, after 3 weeks", "1000", 1.0),
+        ("#### Step 2\nSo the total is 42.", "42", 1.0),  # a Markdown heading is no marker
+        # The last \boxed{...}: it must hold one number, which is the answer.
+        ("So \\boxed{42}. Check: 6 * 7 = 42, and 40 + 2", "42", 1.0),
+        ("\\boxed{41}, no: \\boxed{x = -5} (3 tries)", "-5", 1.0),
+        ("\\boxed{\\frac{1}{2}}", "2", 0.0),  # not the last number in the box
+        ("\\boxed{2^{10}}", "10", 0.0),
+        ("\\boxed{yes} after 3 steps", "3", 0.0),  # an explicit answer with no number
+        # Of both markers, the one written last is the final answer.
+        ("\\boxed{41}, no wait:\n#### 42", "42", 1.0),
+        ("#### 41, no wait: \\boxed{42} (step 7)", "42", 1.0),
+    ],
+)
+def test_numeric_match_prefers_an_explicit_final_answer_to_the_last_number(response, answer, expected):
     assert numeric_match("", response, answer) == expected
 
 

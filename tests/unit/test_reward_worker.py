@@ -272,9 +272,11 @@ def test_hung_function_times_out_and_later_samples_still_score(user_rewards, iso
     assert [r.reward for r in worker.score(requests_for("d"))] == [1.0]
 
 
-def test_reward_model_failure_fails_every_sample_of_the_call(tmp_path):
+def test_a_reward_model_failure_fails_each_sample_it_fails_on(tmp_path):
     # A model whose embedding table is smaller than its tokenizer: characters beyond it raise
-    # IndexError in the forward pass, as a mismatched checkpoint would.
+    # IndexError in the forward pass, as a mismatched checkpoint would. Every text here has
+    # such a character, so each fails on its own retry (test_reward_model_limits.py has one
+    # bad sample among good ones).
     path = save_reward_model(tmp_path, vocab_size=10)
     worker = RewardWorker([RewardFunctionSpec(name="exact_match")], RewardModelSpec(path=path))
     results = worker.score(requests_for("42", "zzz"))
