@@ -84,6 +84,8 @@ class Collector:
         self.sampling = SamplingSettings(temperature=r.temperature, max_new_tokens=r.max_new_tokens,
                                          samples_per_prompt=r.samples_per_prompt, stop=tuple(r.stop))
         self.reward_norm = RunningMeanStd() if cfg.algorithm.normalize_rewards else None
+        self.messages = {p.index: p.messages for p in sampler.prompts if p.messages is not None}
+        """Chat turns by prompt index, for a reward model that renders them with its own template."""
 
     def collect(self, step: int) -> Batch:
         """Generate and score a step's batch; with dynamic sampling, keep only prompt groups
@@ -158,8 +160,8 @@ class Collector:
     def score(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of the rollouts and which failed (bool ``[B]``): with ``reward.on_failure``
         ``error`` a failure stops the run, else it scores 0 here (``drop`` then drops its group)."""
-        requests = [ScoreRequest(prompt=r.prompt_text, response=r.response_text, answer=r.answer)
-                    for r in rollouts]
+        requests = [ScoreRequest(prompt=r.prompt_text, response=r.response_text, answer=r.answer,
+                                 messages=self.messages.get(r.prompt_index)) for r in rollouts]
         results = self.reward.score(requests)
         failed = [(r, s) for r, s in zip(rollouts, results) if s.failed]
         if failed and self.cfg.reward.on_failure == "error":

@@ -1,7 +1,8 @@
 """Scoring with a Hugging Face sequence-classification reward model loaded from a local path.
 
 The reward of a response is the model's single logit at the last token of
-``prompt + response``. HF's seq-cls models pick that token as the last one that is not
+``prompt + response``, or, for a chat prompt and a model whose tokenizer has a chat template,
+of the chat rendered by that template (``RewardModelScorer.texts``). HF's seq-cls models pick that token as the last one that is not
 ``config.pad_token_id``, so the tokenizer's pad id and the config's must agree; the helpers
 here make sure they do, for scoring and for training (``reward/train.py``) alike.
 
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
+
+from actors.types import ChatMessage
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,6 +84,10 @@ def without_doubled_bos(tokenizer, texts: Sequence[str]) -> list[str]:
     return [text[len(bos):] if text.startswith(bos) else text for text in texts]
 
 
+def uses_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 class RewardModelScorer:
     """A reward model (``AutoModelForSequenceClassification`` with one label) from a local path.
 
@@ -134,11 +141,11 @@ class RewardModelScorer:
         """Tokens scored per text (the last ones); None only for a model that states no context."""
         self.model.to(self.device).eval()
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """The reward model's logit for each ``prompt + response``, in batches of ``batch_size``."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        texts = [prompt + response for prompt, response in zip(prompts, responses)]
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              messages: Sequence[Sequence[ChatMessage] | None] | None = None) -> list[float]:
+        """The reward model's logit for each response, in batches of ``batch_size``
+        (`texts` says what text is scored)."""
+        texts = self.texts(prompts, responses, messages)
         scores: list[float] = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
@@ -146,3 +153,19 @@ class RewardModelScorer:
                 logits = self.model(**batch.to(self.device)).logits  # [B, 1]
                 scores.extend(logits[:, 0].float().tolist())
         return scores
+
+    def texts(self, prompts: Sequence[str], responses: Sequence[str],
+              messages: Sequence[Sequence[ChatMessage] | None] | None = None) -> list[str]:
+        """What is scored: for a chat prompt (``messages``) and a reward model whose tokenizer
+        has a chat template, its chat rendered by that template with the response as the
+        assistant's turn, as such models are trained (the policy's rendering would bring the
+        policy's system prompt and no end-of-turn token); otherwise the prompt as the policy
+        saw it followed by the response."""
+        if len(prompts) != len(responses) or (messages is not None and len(messages) != len(prompts)):
+            raise ValueError(f"got {len(prompts)} prompts, {len(responses)} responses"
+                             + (f" and {len(messages)} message lists" if messages is not None else ""))
+        chats = messages if messages is not None and uses_chat_template(self.tokenizer) else [None] * len(prompts)
+        return [prompt + response if chat is None else self.tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in chat] + [{"role": "assistant", "content": response}],
+                    tokenize=False)
+                for prompt, response, chat in zip(prompts, responses, chats)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from actors.types import ChatMessage
+
 ISOLATIONS = ("process", "thread")
 """Where rule functions run: a child process of the worker (default) or a thread of it."""
 
@@ -21,6 +23,9 @@ class ScoreRequest:
     """The policy's response text."""
     answer: str | None
     """Reference answer or keyword from the dataset; ``None`` when the dataset has none."""
+    messages: tuple[ChatMessage, ...] | None = None
+    """The dataset's chat turns of a chat prompt (None for a plain one): a reward model with a
+    chat template of its own scores them and the response in its own format."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

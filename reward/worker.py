@@ -243,7 +243,8 @@ class RewardWorker:
     def _forward(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, str | None]]:
         """One forward batch: each request's ``(value, None)``, or ``(nan, why)`` for all if it raised."""
         try:
-            values = self._model.score([r.prompt for r in requests], [r.response for r in requests])
+            values = self._model.score([r.prompt for r in requests], [r.response for r in requests],
+                                       [r.messages for r in requests])
         except Exception as err:  # noqa: BLE001 - one bad batch must not take the actor down
             error = f"reward model {self._model.path!r} failed: {type(err).__name__}: {err}"
             return [(math.nan, error)] * len(requests)

@@ -50,7 +50,7 @@ class StandInRollout:
         self.answers, self.failing = answers, failing
 
     def generate(self, prompts, sampling, step, seed, first_slot=0):
-        return [Rollout(prompt_index=p.index, slot=first_slot + i, sample_index=k, prompt_text=p.text, answer=p.answer,
+        return [Rollout(prompt_index=p.index, slot=first_slot + i, sample_index=k, prompt_text=p.text or "chat", answer=p.answer,
                         prompt_token_ids=(1,), response_token_ids=(2,), response_logprobs=(-0.5,),
                         response_text="boom" if p.index in self.failing else self.answers[k], finish_reason="stop",
                         policy_version=0)
@@ -109,3 +109,22 @@ def test_the_normaliser_counts_only_a_batch_the_learner_trains_on():
     batch = small.collect(step=1)
     assert len(batch.rollouts) == 2 and batch.metrics["reward/dropped_groups"] == 3
     assert small.reward_norm.state_dict()["count"] == 0
+
+
+def test_a_chat_prompts_turns_reach_the_reward_workers():
+    from actors.types import ChatMessage
+
+    seen = []
+
+    class Recording(StandInReward):
+        def score(self, requests):
+            seen.extend(requests)
+            return super().score(requests)
+
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=2"])
+    turns = {i: (ChatMessage(role="user", content=f"{i}+0"),) for i in range(2)}
+    dataset = [Prompt(index=0, messages=turns[0], answer="ok"), Prompt(index=1, text="1+0=", answer="ok")]
+    Collector(cfg, PromptSampler(dataset, seed=0), StandInRollout(["ok", "no"], set()), Recording()).collect(step=1)
+    assert len(seen) == 4
+    assert all(r.messages == (turns[0] if r.prompt == "chat" else None) for r in seen)
+    assert sum(r.messages is not None for r in seen) == 2
