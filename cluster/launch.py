@@ -210,10 +210,10 @@ def check_reward_config(cfg: Config, train_prompts: list, train_path: str) -> No
                         "reward.on_failure=zero their samples score 0", train_path, spec.name, len(unscorable),
                         unscorable[0])
     if cfg.reward.model is not None:
-        check_reward_model(cfg.reward.model.path)
+        check_reward_model(cfg.reward.model.path, cfg.reward.model.max_length)
 
 
-def check_reward_model(path: str) -> None:
+def check_reward_model(path: str, max_length: int | None = None) -> None:
     """A local sequence-classification model with one label, by its config.json. A causal LM
     loads as one with a freshly initialised (random) score head, and with a one-label config
     such a run went to the end scoring noise."""
@@ -234,6 +234,12 @@ def check_reward_model(path: str) -> None:
     if labels != 1:
         raise ConfigError(f"reward.model.path {path!r} has {labels} labels; a reward model has exactly one "
                           f"(a scalar score)")
+    text = config.get("text_config") or config
+    positions = text.get("max_position_embeddings", text.get("n_positions"))
+    if max_length is not None and isinstance(positions, int) and max_length > positions:
+        # Also refused by the worker at start-up, with the tokenizer's limit too; here before Ray starts.
+        raise ConfigError(f"reward.model.max_length={max_length} exceeds the {positions} positions of the reward "
+                          f"model at {path!r}: lower it, or leave it unset to use the model's context")
 
 
 def check_eval_judge(cfg: Config, eval_prompts: list, eval_path: str | None) -> None:

@@ -215,8 +215,12 @@ def test_reward_settings_are_checked_before_any_worker_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"has 2 labels; a reward model has exactly one"):
         check(rm)
     (tmp_path / "rm" / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"],
-                                                             "id2label": {"0": "LABEL_0"}}))
+                                                             "id2label": {"0": "LABEL_0"},
+                                                             "max_position_embeddings": 512}))
     check(rm)
+    check(f"reward.model={{path: {tmp_path / 'rm'}, max_length: 512}}")
+    with pytest.raises(ConfigError, match=r"reward.model.max_length=600 exceeds the 512 positions"):
+        check(f"reward.model={{path: {tmp_path / 'rm'}, max_length: 600}}")
     with pytest.raises(ConfigError, match="every weight is 0"):
         load_config(DEMO, ['reward.functions=[{"name": "exact_match", "weight": 0}]'])
 
