@@ -71,3 +71,15 @@ def user_rewards(tmp_path, monkeypatch) -> str:
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     return name
+
+
+@pytest.fixture
+def one_torch_thread():
+    """For tests of tiny models: a second thread buys nothing, and when other processes hold
+    the cores, OpenMP threads waiting on each other made each step ~100x slower (measured)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -19,12 +19,7 @@ POSITIONS = 16
 """Context of the GPT-2 built here: absolute position embeddings, so a longer text raises."""
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (tests/unit/conftest.py)
 
 
 def save_gpt2(path, *, vocab_size: int | None = None) -> str:

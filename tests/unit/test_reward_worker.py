@@ -71,14 +71,7 @@ def save_reward_model(path, *, pad=True, eos=True, padding_side="right", vocab_s
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # These models are tiny, so a second thread buys nothing; and when other processes hold
-    # the cores, OpenMP threads waiting on each other made each step ~100x slower (measured).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (tests/unit/conftest.py)
 
 
 PROMPTS = ["12+30=", "what is 7+8? ", "a", "hello there, how are you?"]
