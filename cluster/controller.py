@@ -204,7 +204,6 @@ class Controller:
         if self.tis_cap > 0:  # importance weights for samples the engine drew off-policy
             weights, tis_metrics = truncated_importance_weights(fwd.old_logprobs, tensors.rollout_logprobs, mask,
                                                                 self.tis_cap)
-            tis_metrics.pop("rollout/logprob_mismatch")  # over every row: rollout_metrics splits it by version
             metrics.update(tis_metrics)
         train = TrainBatch(rollouts=tensors, old_logprobs=fwd.old_logprobs, advantages=adv.advantages,
                            returns=adv.returns, old_values=fwd.values,
@@ -360,7 +359,7 @@ class Controller:
     def push_weights(self, version: int) -> dict[str, float]:
         t = time.perf_counter()
         transport = weight_transport(self.cfg.rollout.weight_transport, alive_nodes(), self.cfg.rollout.autoscale)
-        receipt, update_ref = self.learner.export_weights(version, transport)
+        nbytes, update_ref = self.learner.export_weights(version, transport)
         exported = time.perf_counter()
         # Every worker must hold version N+1 before the next generate: samples are then
         # on-policy and each records the version that produced it. A worker that died in the
@@ -369,7 +368,7 @@ class Controller:
         self.version = version
         return {"timing/weight_export": exported - t,
                 "timing/weight_load_max": max((r.load_seconds for r in reports), default=0.0),
-                "sync/megabytes": receipt.nbytes / 1e6, "sync/version": float(version),
+                "sync/megabytes": nbytes / 1e6, "sync/version": float(version),
                 "sync/workers_loaded": float(len(reports)), "sync/shared_memory": float(transport == "shared_memory")}
 
     def rollout_metrics(self, rollouts: list[Rollout], batch, fwd) -> dict[str, float]:

@@ -31,8 +31,7 @@ from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
 from cluster.config import Config
 from cluster.control import WorkerInfo
 from learner.batch import RolloutBatch, TrainBatch, arrange_by_length, micro_batch_sizes, split_evenly
-from learner.worker import (ExportReceipt, ForwardResult, LearnerRank, Minibatch, RankState, UpdateResult,
-                            merge_extreme)
+from learner.worker import ForwardResult, LearnerRank, Minibatch, RankState, UpdateResult, merge_extreme
 from reward.isolated import RESTART_TIMEOUT_S
 from reward.types import ScoreRequest, ScoreResult
 from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker
@@ -396,15 +395,15 @@ class LearnerGroup:
         merged["policy/skipped_updates"] = float(results[0].skipped_updates)
         return merged
 
-    def export_weights(self, version: int, transport: str = "object_store") -> tuple[ExportReceipt, ray.ObjectRef]:
-        """The (collective) gather on every rank; returns rank 0's receipt and its update (or,
-        with ``transport="shared_memory"``, where it lies in rank 0's shared memory), unfetched."""
+    def export_weights(self, version: int, transport: str = "object_store") -> tuple[int, ray.ObjectRef]:
+        """The (collective) gather on every rank; returns the update's size in bytes and the update
+        (or, with ``transport="shared_memory"``, where it lies in rank 0's shared memory), unfetched."""
         calls = [rank.export_weights.options(num_returns=2).remote(version, transport) for rank in self.ranks]
-        # Every rank's small receipt, rank 0's included, so that a failed export (rank 0 out of
+        # Every rank's small first value, rank 0's included, so that a failed export (rank 0 out of
         # memory holding the full weights, say) names its learner rank here, within the learner's
         # timeout, instead of surfacing in the first rollout worker to read the update.
-        receipts = wait([receipt for receipt, _ in calls], self.timeout_s, self._names())
-        return receipts[0], calls[0][1]
+        sizes = wait([size for size, _ in calls], self.timeout_s, self._names())
+        return sizes[0], calls[0][1]
 
     def save_checkpoint(self, path: str) -> list[RankState]:
         """Every rank writes its shards into the DCP directory ``path``."""

@@ -287,7 +287,7 @@ def truncated_importance_weights(
     ``w = min(exp(old - rollout), cap)``, detached, 0 on padding; pass it to ``policy_loss``
     as ``importance_weights``. The cap bounds the variance the correction adds.
     Metrics: ``tis/weight_mean``, ``tis/weight_max``, ``tis/clipped_frac`` (tokens at the
-    cap), ``rollout/logprob_mismatch`` (mean ``|old - rollout|``).
+    cap). The gap itself is logged by the controller, split by policy version.
     """
     if cap <= 0:
         raise ValueError(f"cap must be > 0, got {cap}")
@@ -299,6 +299,5 @@ def truncated_importance_weights(
         "tis/weight_mean": float(_real(weights, mask).mean()),
         "tis/weight_max": float(_real(weights, mask).max()),
         "tis/clipped_frac": float(_real(raw > cap, mask).mean()),
-        "rollout/logprob_mismatch": float(_real(diff.abs(), mask).mean()),
     }
     return weights, metrics

@@ -95,20 +95,20 @@ class WeightUpdate:
 
 
 def drop_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with each tensor under its first name only: a tied head is the embedding's own
-    memory under a second name (``lm_head.weight``), which would cross every push twice (270 MB
-    more for a 0.5B Qwen in bf16). The first name is the checkpoint's: a tied model's checkpoint
-    has no ``lm_head.weight``, and the engine ties its head to the embedding itself."""
-    seen: set[tuple] = set()
+    """``state`` with each tensor under its first name only. A tied head is the embedding's own
+    parameter under a second name (``lm_head.weight``), which would cross every push twice
+    (270 MB more for a 0.5B Qwen in bf16). The first name is the checkpoint's: a tied model's
+    checkpoint has no ``lm_head.weight``, and the engine ties its head to the embedding itself.
+
+    Aliases are found by identity, so give ``module.state_dict(keep_vars=True)`` (plain
+    ``state_dict()`` detaches every entry into a new tensor). Identity, not memory, is also what
+    every learner rank agrees on, whichever shard of a weight it holds."""
+    seen: set[int] = set()
     kept = {}
     for name, tensor in state.items():
-        if tensor.numel():  # empty tensors share no memory worth the name
-            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                     tuple(tensor.stride()), tensor.dtype)
-            if where in seen:
-                continue
-            seen.add(where)
-        kept[name] = tensor
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            kept[name] = tensor
     return kept
 
 

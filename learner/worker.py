@@ -13,7 +13,6 @@ import base64
 import logging
 import math
 import socket
-import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -127,21 +126,6 @@ class RankState:
     schedule: LRSchedule | None = None
     """The LR schedule the state was saved under, so a resume can say why its rates differ;
     None in checkpoints written before it was kept."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExportReceipt:
-    """One rank's part of a weight export: rank 0's says what it sent.
-
-    Example: ``ExportReceipt(version=3, nbytes=2_600_000, seconds=0.04)``
-    """
-
-    version: int
-    """The policy version exported."""
-    nbytes: int
-    """Bytes of the update (rank 0); 0 on the other ranks, which only take part in the gather."""
-    seconds: float
-    """Gathering and wrapping the weights on this rank (Ray's copy into its store comes after)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -329,29 +313,23 @@ class LearnerRank:
                             metric_extremes=extremes)
 
     def export_weights(self, version: int, transport: str = "object_store"
-                       ) -> tuple[ExportReceipt, WeightUpdate | SharedWeights | None]:
-        """Gather the full policy weights (collective); rank 0 returns them as ``version``,
-        after a small receipt (two values, so a caller can wait on the receipt without fetching
-        the weights).
+                       ) -> tuple[int, WeightUpdate | SharedWeights | None]:
+        """Gather the full policy weights (collective); rank 0 returns them as ``version``, after
+        their size in bytes (0 on the other ranks, which only take part in the gather): two
+        values, so a caller can wait on the small one without fetching the weights.
 
         ``transport="object_store"``: the update itself, for Ray to copy into its object store;
         ``"shared_memory"``: the weights written into this process's shared memory and a small
         descriptor of them, for rollout workers on this host (``learner/shared_weights.py``)."""
-        started = time.perf_counter()
         state = self.full_policy_state()
         update = None
-        if state is None:
-            pass
-        elif transport == "shared_memory":
-            update = self.write_shared(state, version)
-        else:
-            # The update wraps the tensors without a copy; Ray copies them into the object store
-            # once, when this call returns (this actor runs one call at a time, so no update can
-            # change them before that).
-            update = share_state_dict(state, version=version)
-        receipt = ExportReceipt(version=version, nbytes=update.nbytes if update is not None else 0,
-                                seconds=time.perf_counter() - started)
-        return receipt, update
+        if state is not None:
+            # Object store: the update wraps the tensors without a copy; Ray copies them into its
+            # store once, when this call returns (this actor runs one call at a time, so no
+            # update can change them before that).
+            update = (self.write_shared(state, version) if transport == "shared_memory"
+                      else share_state_dict(state, version=version))
+        return (update.nbytes if update is not None else 0), update
 
     def write_shared(self, state: dict[str, torch.Tensor], version: int) -> SharedWeights:
         """Write full weights into this rank's shared-memory slots (made on first use)."""
@@ -364,25 +342,21 @@ class LearnerRank:
         (collective); rank 0 gets them, the other ranks None. Sent in bf16 from a GPU; a tied
         head is left out (``drop_aliases``)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        weights = drop_aliases(self.policy.state_dict(keep_vars=True))
         if self.world_size == 1 and self.device.type == "cpu":
             # One CPU rank holds every parameter whole: its local tensors are the full weights,
             # and gathering them would be a full copy for nothing (half a copy bound, measured).
             # The module's own state_dict has the same names (FSDP2 keeps them; checked for
             # tied and untied models) at a fifth of get_model_state_dict's cost (2.5 against
             # 12 ms for 75 tensors, measured: a quarter of the copy bound).
-            state = drop_aliases({k: v.to_local() if isinstance(v, DTensor) else v
-                                  for k, v in self.policy.state_dict().items()})
-            return {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
+            return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().to(dtype).contiguous()
+                    for k, v in weights.items()}
         # Tensor by tensor, each cast to the sent dtype before its all-gather: half the bytes of
         # gathering the fp32 masters (as get_model_state_dict does) over NVLink/the network and
         # across PCIe to the host, and no cast of the whole model on rank 0's CPU afterwards
         # (single-threaded seconds at 7B). Rank 0 keeps each full tensor, the others drop it.
         state = {} if self.rank == 0 else None
-        seen: set[int] = set()  # a tied weight (one parameter, two names) is sent once (drop_aliases)
-        for name, value in self.policy.state_dict(keep_vars=True).items():
-            if id(value) in seen:
-                continue
-            seen.add(id(value))
+        for name, value in weights.items():
             if isinstance(value, DTensor):  # a shard (or a replica) of the weight
                 # On the compute device even when offloaded: the gather then runs over NCCL.
                 local = value.to_local().to(device=self.device, dtype=dtype)

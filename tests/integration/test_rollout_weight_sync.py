@@ -77,7 +77,7 @@ def test_generate_then_sync_changes_outputs_and_logprobs_match(ray_local, reques
     # tied head's second name (a tied model's checkpoint has no lm_head.weight either), so the
     # engine must re-pack lm_head itself.
     new_model = perturbed(model_dir, seed=1)
-    weights = drop_aliases(new_model.state_dict())
+    weights = drop_aliases(new_model.state_dict(keep_vars=True))
     assert ("lm_head.weight" in weights) != new_model.config.tie_word_embeddings
     update_ref = ray.put(pack_state_dict(weights, version=1))
     report = ray.get(worker.load_weights.remote(update_ref), timeout=300)
@@ -97,7 +97,7 @@ def test_generate_then_sync_changes_outputs_and_logprobs_match(ray_local, reques
     # The same-host transport: written once into this process's shared memory, read in place
     # by the worker's process, with the same result.
     newer = perturbed(model_dir, seed=2)
-    weights = drop_aliases(newer.state_dict())
+    weights = drop_aliases(newer.state_dict(keep_vars=True))
     writer = SharedWeightWriter()
     try:
         report = ray.get(worker.load_weights.remote(writer.write(weights, version=2)), timeout=300)

@@ -23,6 +23,13 @@ def rank():
                      rng="AAAA")
 
 
+def bare_model_dir(root):
+    """A model directory with only a config.json: what a commit copies beside the state."""
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text("{}")
+    return root / "model"
+
+
 def write(manager, step, model_dir):
     tmp = manager.begin(step)
     (tmp / "learner").mkdir()
@@ -31,9 +38,7 @@ def write(manager, step, model_dir):
 
 
 def test_commit_rotates_and_latest_ignores_unfinished(tmp_path):
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    model_dir = bare_model_dir(tmp_path)
     m = CheckpointManager(tmp_path / "ckpt", keep_last=2)
     for step in (2, 4, 6):
         write(m, step, model_dir)
@@ -133,9 +138,7 @@ def test_resuming_a_completed_run_returns_its_summary_and_logs_nothing_again(tmp
     from cluster.launch import train
 
     run = tmp_path / "run"
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    model_dir = bare_model_dir(tmp_path)
     write(CheckpointManager(run / "checkpoints", keep_last=2), 4, model_dir)
     metrics = '{"step": 0, "eval/accuracy": 0.2}\n{"step": 4, "reward/mean": 0.5}\n{"step": 4, "eval/accuracy": 0.6}\n'
     (run / "metrics.jsonl").write_text(metrics)
@@ -156,9 +159,7 @@ def test_resuming_a_completed_run_returns_its_summary_and_logs_nothing_again(tmp
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
     """They belong to the abandoned timeline: left in place, rotation (highest steps kept) would
     delete the new timeline's checkpoints before them, and `--resume auto` would pick them."""
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    model_dir = bare_model_dir(tmp_path)
     m = CheckpointManager(tmp_path / "ckpt", keep_last=3)
     for step in (2, 4, 6):
         write(m, step, model_dir)

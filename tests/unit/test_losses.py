@@ -406,7 +406,6 @@ def test_truncated_importance_weights_hand_values():
         "tis/weight_mean": 3.5 / 3,
         "tis/weight_max": 2.0,
         "tis/clipped_frac": 1 / 3,
-        "rollout/logprob_mismatch": (math.log(3.0) + math.log(2.0)) / 3,
     })
 
 
