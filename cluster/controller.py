@@ -309,7 +309,9 @@ class Controller:
     def restore(self, path: Path) -> int:
         """Continue from a checkpoint: learner state, then the rollout workers get its weights."""
         driver, ranks = read_checkpoint(path)
-        self.learner.load_checkpoint(str(path.resolve() / "learner"), ranks)
+        lr_change = self.learner.load_checkpoint(str(path.resolve() / "learner"), ranks)
+        if lr_change is not None:
+            log.warning("%s", lr_change)
         if driver.version > 0:
             self.push_weights(version=driver.version)
         self.collector.sampler.state = SamplerState(epoch=driver.sampler_epoch, position=driver.sampler_position)

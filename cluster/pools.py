@@ -409,11 +409,12 @@ class LearnerGroup:
         """Every rank writes its shards into the DCP directory ``path``."""
         return wait([r.save_checkpoint.remote(path) for r in self.ranks], self.timeout_s, self._names())
 
-    def load_checkpoint(self, path: str, states: list[RankState]) -> None:
-        # A checkpoint from a different world size reshards; plain state is rank-agnostic
-        # apart from the RNG, which is reused cyclically.
-        wait([r.load_checkpoint.remote(path, states[i % len(states)]) for i, r in enumerate(self.ranks)],
-             self.timeout_s, self._names())
+    def load_checkpoint(self, path: str, states: list[RankState]) -> str | None:
+        """Every rank loads its shards; returns rank 0's warning about changed learning-rate
+        settings, if any. A checkpoint from a different world size reshards; plain state is
+        rank-agnostic apart from the RNG, which is reused cyclically."""
+        return wait([r.load_checkpoint.remote(path, states[i % len(states)]) for i, r in enumerate(self.ranks)],
+                    self.timeout_s, self._names())[0]
 
     def save_pretrained(self, out_dir: str) -> None:
         wait([r.save_pretrained.remote(out_dir) for r in self.ranks], self.timeout_s, self._names())

@@ -381,14 +381,15 @@ class LearnerRank:
         return RankState(param_groups=groups, schedulers=schedulers, rng=_encode_rng(torch.get_rng_state()),
                          cuda_rng=None if cuda is None else _encode_rng(cuda), schedule=self.schedule)
 
-    def load_checkpoint(self, path: str, state: RankState) -> None:
+    def load_checkpoint(self, path: str, state: RankState) -> str | None:
         """Load what ``save_checkpoint`` wrote (any rank count that FSDP2 can reshard to).
 
         The checkpoint supplies the state: weights, optimizer moments, step counts. The config
         supplies the settings: peak learning rates, weight decay and the schedule, its length
         from the current ``trainer.steps``; the next update's rate is that schedule's at the
         checkpoint's step. With the checkpoint's own settings this is the rate it holds, bit for
-        bit; when the rate moves by more than 1 %, rank 0 warns from what to what and why.
+        bit; when the rate moves by more than 1 %, returns the warning that says from what to what
+        and why (every rank computes the same one; the driver logs it, where the user reads).
         """
         targets, structure = {}, {}
         for name, model, opt, sched in self._trained():
@@ -417,14 +418,16 @@ class LearnerRank:
             was = state.param_groups[name][0]["lr"]  # the rate the checkpoint's next update would have used
             if abs(rate - was) > 0.01 * abs(was):
                 changes.append(f"{was:.3g} to {rate:.3g} ({name})")
-        if changes and self.rank == 0:
-            logging.getLogger("rlrelay").warning(
-                "resume at optimizer step %d: the next update's learning rate goes from %s, as the config asks (%s); "
-                "the optimizer moments and step count are the checkpoint's", state.schedulers["policy"]["last_epoch"],
-                ", ".join(changes), "; ".join(self._settings_changed(state)))
+        warning = None
+        if changes:
+            warning = (f"resume at optimizer step {state.schedulers['policy']['last_epoch']}: the next update's "
+                       f"learning rate goes from {', '.join(changes)}, as the config asks "
+                       f"({'; '.join(self._settings_changed(state))}); the optimizer moments and step count "
+                       f"are the checkpoint's")
         torch.set_rng_state(_decode_rng(state.rng))
         if state.cuda_rng is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(_decode_rng(state.cuda_rng))
+        return warning
 
     def _peak_lr(self, name: str) -> float:
         return self.cfg.lr if name == "policy" else self.cfg.critic_lr

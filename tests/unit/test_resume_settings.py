@@ -119,7 +119,7 @@ def test_a_checkpoint_records_the_lr_schedule_it_was_saved_under(tmp_path, tiny_
 # (from a checkpoint in the current format and in the older one without its schedule) and with
 # changed ones (lr, critic_lr, weight_decay; trainer.steps doubled, so 8 updates).
 PROBE = """
-import dataclasses, json, logging, sys, torch
+import dataclasses, json, sys, torch
 from torch.distributed.tensor import DTensor
 from cluster.bench_learner import bench_batch
 from cluster.config import load_config
@@ -127,13 +127,7 @@ from learner.batch import TrainBatch
 from learner.worker import LearnerRank, Minibatch, RankState
 
 model_dir, ckpt = sys.argv[1], sys.argv[2]
-warnings = []
-
-class Keep(logging.Handler):
-    def emit(self, record):
-        warnings.append(record.getMessage())
-
-logging.getLogger("rlrelay").addHandler(Keep(level=logging.WARNING))
+warnings = []  # what load_checkpoint returns for the driver to log
 batch = bench_batch(4, 4, 4, 16, False, torch.Generator().manual_seed(0))
 g = torch.Generator().manual_seed(1)
 advantages = torch.randn(4, 4, generator=g) * batch.response_mask
@@ -163,7 +157,9 @@ def weights(rank):
             for m in (rank.policy, rank.critic) for p in m.parameters()]
 
 def resumed(rank, state):
-    rank.load_checkpoint(ckpt, state)
+    warning = rank.load_checkpoint(ckpt, state)
+    if warning is not None:
+        warnings.append(warning)
     step = next(iter(rank.policy_opt.state.values()))["step"]
     group = rank.policy_opt.param_groups[0]
     return {"adam_step": float(step), "weight_decay": [group["weight_decay"], rank.critic_opt.param_groups[0]["weight_decay"]]}
