@@ -217,8 +217,8 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
 
     from cluster.bench import bench_config
     from cluster.memory_model import LearnerShape, memory_options, plan_memory
-    from learner.batch import TrainBatch, arrange_by_length, micro_batch_sizes
-    from learner.worker import LearnerRank, Minibatch
+    from learner.batch import Minibatch, TrainBatch, arrange_by_length, micro_batch_sizes
+    from learner.worker import LearnerRank
 
     response = seq_len - prompt_len
     cfg = bench_config([*overrides, f"model.path={model_dir}", f"model.max_model_len={seq_len}",

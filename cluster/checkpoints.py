@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.config_parse import ConfigError
-from learner.worker import LRSchedule, RankState
+from learner.checkpoint import RankState
+from learner.schedule import LRSchedule
 
 log = logging.getLogger("rlrelay")
 

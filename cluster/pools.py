@@ -30,8 +30,10 @@ from actors.rollout_worker import EngineSettings, RolloutWorker, WeightLoadRepor
 from actors.types import GenerateRequest, Prompt, Rollout, SamplingSettings
 from cluster.config import Config
 from cluster.control import WorkerInfo
-from learner.batch import RolloutBatch, TrainBatch, arrange_by_length, micro_batch_sizes, split_evenly
-from learner.worker import ForwardResult, LearnerRank, Minibatch, RankState, UpdateResult, merge_extreme
+from learner.batch import (ForwardResult, Minibatch, RolloutBatch, TrainBatch, UpdateResult, arrange_by_length,
+                           merge_extreme, micro_batch_sizes, split_evenly)
+from learner.checkpoint import RankState
+from learner.worker import LearnerRank
 from reward.isolated import RESTART_TIMEOUT_S
 from reward.types import ScoreRequest, ScoreResult
 from reward.worker import RewardFunctionSpec, RewardModelSpec, RewardWorker

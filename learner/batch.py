@@ -1,4 +1,5 @@
-"""Collation of rollouts into padded tensors, and the batch records the learner works on.
+"""Collation of rollouts into padded tensors, the batch records the learner works on, and what
+the driver and the learner ranks hand each other (``Minibatch``, ``ForwardResult``, ``UpdateResult``).
 
 Two frames are used:
 - the *sequence* frame ``[B, L]``: prompt + response token ids, right-padded, what the model
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -191,3 +192,65 @@ def micro_batch_sizes(lengths: Sequence[int], shards: list[list[int]], rows_per_
             half = sizes[big] // 2
             sizes[big:big + 1] = [sizes[big] - half, half]
     return per_rank
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardResult:
+    """What the learner computes before the update, for one rank's shard (response frame).
+
+    Example: ``ForwardResult(old_logprobs=lp, ref_logprobs=None, values=None, entropy=ent)``
+    """
+
+    old_logprobs: torch.Tensor
+    """Policy log-probs of the sampled tokens.  # [B, T]"""
+    ref_logprobs: torch.Tensor | None
+    """Reference-model log-probs, when a reference exists.  # [B, T]"""
+    values: torch.Tensor | None
+    """Critic values, when a critic exists.  # [B, T]"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Minibatch:
+    """One rank's share of one optimizer step.
+
+    Example: ``Minibatch(batch=shard, micro_sizes=[3, 3], num_tokens=180.0, num_seqs=64)``
+    """
+
+    batch: TrainBatch
+    """This rank's rows of the minibatch, in micro-batch order."""
+    micro_sizes: list[int]
+    """Rows of each micro-batch (``learner.batch.micro_batch_sizes``); as many micro-batches on
+    every rank, a size of 0 is a zero-weighted pass that keeps the collectives in step."""
+    num_tokens: float
+    """Real response tokens in the WHOLE minibatch over all ranks (loss denominator)."""
+    num_seqs: int
+    """Sequences in the WHOLE minibatch over all ranks (loss denominator)."""
+    kl_coef: float | None = None
+    """This step's KL coefficient for ``algorithm.kl_place=loss`` (the adaptive controller's
+    current value); None uses the fixed ``algorithm.kl_coef``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateResult:
+    """Sums for the step's training metrics from one rank; the driver merges ranks.
+
+    Example: ``UpdateResult(metric_sums={"policy/clipfrac": 3.2}, metric_weights={"policy/clipfrac": 64.0}, skipped_updates=0)``
+    """
+
+    metric_sums: dict[str, float]
+    """Token-weighted sums of per-micro-batch metrics."""
+    metric_weights: dict[str, float]
+    """The weights (token counts) behind each sum."""
+    skipped_updates: int
+    """Optimizer steps skipped because the loss or gradient was not finite."""
+    metric_extremes: dict[str, float] = field(default_factory=dict)
+    """Metrics named ``*_max`` / ``*_min`` (the PPO ratio's extremes): the largest / smallest over
+    micro-batches, merged across ranks the same way. A token-weighted mean of per-micro-batch
+    maxima would hide the one spike these exist to show."""
+
+
+def merge_extreme(name: str, seen: float | None, value: float) -> float:
+    """The larger of two values of a ``*_max`` metric, the smaller of a ``*_min`` one."""
+    if seen is None:
+        return value
+    return max(seen, value) if name.endswith("_max") else min(seen, value)

@@ -9,21 +9,28 @@ from an untrusted source could run code. Here:
 - the metadata is written and read as JSON by a ``StorageWriter``/``StorageReader`` pair
   built on DCP's file-system ones (DCP's public extension point), and the stock pickled
   ``.metadata`` is never written.
+
+``RankState`` is the JSON part of one rank's checkpoint.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
                                                    TensorProperties, TensorStorageMetadata)
+
+from learner.schedule import LRSchedule
 
 METADATA_FILE = ".metadata.json"
 
@@ -126,3 +133,32 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list[di
         name, key = flat.rsplit("/", 1)
         state.setdefault(name, {})[key] = value
     return {"state": state, "param_groups": param_groups}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankState:
+    """The plain (JSON) part of a learner checkpoint from one rank; tensors go through DCP.
+
+    Example: ``RankState(param_groups={"policy": [...]}, schedulers={"policy": {"last_epoch": 4}}, rng="...")``
+    """
+
+    param_groups: dict[str, list[dict]]
+    """Optimizer param groups (lr, betas, parameter names) per trained model."""
+    schedulers: dict[str, dict]
+    """LR-scheduler state per trained model."""
+    rng: str
+    """This rank's torch RNG state, base64."""
+    cuda_rng: str | None = None
+    """Its CUDA generator's state, base64, when it trains on a GPU (dropout, sampling on the
+    device); None on CPU and in checkpoints written before it was kept."""
+    schedule: LRSchedule | None = None
+    """The LR schedule the state was saved under, so a resume can say why its rates differ;
+    None in checkpoints written before it was kept."""
+
+
+def encode_rng(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def decode_rng(text: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())

@@ -9,14 +9,12 @@ shard size.
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import socket
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -28,123 +26,18 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer
 
-from learner.batch import RolloutBatch, TrainBatch
-from learner.checkpoint import (JsonMetadataReader, JsonMetadataWriter, join_optimizer_state,
-                                split_optimizer_state)
+from learner.batch import ForwardResult, Minibatch, RolloutBatch, TrainBatch, UpdateResult, merge_extreme
+from learner.checkpoint import (JsonMetadataReader, JsonMetadataWriter, RankState, decode_rng, encode_rng,
+                                join_optimizer_state, split_optimizer_state)
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.fsdp import (ShardingPlan, cat_rows, init_optimizer_state, micro_batches, release_root,
                           shard_from_rank0, to_device)
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import (critic_skeleton, load_critic, load_policy, policy_skeleton, sequence_logprobs,
                             sequence_values)
+from learner.schedule import LRSchedule, settings_changed
 from learner.shared_weights import SharedWeights, SharedWeightWriter
 from learner.weight_bucket import WeightUpdate, drop_aliases, share_state_dict
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ForwardResult:
-    """What the learner computes before the update, for one rank's shard (response frame).
-
-    Example: ``ForwardResult(old_logprobs=lp, ref_logprobs=None, values=None, entropy=ent)``
-    """
-
-    old_logprobs: torch.Tensor
-    """Policy log-probs of the sampled tokens.  # [B, T]"""
-    ref_logprobs: torch.Tensor | None
-    """Reference-model log-probs, when a reference exists.  # [B, T]"""
-    values: torch.Tensor | None
-    """Critic values, when a critic exists.  # [B, T]"""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Minibatch:
-    """One rank's share of one optimizer step.
-
-    Example: ``Minibatch(batch=shard, micro_sizes=[3, 3], num_tokens=180.0, num_seqs=64)``
-    """
-
-    batch: TrainBatch
-    """This rank's rows of the minibatch, in micro-batch order."""
-    micro_sizes: list[int]
-    """Rows of each micro-batch (``learner.batch.micro_batch_sizes``); as many micro-batches on
-    every rank, a size of 0 is a zero-weighted pass that keeps the collectives in step."""
-    num_tokens: float
-    """Real response tokens in the WHOLE minibatch over all ranks (loss denominator)."""
-    num_seqs: int
-    """Sequences in the WHOLE minibatch over all ranks (loss denominator)."""
-    kl_coef: float | None = None
-    """This step's KL coefficient for ``algorithm.kl_place=loss`` (the adaptive controller's
-    current value); None uses the fixed ``algorithm.kl_coef``."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LRSchedule:
-    """The learning-rate multiplier of each optimizer step: linear warm-up, then constant or a
-    cosine decay to ``min_lr_ratio`` at ``total_updates``.
-
-    Example: ``LRSchedule(kind="cosine", warmup_steps=0, min_lr_ratio=0.1, total_updates=120).factor(60) == 0.55``
-    """
-
-    kind: str
-    """``constant`` or ``cosine`` (``learner.lr_schedule``)."""
-    warmup_steps: int
-    """Optimizer steps of linear warm-up (``learner.warmup_steps``)."""
-    min_lr_ratio: float
-    """End of the cosine as a fraction of the peak (``learner.min_lr_ratio``)."""
-    total_updates: int
-    """Optimizer steps of the whole run, where the cosine ends: ``trainer.steps`` times the
-    updates per step (``algorithm.ppo_epochs`` x ``algorithm.minibatches``)."""
-
-    def progress(self, step: int) -> float:
-        """How far along the decay step ``step`` is: 0 until warm-up ends, 1 from ``total_updates`` on."""
-        return min(1.0, max(0, step - self.warmup_steps) / max(1, self.total_updates - self.warmup_steps))
-
-    def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        if self.kind != "cosine":
-            return 1.0
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RankState:
-    """The plain (JSON) part of a learner checkpoint from one rank; tensors go through DCP.
-
-    Example: ``RankState(param_groups={"policy": [...]}, schedulers={"policy": {"last_epoch": 4}}, rng="...")``
-    """
-
-    param_groups: dict[str, list[dict]]
-    """Optimizer param groups (lr, betas, parameter names) per trained model."""
-    schedulers: dict[str, dict]
-    """LR-scheduler state per trained model."""
-    rng: str
-    """This rank's torch RNG state, base64."""
-    cuda_rng: str | None = None
-    """Its CUDA generator's state, base64, when it trains on a GPU (dropout, sampling on the
-    device); None on CPU and in checkpoints written before it was kept."""
-    schedule: LRSchedule | None = None
-    """The LR schedule the state was saved under, so a resume can say why its rates differ;
-    None in checkpoints written before it was kept."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UpdateResult:
-    """Sums for the step's training metrics from one rank; the driver merges ranks.
-
-    Example: ``UpdateResult(metric_sums={"policy/clipfrac": 3.2}, metric_weights={"policy/clipfrac": 64.0}, skipped_updates=0)``
-    """
-
-    metric_sums: dict[str, float]
-    """Token-weighted sums of per-micro-batch metrics."""
-    metric_weights: dict[str, float]
-    """The weights (token counts) behind each sum."""
-    skipped_updates: int
-    """Optimizer steps skipped because the loss or gradient was not finite."""
-    metric_extremes: dict[str, float] = field(default_factory=dict)
-    """Metrics named ``*_max`` / ``*_min`` (the PPO ratio's extremes): the largest / smallest over
-    micro-batches, merged across ranks the same way. A token-weighted mean of per-micro-batch
-    maxima would hide the one spike these exist to show."""
 
 
 class LearnerRank:
@@ -378,8 +271,8 @@ class LearnerRank:
             schedulers[name] = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
         dcp.save(tensors, storage_writer=JsonMetadataWriter(path))
         cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
-        return RankState(param_groups=groups, schedulers=schedulers, rng=_encode_rng(torch.get_rng_state()),
-                         cuda_rng=None if cuda is None else _encode_rng(cuda), schedule=self.schedule)
+        return RankState(param_groups=groups, schedulers=schedulers, rng=encode_rng(torch.get_rng_state()),
+                         cuda_rng=None if cuda is None else encode_rng(cuda), schedule=self.schedule)
 
     def load_checkpoint(self, path: str, state: RankState) -> str | None:
         """Load what ``save_checkpoint`` wrote (any rank count that FSDP2 can reshard to).
@@ -422,35 +315,20 @@ class LearnerRank:
         if changes:
             warning = (f"resume at optimizer step {state.schedulers['policy']['last_epoch']}: the next update's "
                        f"learning rate goes from {', '.join(changes)}, as the config asks "
-                       f"({'; '.join(self._settings_changed(state))}); the optimizer moments and step count "
+                       f"({'; '.join(self._lr_settings_changed(state))}); the optimizer moments and step count "
                        f"are the checkpoint's")
-        torch.set_rng_state(_decode_rng(state.rng))
+        torch.set_rng_state(decode_rng(state.rng))
         if state.cuda_rng is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(_decode_rng(state.cuda_rng))
+            torch.cuda.set_rng_state(decode_rng(state.cuda_rng))
         return warning
 
     def _peak_lr(self, name: str) -> float:
         return self.cfg.lr if name == "policy" else self.cfg.critic_lr
 
-    def _settings_changed(self, state: RankState) -> list[str]:
-        """The LR settings of the config that differ from those ``state`` was saved under."""
-        changed = [f"{key} {state.param_groups[name][0]['initial_lr']:g} to {self._peak_lr(name):g}"
-                   for name, key in (("policy", "learner.lr"), ("critic", "learner.critic_lr"))
-                   if name in state.param_groups and state.param_groups[name][0]["initial_lr"] != self._peak_lr(name)]
-        old, new = state.schedule, self.schedule
-        if old is None:
-            return [*changed, "the checkpoint predates the record of its schedule, so changes to it cannot be named"]
-        changed += [f"{key} {a} to {b}" for key, a, b in (("learner.lr_schedule", old.kind, new.kind),
-                                                           ("learner.warmup_steps", old.warmup_steps, new.warmup_steps),
-                                                           ("learner.min_lr_ratio", old.min_lr_ratio, new.min_lr_ratio))
-                    if a != b]
-        if old.total_updates != new.total_updates:
-            step = state.schedulers["policy"]["last_epoch"]
-            where = (f": the cosine goes on from {new.progress(step):.2f} of its way, where it was at "
-                     f"{old.progress(step):.2f}" if old.kind == new.kind == "cosine" else "")
-            changed.append(f"the schedule's length from {old.total_updates} to {new.total_updates} optimizer steps "
-                           f"(trainer.steps x algorithm.ppo_epochs x algorithm.minibatches){where}")
-        return changed
+    def _lr_settings_changed(self, state: RankState) -> list[str]:
+        saved = {name: groups[0]["initial_lr"] for name, groups in state.param_groups.items()}
+        peaks = {name: self._peak_lr(name) for name, *_ in self._trained()}
+        return settings_changed(saved, peaks, state.schedule, self.schedule, state.schedulers["policy"]["last_epoch"])
 
     def save_pretrained(self, out_dir: str) -> None:
         """Gather the full policy (collective) and write it as a Hugging Face model (rank 0)."""
@@ -546,18 +424,3 @@ class LearnerRank:
             sched.step()
         opt.zero_grad(set_to_none=True)
         return norm
-
-
-def merge_extreme(name: str, seen: float | None, value: float) -> float:
-    """The larger of two values of a ``*_max`` metric, the smaller of a ``*_min`` one."""
-    if seen is None:
-        return value
-    return max(seen, value) if name.endswith("_max") else min(seen, value)
-
-
-def _encode_rng(state: torch.Tensor) -> str:
-    return base64.b64encode(state.numpy().tobytes()).decode()
-
-
-def _decode_rng(text: str) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())

@@ -10,7 +10,7 @@ import torch.distributed.checkpoint as dcp
 from cluster.checkpoints import CheckpointManager, DriverState, read_checkpoint, resolve_resume
 from cluster.config import ConfigError
 from learner.checkpoint import JsonMetadataReader, JsonMetadataWriter
-from learner.worker import RankState
+from learner.checkpoint import RankState
 
 
 def driver(step):

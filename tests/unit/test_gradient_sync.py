@@ -21,8 +21,8 @@ RANK = """
 import json, sys, torch
 from cluster.bench_learner import bench_batch
 from cluster.config import load_config
-from learner.batch import TrainBatch
-from learner.worker import LearnerRank, Minibatch
+from learner.batch import Minibatch, TrainBatch
+from learner.worker import LearnerRank
 
 model_dir, sharding, rank, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 cfg = load_config(None, ["algorithm.advantage_estimator=grpo", "rollout.samples_per_prompt=4",

@@ -17,8 +17,8 @@ PROBE = """
 import json, sys, torch
 from cluster.bench_learner import bench_batch
 from cluster.config import load_config
-from learner.batch import TrainBatch
-from learner.worker import LearnerRank, Minibatch
+from learner.batch import Minibatch, TrainBatch
+from learner.worker import LearnerRank
 
 cfg = load_config(None, ["algorithm.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
                          "algorithm.kl_coef=0.05", "algorithm.kl_place=loss", "algorithm.kl_estimator=k2",

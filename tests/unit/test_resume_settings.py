@@ -93,7 +93,8 @@ def test_an_adaptive_controller_starts_from_the_config_after_a_fixed_run(tmp_pat
 
 def test_a_checkpoint_records_the_lr_schedule_it_was_saved_under(tmp_path, tiny_model_dir):
     from cluster.checkpoints import CheckpointManager, read_checkpoint
-    from learner.worker import LRSchedule, RankState
+    from learner.checkpoint import RankState
+    from learner.schedule import LRSchedule
 
     schedule = LRSchedule(kind="cosine", warmup_steps=2, min_lr_ratio=0.1, total_updates=120)
     groups, schedulers = {"policy": [{"lr": 1e-4, "initial_lr": 2e-4, "params": ["w"]}]}, {"policy": {"last_epoch": 60}}
@@ -123,8 +124,9 @@ import dataclasses, json, sys, torch
 from torch.distributed.tensor import DTensor
 from cluster.bench_learner import bench_batch
 from cluster.config import load_config
-from learner.batch import TrainBatch
-from learner.worker import LearnerRank, Minibatch, RankState
+from learner.batch import Minibatch, TrainBatch
+from learner.checkpoint import RankState
+from learner.worker import LearnerRank
 
 model_dir, ckpt = sys.argv[1], sys.argv[2]
 warnings = []  # what load_checkpoint returns for the driver to log

@@ -16,8 +16,8 @@ PROBE = """
 import json, sys, torch
 from cluster.bench_learner import bench_batch
 from cluster.config import load_config
-from learner.batch import TrainBatch
-from learner.worker import LearnerRank, Minibatch
+from learner.batch import Minibatch, TrainBatch
+from learner.worker import LearnerRank
 
 cfg = load_config(None, ["algorithm.advantage_estimator=grpo", "rollout.samples_per_prompt=4", "learner.world_size=1",
                          "learner.num_gpus=0", "learner.num_threads=1", "learner.lr=1e-12", "rollout.max_new_tokens=4"])
@@ -53,7 +53,7 @@ def test_ratio_extremes_are_taken_over_every_micro_batch(tiny_model_dir):
 
 
 def test_extremes_merge_as_extremes():
-    from learner.worker import merge_extreme
+    from learner.batch import merge_extreme
 
     assert merge_extreme("policy/ratio_max", None, 1.5) == 1.5
     assert merge_extreme("policy/ratio_max", 1.5, 1.1) == 1.5
