@@ -25,8 +25,9 @@ from cluster.collect import Collector
 from cluster.config import Config, ConfigError, to_dict
 from cluster.control import JobControl, control_actor_name, register_job
 from cluster.controller import Controller, RunSummary
-from cluster.data import DataError, PromptSampler, data_fingerprint, drop_too_long, load_prompts
+from cluster.data import PromptSampler, data_fingerprint, drop_too_long, load_prompts
 from cluster.jobs import job_env_vars, join_cluster
+from cluster.preflight import check_eval_judge, check_model_dir, check_reward_config, check_writable
 from cluster.security import check_cluster_auth, require_token_auth
 
 log = logging.getLogger("rlrelay")
@@ -183,84 +184,6 @@ def clear_earlier_run(run_dir: Path, checkpoints: CheckpointManager, overwrite: 
         (run_dir / name).unlink(missing_ok=True)
 
 
-def check_reward_config(cfg: Config, train_prompts: list, train_path: str) -> None:
-    """What every reward worker would check in its constructor, once here before Ray starts, so
-    that a misspelled function or a missing reward model is one clear error, not N failed actors;
-    and that every training prompt has an answer the built-in functions can score against (a
-    missing one failed every sample of the first step, after the actors had started)."""
-    from reward.rules import BUILTINS, resolve_reward_function
-
-    for spec in cfg.reward.functions:
-        try:
-            function = resolve_reward_function(spec.name)
-        except ValueError as e:
-            raise ConfigError(f"reward.functions: {e}") from None
-        if spec.name not in BUILTINS:
-            continue
-        unscorable = []
-        for prompt in train_prompts:
-            try:  # a built-in checks its answer before it looks at the response
-                function(prompt.text or "", "", prompt.answer)
-            except ValueError as e:
-                if cfg.reward.on_failure == "error":
-                    raise DataError(f"data.train_path {train_path}: {prompt.label}: {e}") from None
-                unscorable.append(prompt.label)
-        if unscorable:  # reward.on_failure=zero: their samples score 0 and are counted in reward/failures
-            log.warning("data.train_path %s: %s cannot score %d prompt(s) (e.g. %s); with "
-                        "reward.on_failure=zero their samples score 0", train_path, spec.name, len(unscorable),
-                        unscorable[0])
-    if cfg.reward.model is not None:
-        check_reward_model(cfg.reward.model.path, cfg.reward.model.max_length)
-
-
-def check_reward_model(path: str, max_length: int | None = None) -> None:
-    """A local sequence-classification model with one label, by its config.json. A causal LM
-    loads as one with a freshly initialised (random) score head, and with a one-label config
-    such a run went to the end scoring noise."""
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"reward.model.path {path!r} is not a model directory (no config.json): give a local "
-                          f"Hugging Face sequence-classification model")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"reward.model.path {path!r}: config.json is not valid JSON ({e})") from None
-    architectures = config.get("architectures") or []
-    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
-        raise ConfigError(f"reward.model.path {path!r} is a {', '.join(map(str, architectures)) or 'model of no stated'} "
-                          f"architecture, not a sequence-classification reward model (its score head would be "
-                          f"random): train one with reward/train.py or give an *ForSequenceClassification model")
-    labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
-    if labels != 1:
-        raise ConfigError(f"reward.model.path {path!r} has {labels} labels; a reward model has exactly one "
-                          f"(a scalar score)")
-    text = config.get("text_config") or config
-    positions = text.get("max_position_embeddings", text.get("n_positions"))
-    if max_length is not None and isinstance(positions, int) and max_length > positions:
-        # Also refused by the worker at start-up, with the tokenizer's limit too; here before Ray starts.
-        raise ConfigError(f"reward.model.max_length={max_length} exceeds the {positions} positions of the reward "
-                          f"model at {path!r}: lower it, or leave it unset to use the model's context")
-
-
-def check_eval_judge(cfg: Config, eval_prompts: list, eval_path: str | None) -> None:
-    """The eval judge exists and can judge every eval prompt's answer (a non-numeric answer
-    under numeric_match would fail the first evaluation, after the actors started)."""
-    from reward.rules import BUILTINS, resolve_reward_function
-
-    name = cfg.eval_judge()
-    try:
-        judge = resolve_reward_function(name)
-    except ValueError as e:
-        raise ConfigError(f"trainer.eval_function: {e}") from None
-    if name not in BUILTINS:
-        return  # a user's function is called on real responses only
-    for prompt in eval_prompts:
-        try:
-            judge(prompt.text or "", "", prompt.answer)
-        except ValueError as e:
-            raise DataError(f"data.eval_path {eval_path}: {prompt.label}: eval judge {name}: {e}") from None
-
-
 def train(cfg: Config, resume: str | None = None) -> RunSummary:
     """Run one training job to completion and write its summary.
 
@@ -301,23 +224,6 @@ def is_own_checkpoint(checkpoint: Path, checkpoints: CheckpointManager) -> bool:
     resuming another run's checkpoint (a fork of it, a fine-tune) must not write into that
     run's W&B history."""
     return checkpoint.resolve().parent == checkpoints.root.resolve()
-
-
-def check_model_dir(path: str) -> None:
-    """A local directory only: a name that is not one would be looked up on the model hub (by
-    every actor), and a typo would wait for the network before failing."""
-    if not Path(path).expanduser().is_dir():
-        raise ConfigError(f"model.path {path!r} is not a directory (a local Hugging Face model directory)")
-
-
-def check_writable(path: Path, key: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".rlrelay-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"{key}: {str(path)!r} is not a writable directory ({e.strerror or e})") from None
 
 
 @contextmanager

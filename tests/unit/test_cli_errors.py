@@ -46,6 +46,12 @@ def test_a_model_path_that_is_no_local_directory_is_not_looked_up_on_the_hub(tmp
     assert "model.path 'my-policy-typo' is not a directory" in capsys.readouterr().err
 
 
+def test_a_model_directory_without_config_json_is_refused_before_ray_starts(tmp_path, capsys):
+    (tmp_path / "empty-model").mkdir()
+    assert main(["train", DEMO, *run_overrides(tmp_path, f"model.path={tmp_path / 'empty-model'}")]) == 2
+    assert "empty-model' has no config.json: not a Hugging Face model directory" in capsys.readouterr().err
+
+
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path, capsys):
     model = tmp_path / "model"
     build_char_tokenizer("0123456789+=abcdefghijklmnopqrstuvwxyz", model)  # 42 tokens

@@ -191,7 +191,7 @@ def test_weight_transport_is_checked_and_auto_picks_by_cluster_shape():
 
 def test_reward_settings_are_checked_before_any_worker_starts(tmp_path):
     from actors.types import Prompt
-    from cluster.launch import check_reward_config
+    from cluster.preflight import check_reward_config
 
     def check(*overrides, prompts=(Prompt(index=0, text="1+1=", answer="2"),)):
         check_reward_config(load_config(DEMO, list(overrides)), list(prompts), "train.jsonl")
@@ -234,7 +234,7 @@ def test_a_training_prompt_a_built_in_reward_cannot_score_is_named_before_start(
     # Found after the actors started, this failed every sample of the first step.
     from actors.types import Prompt
     from cluster.data import DataError
-    from cluster.launch import check_reward_config
+    from cluster.preflight import check_reward_config
 
     prompts = [Prompt(index=0, text="1+1=", answer="2"), Prompt(index=7, text="2+2=", answer=answer)]
     with pytest.raises(DataError, match=rf"data.train_path train.jsonl: prompt 7: reward function {message}"):
@@ -245,7 +245,7 @@ def test_a_training_prompt_a_built_in_reward_cannot_score_is_named_before_start(
 
 def test_with_failures_scored_zero_unscorable_prompts_are_counted_not_refused(caplog):
     from actors.types import Prompt
-    from cluster.launch import check_reward_config
+    from cluster.preflight import check_reward_config
 
     prompts = [Prompt(index=0, text="1+1=", answer="2"), Prompt(index=3, line=5, text="hi", answer=None)]
     check_reward_config(load_config(DEMO, ["reward.on_failure=zero"]), prompts, "train.jsonl")
