@@ -168,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in REGISTRARS:
         add(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends a positional list at the first option, so `train CONFIG --resume auto
+    # key=value` would leave the override unparsed: a key=value anywhere joins the overrides.
+    if hasattr(args, "overrides") and all("=" in t and not t.startswith("-") for t in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "owns_run", False):
         # `rlrelay config ... | head` ends quietly. Not for a training driver: a broken pipe to
         # a helper process (W&B's service, a closed log reader) must not kill it unsaved.

@@ -35,6 +35,18 @@ def test_a_resume_path_that_is_no_checkpoint_is_a_config_error(tmp_path, capsys)
     assert f"--resume {tmp_path}: not a complete rlrelay checkpoint" in capsys.readouterr().err
 
 
+def test_overrides_after_an_option_are_overrides(tmp_path, capsys):
+    # `train CONFIG --resume auto key=value` (as the README writes it) used to stop at argparse's
+    # "unrecognized arguments"; the override must reach the config, here to be refused by name.
+    with pytest.raises(SystemExit) as refused:
+        main(["train", DEMO, *run_overrides(tmp_path), "--resume", "auto", "trainer.steps=-1"])
+    assert refused.value.code == 2
+    assert "config error: trainer.steps must be >= 1 (got -1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # what is not key=value is still an error
+        main(["train", DEMO, "--resume", "auto", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
 def test_exporting_what_is_no_checkpoint_is_named(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "nowhere is not a complete rlrelay checkpoint" in capsys.readouterr().err
