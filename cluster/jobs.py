@@ -172,7 +172,11 @@ def submit_command(args) -> int:
 
 def jobs_command(args) -> int:
     client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure)
-    jobs = [j for j in bounded(client.list_jobs) if j.submission_id]
+    try:
+        listed = asked_until(time.monotonic() + API_TIMEOUT_S, client.list_jobs)
+    except (RuntimeError, OSError) as e:
+        return _fail(f"cannot list the jobs: {e}", 1)
+    jobs = [j for j in listed if j.submission_id]
     print(f"{'SUBMISSION ID':<36} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
     for job in sorted(jobs, key=lambda j: j.start_time or 0):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
@@ -194,12 +198,12 @@ def logs_command(args) -> int:
 
 def stop_command(args) -> int:
     client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure)
+    deadline = time.monotonic() + args.timeout
     try:
-        bounded(client.stop_job, args.job)
-    except (RuntimeError, OSError) as e:
-        return _fail(str(e), 1)
-    try:
-        status = wait_until_done(client, args.job, deadline=time.monotonic() + args.timeout)
+        # Asked again on no answer or a server error: a request that timed out may have been
+        # delivered, and asking a stopping job to stop again does no harm.
+        asked_until(deadline, client.stop_job, args.job)
+        status = wait_until_done(client, args.job, deadline=deadline)
     except (RuntimeError, OSError) as e:
         if not is_transient(e):
             return _fail(f"job {args.job}: {e}", 1)
@@ -263,21 +267,28 @@ def wait_until_done(client, submission_id: str, *, deadline: float) -> str | Non
     """The job's terminal status, or None if it has none by ``deadline`` (time.monotonic).
     A job API that does not answer, or answers with a server error, is asked again until the
     deadline, then its last error is raised; any other answer (an unknown job) is raised at once."""
+    while True:
+        status = asked_until(deadline, client.get_job_status, submission_id).value
+        if status in TERMINAL:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def asked_until(deadline: float, call: Callable[..., T], *args) -> T:
+    """``bounded(call, *args)``, asked again while it fails in a way that may pass (``is_transient``)
+    until ``deadline`` (time.monotonic), then its last error is raised; any other error at once."""
     warned = False
     while True:
         try:
-            status = bounded(client.get_job_status, submission_id).value
+            return bounded(call, *args)
         except (RuntimeError, OSError) as e:
             if not is_transient(e) or time.monotonic() >= deadline:
                 raise
             if not warned:
                 print(f"rlrelay: the job API did not answer ({e}); retrying until the deadline", file=sys.stderr)
                 warned = True
-            status = None
-        if status in TERMINAL:
-            return status
-        if time.monotonic() >= deadline:
-            return None
         time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
 

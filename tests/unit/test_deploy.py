@@ -155,6 +155,11 @@ def test_gpu_clusters_have_a_learner_group_and_an_elastic_rollout_group(path):
     assert rollout["maxReplicas"] > rollout["minReplicas"], "the rollout group must be able to grow and shrink"
     for group in groups.values():
         assert all(limit(c, "nvidia.com/gpu") >= 1 for c in containers(group["template"]))
+        # Ray places learner ranks by GPU, not by group, and every rank writes its checkpoint shards.
+        for c in containers(group["template"]):
+            mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+            assert "/runs" in mounts and not mounts["/runs"].get("readOnly"), \
+                f"{group['groupName']}: a learner rank placed here could not write its checkpoint"
 
 
 @pytest.mark.parametrize("path", [p for p in MANIFESTS if yaml.safe_load(p.read_text())["kind"] == "RayJob"],
@@ -316,6 +321,16 @@ def test_image_pins_agree_with_pyproject(extra):
             assert wanted[name].specifier.contains(pinned_version(pin), prereleases=True), \
                 f"{path.name} pins {pin}, outside pyproject.toml's {wanted[name]}"
             assert pin.extras == wanted[name].extras, f"{path.name}: {name} extras differ from pyproject.toml"
+
+
+@pytest.mark.parametrize("extra", sorted(DOCKERFILES))
+def test_images_have_what_the_cluster_launcher_runs_in_them(extra):
+    # Ray's launcher rsyncs its bootstrap files into the container, and the autoscaler in the
+    # head's container reaches the other nodes with ssh and rsync; python:*-slim has neither.
+    text = DOCKERFILES[extra].read_text().replace("\\\n", " ")
+    installed = {word for line in text.splitlines() if "apt-get install" in line
+                 for word in line.split("apt-get install", 1)[1].split("&&")[0].split() if not word.startswith("-")}
+    assert {"rsync", "openssh-client"} <= installed, installed
 
 
 def test_both_images_pin_the_same_versions():

@@ -28,6 +28,8 @@ class Client:
     def __init__(self, *answers) -> None:
         self.answers = list(answers)
         self.calls = 0
+        self.stops = 0
+        self.stop_errors: list[Exception] = []
 
     def get_job_status(self, submission_id: str):
         self.calls += 1
@@ -37,7 +39,22 @@ class Client:
         return SimpleNamespace(value=answer)
 
     def stop_job(self, submission_id: str) -> bool:
+        self.stops += 1
+        if self.stop_errors:
+            raise self.stop_errors.pop(0)
         return True
+
+
+def answering(*answers):
+    """A call returning (or raising, for an exception) its answers in turn."""
+    queue = list(answers)
+
+    def call():
+        answer = queue.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    return call
 
 
 def test_server_errors_of_a_restarting_dashboard_are_ridden_out(monkeypatch, capsys):
@@ -84,3 +101,27 @@ def test_following_a_job_rides_out_a_restarting_dashboard(monkeypatch, capsys):
     client.get_job_info = lambda submission_id: SimpleNamespace(message="done")
     assert jobs.follow(client, "job-1", timeout=30) == 0
     assert "job job-1: SUCCEEDED" in capsys.readouterr().out
+
+
+def test_stop_asks_again_when_its_request_meets_a_restarting_dashboard(monkeypatch, capsys):
+    # The stop request itself was sent once: a 503 or no answer ended `rlrelay stop` with exit 1.
+    monkeypatch.setattr(jobs, "POLL_S", 0.01)
+    client = Client("STOPPED")
+    client.stop_errors = [ray_http_error(503, "Service Unavailable"), TimeoutError("no answer")]
+    monkeypatch.setattr(jobs, "_connect", lambda address, *, allow_insecure: client)
+    assert main(["stop", "job-1", "--timeout", "30", "--address", "http://127.0.0.1:1"]) == 0
+    assert client.stops == 3
+    assert "job job-1: STOPPED" in capsys.readouterr().out
+
+
+def test_listing_jobs_names_a_job_api_that_fails(monkeypatch, capsys):
+    # `rlrelay jobs` printed a traceback for a refusal, and gave up at once on a server error.
+    monkeypatch.setattr(jobs, "POLL_S", 0.01)
+    client = Client("RUNNING")
+    client.list_jobs = answering(ray_http_error(503, "Service Unavailable"), [SimpleNamespace(submission_id=None)])
+    monkeypatch.setattr(jobs, "_connect", lambda address, *, allow_insecure: client)
+    assert main(["jobs", "--address", "http://127.0.0.1:1"]) == 0
+    assert "SUBMISSION ID" in capsys.readouterr().out
+    client.list_jobs = answering(ray_http_error(403, "Forbidden"))
+    assert main(["jobs", "--address", "http://127.0.0.1:1"]) == 1
+    assert "rlrelay: cannot list the jobs: Request failed with status code 403: Forbidden" in capsys.readouterr().err
