@@ -8,6 +8,8 @@ driver: its sample counts as wrong and as a judge failure.
 
 from __future__ import annotations
 
+import math
+
 from reward.isolated import FunctionProcess
 from reward.rules import BUILTINS, resolve_reward_function
 
@@ -25,14 +27,23 @@ class EvalJudge:
 
     def __call__(self, prompt: str, response: str, answer: str | None) -> float | None:
         """The judge's number, or None when it could not judge (raised, timed out, crashed,
-        returned something other than a number; ``last_error`` says which)."""
+        returned something other than a finite number; ``last_error`` says which)."""
         if self._builtin is not None:
-            return float(self._builtin(prompt, response, answer))
-        outcome = self._process.call(0, (prompt, response, answer), self.timeout_s)
-        if outcome[0] == "value":
-            return outcome[1]
-        self.last_error = " ".join(str(part) for part in outcome)
-        return None
+            try:  # answers were checked before the run; this is the response's side
+                value = float(self._builtin(prompt, response, answer))
+            except (ValueError, TypeError) as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                return None
+        else:
+            outcome = self._process.call(0, (prompt, response, answer), self.timeout_s)
+            if outcome[0] != "value":
+                self.last_error = " ".join(str(part) for part in outcome)
+                return None
+            value = outcome[1]
+        if not math.isfinite(value):  # as for a reward: NaN is no verdict, and inf no right answer
+            self.last_error = f"returned {value}"
+            return None
+        return value
 
     def close(self) -> None:
         if self._process is not None:

@@ -32,3 +32,18 @@ def test_a_user_judge_that_hangs_raises_or_exits_fails_its_call_only(user_reward
     text = EvalJudge(f"{user_rewards}:text", timeout_s=5.0)
     assert text("p", "r", None) is None and "not_a_number" in text.last_error
     text.close()
+
+
+def test_a_judge_that_returns_no_finite_number_fails_its_call(user_rewards):
+    # NaN counted as a silent wrong answer and inf as a right one; a reward treats both as failures.
+    judge = EvalJudge(f"{user_rewards}:nonfinite", timeout_s=5.0)
+    for response in ("nan", "inf"):
+        assert judge("p", response, None) is None and f"returned {response}" in judge.last_error
+    assert judge("p", "fine", None) == 2.0
+    judge.close()
+
+
+def test_a_builtin_judge_that_raises_fails_its_call_instead_of_the_evaluation():
+    judge = EvalJudge("exact_match", timeout_s=1.0)
+    assert judge("p", "42", None) is None and "ValueError" in judge.last_error
+    judge.close()

@@ -129,6 +129,13 @@ def test_numeric_match_refuses_a_non_numeric_answer(answer):
         numeric_match("", "42", answer)
 
 
+def test_numeric_match_scores_a_degenerate_digit_run_as_wrong_instead_of_raising():
+    # Past Python's 4300-digit limit int() raises, which failed the sample (and with
+    # reward.on_failure=error the run); a loop of 9s is simply no answer.
+    assert numeric_match("", "The answer is " + "9" * 5000, "42") == 0.0
+    assert numeric_match("", "9" * 5000 + " so the answer is 42", "42") == 1.0
+
+
 def test_builtin_names_resolve_to_the_builtins():
     for name, fn in BUILTINS.items():
         assert resolve_reward_function(name) is fn
