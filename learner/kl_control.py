@@ -9,6 +9,7 @@ changed them goes on with the new ones.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -96,6 +97,10 @@ class RunningMeanStd:
         n = x.numel()
         if n == 0:
             return
+        if not bool(torch.isfinite(x).all()):
+            # One inf would make the mean inf and the variance NaN for the rest of the run, and
+            # the checkpoint would carry them; failed rewards never reach here, so this is a bug.
+            raise ValueError(f"reward normalisation got {int((~torch.isfinite(x)).sum())} non-finite reward(s)")
         batch_mean = float(x.mean())
         batch_var = float(x.var(unbiased=False))
         total = self.count + n

@@ -214,6 +214,9 @@ class RewardWorker:
                 if self._model_spec is not None:
                     weights.append(self._model_spec.weight)
                 reward = sum(w * c for w, c in zip(weights, components))
+                if not math.isfinite(reward):  # finite components, e.g. 1e308 x weight 2
+                    error = f"the weighted sum of the components {components} overflowed to {reward}"
+            if error is None:
                 self._scored += 1
             else:
                 reward = math.nan

@@ -121,3 +121,11 @@ def test_running_mean_std_round_trip_continues_identically():
     b.update(more)
     assert b.state_dict() == a.state_dict()
     assert b.count == 18
+
+
+def test_reward_normalisation_refuses_a_non_finite_reward():
+    rms = RunningMeanStd()
+    rms.update(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="1 non-finite reward"):
+        rms.update(torch.tensor([1.0, float("inf")]))
+    assert rms.mean == 1.5 and rms.count == 2  # unchanged

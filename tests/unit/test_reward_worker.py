@@ -225,6 +225,15 @@ def test_raising_and_nonfinite_functions_fail_only_their_sample(user_rewards, is
     assert worker.stats() == {"scored": 2, "failures": 3, "timeouts": 0}
 
 
+def test_a_weighted_sum_that_overflows_fails_its_sample(user_rewards):
+    # Finite components whose weighted sum is inf were a success: NaN advantages for the group,
+    # a skipped update, and reward normalisation poisoned for the rest of the run.
+    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:nonfinite", weight=1e308)])
+    (result,) = worker.score(requests_for("fine"))
+    assert result.failed and math.isnan(result.reward) and "overflowed to inf" in result.error
+    assert worker.stats()["failures"] == 1
+
+
 def test_a_worker_that_stops_after_a_failure_spares_the_rest_of_its_batch(user_rewards):
     # reward.on_failure=error ends the run at the first failure; scoring on meant one timeout
     # per remaining sample first (hours over a batch of slow failures).
