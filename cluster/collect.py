@@ -7,6 +7,7 @@ sampler, the rollout and reward pools and its own state, never the learner.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from cluster.pools import RewardPool, RolloutPool
 from learner.advantages import filter_uniform_groups, overlong_penalty
 from learner.kl_control import RunningMeanStd
 from reward.types import ScoreRequest
+
+log = logging.getLogger("rlrelay")
 
 
 class RewardFailure(RuntimeError):
@@ -110,7 +113,7 @@ class Collector:
                 check_complete(new, range(issued, issued + len(prompts)), per, step)
                 issued += len(prompts)
             with _timed(timings, "score"):
-                new_scores, failed = self.score(new)
+                new_scores, failed = self.score(new, step)
                 failures += int(failed.sum())
             if self.cfg.reward.on_failure == "drop" and failed.any():
                 # A failed sample has no score, and any number put in its place is a reward
@@ -157,9 +160,10 @@ class Collector:
         return Batch(step=step, rollouts=rollouts, scores=scores_t, metrics=metrics, sampler_before=sampler_before,
                      reward_norm_before=norm_before, finished_at=time.perf_counter())
 
-    def score(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, rollouts: list[Rollout], step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of the rollouts and which failed (bool ``[B]``): with ``reward.on_failure``
-        ``error`` a failure stops the run, else it scores 0 here (``drop`` then drops its group)."""
+        ``error`` a failure stops the run, else it scores 0 here (``drop`` then drops its group)
+        and is logged with its reasons (the metric only counts them)."""
         requests = [ScoreRequest(prompt=r.prompt_text, response=r.response_text, answer=r.answer,
                                  messages=self.messages.get(r.prompt_index)) for r in rollouts]
         results = self.reward.score(requests)
@@ -170,6 +174,15 @@ class Collector:
             raise RewardFailure(f"a sample could not be scored: prompt {r.prompt_index} sample {r.sample_index}: "
                                 f"{s.error} (set reward.on_failure=drop to count such samples and leave their "
                                 f"prompt's group out of the batch instead)")
+        if failed:
+            reasons: dict[str, int] = {}
+            for _, s in failed:
+                reasons[s.error] = reasons.get(s.error, 0) + 1
+            common = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+            log.warning("step %d: %d of %d samples could not be scored (reward.on_failure=%s): %s", step,
+                        len(failed), len(rollouts), self.cfg.reward.on_failure,
+                        "; ".join(f"{n} x {why}" for why, n in common)
+                        + (f"; and {len(reasons) - 3} other reason(s)" if len(reasons) > 3 else ""))
         return (torch.tensor([0.0 if s.failed else s.reward for s in results]),
                 torch.tensor([s.failed for s in results], dtype=torch.bool))
 

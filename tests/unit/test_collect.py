@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -76,6 +77,13 @@ def test_a_failed_sample_scored_zero_would_outrank_the_wrong_answers_of_its_grou
     batch = collector(["no", "no", "no", "boom"], "reward.on_failure=zero").collect(step=1)
     assert batch.scores.tolist() == [-1.0, -1.0, -1.0, 0.0] * 4
     assert batch.metrics["reward/failures"] == batch.metrics["reward/failed_in_batch"] == 4
+
+
+def test_why_samples_could_not_be_scored_is_logged_not_only_counted(caplog):
+    # The metric counted failures; their reasons (a verifier down, a timeout) were thrown away.
+    with caplog.at_level(logging.WARNING, logger="rlrelay"):
+        collector(["no", "no", "no", "boom"], "reward.on_failure=drop").collect(step=7)
+    assert "step 7: 4 of 16 samples could not be scored (reward.on_failure=drop): 4 x timed out" in caplog.text
 
 
 def test_drop_leaves_out_the_group_of_a_failed_sample_and_counts_it():
