@@ -340,7 +340,12 @@ class Controller:
 
     def guard_against_divergence(self, step: int, metrics: dict[str, float]) -> None:
         """Count steps whose update was skipped for a non-finite loss/gradient; stop after N."""
-        self.consecutive_skips = self.consecutive_skips + 1 if metrics.get("policy/skipped_updates") else 0
+        skipped = int(metrics.get("policy/skipped_updates", 0))
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        if skipped:  # each time, not only at the limit: a run that skips every other step never reaches it
+            log.warning("step %d: %d optimizer step(s) skipped, their loss or gradient not finite (%d step(s) in a "
+                        "row; the run stops at trainer.max_skipped_updates=%d)", step, skipped,
+                        self.consecutive_skips, self.cfg.trainer.max_skipped_updates)
         if self.consecutive_skips >= self.cfg.trainer.max_skipped_updates:
             path = self.save(step)
             raise TrainingDiverged(f"{self.consecutive_skips} steps in a row produced a non-finite loss or "

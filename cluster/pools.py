@@ -57,7 +57,7 @@ def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
             raise WorkerFailure(f"no answer within {timeout_s:.0f} s from {', '.join(slow)}")
         try:
             _get_naming_death(ready[0], refs, what)
-        except RayTaskError:
+        except RayTaskError as e:
             # A dead rank often shows first as a collective error in a live peer ("connection
             # closed by peer"); name the dead worker if one of the others turns out to be one.
             grace = min(DEATH_GRACE_S, max(0.0, deadline - time.monotonic()))
@@ -65,7 +65,8 @@ def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
             for ref in done:
                 with contextlib.suppress(RayTaskError):
                     _get_naming_death(ref, refs, what)
-            raise
+            # None died: the worker's own exception, named by the worker (Ray's names the method only).
+            raise WorkerFailure(f"{what[refs.index(ready[0])]} failed: {e.cause!r}") from e
     return ray.get(list(refs))
 
 

@@ -1,6 +1,6 @@
 """``pools.wait``: a dead worker is named even when a live peer's error arrives first (a rank
 whose collective lost its peer fails with a connection error before Ray reports the death),
-and a plain task error is still raised as itself. A worker whose constructor raises is named
+and a plain task error names the worker that raised it. A worker whose constructor raises is named
 with the constructor's error, by ``wait`` and by ``ActorSet``, at once and without restarts. A
 worker's own exception stays its own failure even when its class is one Ray uses for deaths
 (test_memory_kill.py has a real death of that kind)."""
@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from ray.exceptions import OutOfMemoryError, RayTaskError
+from ray.exceptions import OutOfMemoryError
 
 from cluster.actor_set import ActorSet, WorkerFailure
 from cluster.pools import wait
@@ -52,9 +52,9 @@ def test_the_dead_peer_is_named_when_the_live_one_fails_first(ray_local):
         killer.cancel()
 
 
-def test_a_task_error_with_no_death_is_raised_as_itself(ray_local):
+def test_a_task_error_with_no_death_names_the_worker_that_raised_it(ray_local):
     failing, fine = peers(ray_local, 2)
-    with pytest.raises(RayTaskError, match="Connection closed by peer"):
+    with pytest.raises(WorkerFailure, match="^rank 0 failed: .*Connection closed by peer"):
         wait([failing.lose_peer.remote(), fine.sleep.remote(0.1)], 120, ["rank 0", "rank 1"])
 
 
@@ -104,5 +104,5 @@ def test_a_workers_own_exception_of_a_death_class_fails_the_run_at_once(ray_loca
     finally:
         actors.shutdown()
     handle = ray_local.remote(RaisesADeathsClass).options(num_cpus=0.25).remote()
-    with pytest.raises(RayTaskError, match="a Ray call of this worker's own failed"):
+    with pytest.raises(WorkerFailure, match="^rank 0 failed: .*a Ray call of this worker's own failed"):
         wait([handle.work.remote(1)], 120, ["rank 0"])

@@ -3,6 +3,7 @@ resets the count, and the N-th skip in a row writes a checkpoint and stops the r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,3 +31,13 @@ def test_skips_in_a_row_stop_with_a_checkpoint_and_a_finite_step_resets_the_coun
     with pytest.raises(TrainingDiverged, match="3 steps in a row.*ckpt/step-6"):
         guard(d, 6, {"policy/skipped_updates": 1.0})
     assert d.saved == [6]
+
+
+def test_every_skipped_step_is_logged_not_only_the_last(caplog):
+    # A run skipping every other step never reaches the limit, and said nothing.
+    d = driver(limit=3)
+    with caplog.at_level(logging.WARNING, logger="rlrelay"):
+        for step, skipped in enumerate([2.0, 0.0, 1.0], start=1):
+            Controller.guard_against_divergence(d, step, {"policy/skipped_updates": skipped})
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == \
+        ["step 1: 2 optimizer step(s) skipped", "step 3: 1 optimizer step(s) skipped"]
