@@ -166,8 +166,23 @@ class Tracker:
 
 
 def _read_history(path: Path, upto: int | None) -> list[dict[str, float]]:
-    """Rows of an earlier attempt of this run up to step ``upto`` (none for a fresh run)."""
+    """Rows of an earlier attempt of this run up to step ``upto`` (none for a fresh run). A line
+    that is no metrics row (the last one, torn by a crash mid-write) is left out with a warning."""
     if upto is None or not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, torn = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            torn.append(number)
+    if torn:
+        log.warning("%s: left out line(s) %s, which hold no metrics row (a write cut short by a crash?)", path,
+                    ", ".join(map(str, torn[:5])) + (" ..." if len(torn) > 5 else ""))
     return [row for row in rows if row["step"] <= upto]

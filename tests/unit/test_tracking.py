@@ -37,6 +37,17 @@ def test_disabled_run_keeps_every_number_on_disk_and_records_no_wandb_id(tmp_pat
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_a_resume_leaves_out_a_metrics_line_torn_by_a_crash(tmp_path, caplog):
+    # A bare JSONDecodeError (or KeyError 'step') ended the resume, naming neither file nor line.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.1}\n{"step": 2, "reward/mean": 0.2}\n'
+                                            '{"other": 1}\n{"step": 3, "rew')
+    with caplog.at_level(logging.WARNING, logger="cluster.tracking"):
+        t = Tracker(tmp_path, project="p", name="n", mode="disabled", config={}, total_steps=4, resume_step=2)
+    t.finish({"steps_completed": 2})
+    assert rows(tmp_path) == [{"step": 1, "reward/mean": 0.1}, {"step": 2, "reward/mean": 0.2}]
+    assert "left out line(s) 3, 4, which hold no metrics row" in caplog.text
+
+
 class BrokenRun:
     """A W&B run whose service died: every call raises, as wandb does once wandb-core is gone."""
     id = "broken"
