@@ -193,13 +193,21 @@ class RewardConfig:
     num_threads: int = 1
     """torch threads per reward worker."""
     timeout_s: float = 30.0
-    """Timeout of one reward-function call; the driver waits that long per call it sent."""
+    """Timeout of one reward-function call. The driver waits for a worker's chunk as long as its
+    calls may take: this plus a child's restart (``process`` isolation) per function and sample."""
     isolation: str = "process"
     """Where reward functions run: ``process`` (a child process per worker, killed and restarted
     when a call overruns, even one holding the GIL) or ``thread`` (saves the pipe round trip, ~17 us
     a call, `rlrelay bench reward`; an overrunning call is abandoned, and one holding the GIL cannot be timed out)."""
     max_restarts: int = 8
     """Replacements of dead or hung reward workers allowed over the whole job."""
+    start_timeout_s: float = 600.0
+    """Longest a reward worker may take to start (a large reward model loading) before it is
+    treated as hung."""
+    health_interval_s: float = 10.0
+    """A reward worker busy this long gets a health ping (answered concurrently with its work)."""
+    health_timeout_s: float = 30.0
+    """A reward worker that does not answer a health ping within this is treated as dead."""
     on_failure: str = "error"
     """A sample whose reward failed: ``error`` stops the run naming it; ``drop`` counts it and leaves
     its prompt's group out of the batch (refilled under dynamic sampling); ``zero`` counts it and
@@ -294,7 +302,10 @@ class Config:
         # A zero would make every call overrun at once, and every worker be replaced as hung.
         for key, seconds in (("rollout.timeout_s", r.timeout_s), ("rollout.start_timeout_s", r.start_timeout_s),
                              ("rollout.health_interval_s", r.health_interval_s),
-                             ("rollout.health_timeout_s", r.health_timeout_s), ("reward.timeout_s", self.reward.timeout_s)):
+                             ("rollout.health_timeout_s", r.health_timeout_s), ("reward.timeout_s", self.reward.timeout_s),
+                             ("reward.start_timeout_s", self.reward.start_timeout_s),
+                             ("reward.health_interval_s", self.reward.health_interval_s),
+                             ("reward.health_timeout_s", self.reward.health_timeout_s)):
             if not seconds > 0:
                 raise ConfigError(f"{key} must be > 0 seconds (got {seconds})")
         rw = self.reward

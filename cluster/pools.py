@@ -252,6 +252,8 @@ class RewardPool:
         device = "cuda" if rc.num_gpus > 0 else "cpu"
         self.actors = ActorSet(
             "reward worker", size=rc.num_workers, timeout_s=rc.timeout_s, max_restarts=rc.max_restarts,
+            start_timeout_s=rc.start_timeout_s, health_interval_s=rc.health_interval_s,
+            health_timeout_s=rc.health_timeout_s,
             spawn=lambda _: actor.remote(functions, model, timeout_s=rc.timeout_s, num_threads=rc.num_threads,
                                          stop_after_failure=rc.on_failure == "error",
                                          device=device, isolation=rc.isolation),

@@ -285,3 +285,11 @@ def test_settings_beside_the_refused_ones_still_load():
     load_config(DEMO, ["algorithm.advantage_estimator=gae", "algorithm.critic_warmup_steps=19", "trainer.steps=20"])
     with pytest.raises(ConfigError, match="only advantage_estimator=gae has"):  # no critic: a key that would do nothing
         load_config(DEMO, ["algorithm.critic_warmup_steps=5"])
+
+
+def test_reward_workers_have_their_own_start_and_health_timeouts():
+    # A large reward model loading for over 600 s failed its start with no key to raise the limit.
+    cfg = load_config(DEMO, ["reward.start_timeout_s=1800", "reward.health_timeout_s=60"])
+    assert (cfg.reward.start_timeout_s, cfg.reward.health_timeout_s, cfg.reward.health_interval_s) == (1800, 60, 10)
+    with pytest.raises(ConfigError, match="reward.start_timeout_s"):
+        load_config(DEMO, ["reward.start_timeout_s=0"])
