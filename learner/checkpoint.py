@@ -152,8 +152,11 @@ class RankState:
     """Its CUDA generator's state, base64, when it trains on a GPU (dropout, sampling on the
     device); None on CPU and in checkpoints written before it was kept."""
     schedule: LRSchedule | None = None
-    """The LR schedule the state was saved under, so a resume can say why its rates differ;
-    None in checkpoints written before it was kept."""
+    """The policy's LR schedule the state was saved under, so a resume can say why its rates
+    differ; None in checkpoints written before it was kept."""
+    unstepped: list[str] = dataclasses.field(default_factory=list)
+    """Trained models whose optimizer had not stepped yet: the optimizer state saved for them is
+    a placeholder, dropped again on load."""
 
 
 def encode_rng(state: torch.Tensor) -> str:

@@ -146,7 +146,8 @@ class LearnerConfig:
     critic_lr: float = 1e-5
     """Peak critic learning rate."""
     lr_schedule: str = "cosine"
-    """``constant`` or ``cosine`` (decay to min_lr_ratio * lr over the run)."""
+    """``constant`` or ``cosine`` (decay to min_lr_ratio * lr over the run; the policy's over the
+    steps after ``algorithm.critic_warmup_steps``)."""
     warmup_steps: int = 0
     """Linear warm-up, in optimizer steps."""
     min_lr_ratio: float = 0.0

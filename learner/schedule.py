@@ -21,8 +21,9 @@ class LRSchedule:
     min_lr_ratio: float
     """End of the cosine as a fraction of the peak (``learner.min_lr_ratio``)."""
     total_updates: int
-    """Optimizer steps of the whole run, where the cosine ends: ``trainer.steps`` times the
-    updates per step (``algorithm.ppo_epochs`` x ``algorithm.minibatches``)."""
+    """The model's optimizer steps over the whole run, where the cosine ends: the updates per
+    step (``algorithm.ppo_epochs`` x ``algorithm.minibatches``) times ``trainer.steps``, less
+    ``algorithm.critic_warmup_steps`` for the policy, which sits those out."""
 
     def progress(self, step: int) -> float:
         """How far along the decay step ``step`` is: 0 until warm-up ends, 1 from ``total_updates`` on."""
@@ -54,5 +55,6 @@ def settings_changed(saved_peaks: dict[str, float], peaks: dict[str, float], old
         where = (f": the cosine goes on from {new.progress(step):.2f} of its way, where it was at "
                  f"{old.progress(step):.2f}" if old.kind == new.kind == "cosine" else "")
         changed.append(f"the schedule's length from {old.total_updates} to {new.total_updates} optimizer steps "
-                       f"(trainer.steps x algorithm.ppo_epochs x algorithm.minibatches){where}")
+                       f"(trainer.steps, less algorithm.critic_warmup_steps, x algorithm.ppo_epochs x "
+                       f"algorithm.minibatches){where}")
     return changed

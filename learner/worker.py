@@ -51,8 +51,14 @@ class LearnerRank:
         self.cfg = learner
         self.algo = algorithm
         self.temperature = temperature
-        self.schedule = LRSchedule(kind=learner.lr_schedule, warmup_steps=learner.warmup_steps,
-                                   min_lr_ratio=learner.min_lr_ratio, total_updates=max(1, total_updates))
+        # The policy sits out the critic's warm-up, so its schedule is that much shorter: sized
+        # for every step, its cosine would end far above min_lr_ratio.
+        warmup_updates = algorithm.critic_warmup_steps * algorithm.ppo_epochs * algorithm.minibatches
+        self.schedules = {name: LRSchedule(kind=learner.lr_schedule, warmup_steps=learner.warmup_steps,
+                                           min_lr_ratio=learner.min_lr_ratio, total_updates=max(1, total))
+                          for name, total in (("policy", total_updates - warmup_updates), ("critic", total_updates))}
+        self.schedule = self.schedules["policy"]
+        """The policy's, which checkpoints record."""
         self.device = torch.device("cuda" if learner.num_gpus > 0 else "cpu")
         torch.set_num_threads(learner.num_threads)
         self._head_checked = False
@@ -104,11 +110,11 @@ class LearnerRank:
                                     plan, self.device, checkpoint)
 
         self.policy = build(policy_skeleton, load_policy, trained)
-        self.policy_opt, self.policy_sched = self._optimizer(self.policy, cfg.lr)
+        self.policy_opt, self.policy_sched = self._optimizer(self.policy, cfg.lr, self.schedules["policy"])
         self.critic = self.critic_opt = self.critic_sched = None
         if self.algo.uses_critic:
             self.critic = build(critic_skeleton, load_critic, trained)
-            self.critic_opt, self.critic_sched = self._optimizer(self.critic, cfg.critic_lr)
+            self.critic_opt, self.critic_sched = self._optimizer(self.critic, cfg.critic_lr, self.schedules["critic"])
         self.reference = None
         if self.algo.uses_reference:
             # Resharded after its forward whatever the trained models do: no backward follows
@@ -119,13 +125,13 @@ class LearnerRank:
             self.reference.requires_grad_(False).eval()
         dist.barrier()  # every rank is set up and the group carries a collective end to end
 
-    def _optimizer(self, model: nn.Module, lr: float):
+    def _optimizer(self, model: nn.Module, lr: float, schedule: LRSchedule):
         # The fused kernel updates every parameter in a few launches; the default per-tensor
         # path over FSDP2's DTensors took 55 ms a step for 0.5B on an H100 (measured).
         fused = self.device.type == "cuda" and not self.cfg.cpu_offload
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay,
                                 betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.factor)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule.factor)
 
     # -- verbs -------------------------------------------------------------------------------
 
@@ -262,9 +268,16 @@ class LearnerRank:
     def save_checkpoint(self, path: str) -> RankState:
         """Write this rank's shards of every model and optimizer into the DCP directory
         ``path`` (collective); returns the plain state that goes to JSON."""
-        tensors, groups, schedulers = {}, {}, {}
+        tensors, groups, schedulers, unstepped = {}, {}, {}, []
         for name, model, opt, sched in self._trained():
+            fresh = not opt.state
+            # On an optimizer that has not stepped yet (the policy during the critic's warm-up,
+            # or after skipped updates only) this takes a zero-lr step to make its state; left
+            # in place, the first real update would be Adam's second (0.74x its size).
             model_sd, optim_sd = get_state_dict(model, opt)
+            if fresh:
+                opt.state.clear()
+                unstepped.append(name)
             opt_tensors, groups[name] = split_optimizer_state(optim_sd)
             tensors.update({f"{name}/{k}": v for k, v in model_sd.items()})
             tensors.update({f"{name}_optim/{k}": v for k, v in opt_tensors.items()})
@@ -272,7 +285,8 @@ class LearnerRank:
         dcp.save(tensors, storage_writer=JsonMetadataWriter(path))
         cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         return RankState(param_groups=groups, schedulers=schedulers, rng=encode_rng(torch.get_rng_state()),
-                         cuda_rng=None if cuda is None else encode_rng(cuda), schedule=self.schedule)
+                         cuda_rng=None if cuda is None else encode_rng(cuda), schedule=self.schedule,
+                         unstepped=unstepped)
 
     def load_checkpoint(self, path: str, state: RankState) -> str | None:
         """Load what ``save_checkpoint`` wrote (any rank count that FSDP2 can reshard to).
@@ -300,11 +314,13 @@ class LearnerRank:
             opt_tensors = {k: targets[f"{name}_optim/{k}"] for k in opt_tensors}
             # The settings in the checkpoint's plain state are replaced by the config's before loading.
             saved_sched, peak = state.schedulers[name], self._peak_lr(name)
-            rate = peak * self.schedule.factor(saved_sched["last_epoch"])
+            rate = peak * self.schedules[name].factor(saved_sched["last_epoch"])
             groups = [{**g, "lr": rate, "initial_lr": peak, "weight_decay": self.cfg.weight_decay}
                       for g in state.param_groups[name]]
             set_state_dict(model, opt, model_state_dict=model_sd,
                            optim_state_dict=join_optimizer_state(opt_tensors, groups))
+            if name in state.unstepped:  # its saved state is save_checkpoint's placeholder
+                opt.state.clear()
             n = len(opt.param_groups)
             sched.load_state_dict({**saved_sched, "base_lrs": [peak] * n, "_last_lr": [rate] * n,
                                    "lr_lambdas": [None] * n})
