@@ -40,14 +40,16 @@ LADDER = (
 def advise(arch: Architecture, shape: LearnerShape, options: MemoryOptions) -> list[tuple[Remedy, MemoryPlan]]:
     """Rungs to turn on, in order, each with the plan it gives, up to the first that fits.
 
-    Rungs already on, and reference offload without a reference, are skipped. Empty when
-    the job fits as it is."""
+    Rungs already on, reference offload without a reference, and offloading on a CPU learner
+    (where everything is in host memory already) are skipped. Empty when the job fits as it is."""
     steps = []
     if plan_memory(arch, shape, options).fits:
         return steps
     for remedy in LADDER:
         turned_on = dataclasses.replace(options, **remedy.change)
         if turned_on == options or ("reference_offload" in remedy.change and not shape.reference):
+            continue
+        if not shape.mixed_precision and ({"reference_offload", "cpu_offload"} & remedy.change.keys()):
             continue
         options = turned_on
         result = plan_memory(arch, shape, options)

@@ -59,19 +59,20 @@ follows what the learner does (``learner/worker.py``, ``learner/fsdp.py``, ``lea
       logits = 2 c B T H + (4 [+ 4 c in bf16]) V H + k N V
 
   Without it, the policy computes logits for the window of positions that predict response
-  tokens (``logits_to_keep``; T + 1 positions when a micro-batch's prompts have equal length,
-  wider when they differ: up to L when one prompt has a single token), ``[B, T+1, V]`` in the
-  compute dtype. The loss works on them in fp32 in chunks of N tokens, logprobs and entropy
-  sharing one upcast per chunk; kept for backward: the scaled logits (4), the entropy's
-  shifted logits and softmax (8); plus a chunk's temporaries (k = 16 bytes in fp32, 18 in
-  bf16, fitted to the peaks measured with the learner's own functions in
-  ``tests/integration/test_plan_measured.py``)::
+  tokens (``logits_to_keep``): T + 1 positions when a micro-batch's prompts have equal length,
+  wider when they differ, up to L when one prompt has a single token, and then the response
+  positions are gathered out of it, a second ``[B, T, V]`` copy, both in the compute dtype.
+  Prompts of different lengths are the rule in RL, so the plan takes that worst case. The
+  loss works on them in fp32 in chunks of N tokens, logprobs and entropy sharing one upcast
+  per chunk; kept for backward: the scaled logits (4), the entropy's shifted logits and
+  softmax (8); plus a chunk's temporaries (k = 16 bytes in fp32, 18 in bf16, fitted to the
+  peaks measured with the learner's own functions in ``tests/integration/test_plan_measured.py``)::
 
-      logits = c B (T + 1) V + 12 B T V + k N V
+      logits = c B L V + c B T V + 12 B T V + k N V
 
   (for a 150k vocabulary this term, not the model, then often decides the micro-batch.) The
   critic's value head has no vocabulary term.
-- **Overhead**: 1.5 GiB fixed (CUDA context, NCCL communicators, cuBLAS workspaces) plus 5 %
+- **Overhead**: 1.5 GiB fixed on a GPU (CUDA context, NCCL communicators, cuBLAS workspaces) plus 5 %
   of the tensors for caching-allocator fragmentation. **Fits** means the total is within
   90 % of the GPU's memory (a 10 % safety margin for what this model does not see).
 
@@ -138,12 +139,23 @@ class Architecture:
     @classmethod
     def from_hf_config(cls, config: dict) -> "Architecture":
         """From a Hugging Face ``config.json`` mapping."""
+        if not isinstance(config, dict):
+            raise PlanError(f"config.json holds a {type(config).__name__}, not a JSON object")
         kind = config.get("model_type")
         if kind not in ARCHITECTURES:
             raise PlanError(f"model_type {kind!r}: the planner knows {', '.join(ARCHITECTURES)}")
         try:
             heads = config["num_attention_heads"]
             attention_bias = bool(config.get("attention_bias", False))
+            sizes = {key: config.get(key) for key in ("vocab_size", "hidden_size", "intermediate_size",
+                                                       "num_hidden_layers", "num_attention_heads")}
+            sizes.update({key: config[key] for key in ("num_key_value_heads", "head_dim") if config.get(key) is not None})
+            for key, value in sizes.items():
+                if key in config and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                    raise PlanError(f"config.json: {key} must be a positive integer (got {value!r})")
+            if heads % (config.get("num_key_value_heads") or heads):
+                raise PlanError(f"config.json: num_attention_heads ({heads}) is not a multiple of "
+                                f"num_key_value_heads ({config['num_key_value_heads']})")
             return cls(model_type=kind, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
                        intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
                        num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
@@ -338,7 +350,8 @@ def logits_bytes(arch: Architecture, batch: int, seq: int, response: int, c: int
         # gradient summed in fp32 (in bf16: plus one chunk's product and the final cast).
         accumulators = 2 * c * bt * h + (4 if c == 4 else 4 + 2 * c) * v * h
         return accumulators + HEAD_CHUNK_TEMPORARIES[c] * chunk
-    return c * batch * (response + 1) * v + 12 * bt * v + LOGITS_CHUNK_TEMPORARIES[c] * chunk
+    # The window (up to L wide when prompts differ in length) and the response columns gathered from it.
+    return c * batch * seq * v + c * bt * v + 12 * bt * v + LOGITS_CHUNK_TEMPORARIES[c] * chunk
 
 
 def forward_logits_bytes(arch: Architecture, batch: int, seq: int, response: int, c: int,
@@ -349,7 +362,7 @@ def forward_logits_bytes(arch: Architecture, batch: int, seq: int, response: int
     v, bt = arch.vocab_size, batch * response
     if chunked:
         return 12 * min(bt, LOSS_CHUNK_TOKENS) * v
-    return c * batch * (response + 1) * v + (12 if c < 4 else 8) * min(bt, LOSS_CHUNK_TOKENS) * v
+    return c * batch * seq * v + c * bt * v + (12 if c < 4 else 8) * min(bt, LOSS_CHUNK_TOKENS) * v
 
 
 def trained_state(params: int, shards: int, mixed: bool) -> Footprint:
@@ -418,7 +431,8 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
         trained = name != "reference"
         state = trained_state(params, shards, mixed) if trained else \
             Footprint(parameters=4 * math.ceil(params / shards))
-        offloaded = options.cpu_offload or (not trained and options.reference_offload)
+        # Offloading moves state from a GPU to the host; a CPU learner ignores both settings.
+        offloaded = mixed and (options.cpu_offload or (not trained and options.reference_offload))
         host += state.total if offloaded else 0
         # The reference reshards after its forward under every sharding (no backward follows
         # that would): only the trained models keep their compute copy gathered.
@@ -448,10 +462,10 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
     for fp in resident.values():
         peak = peak + fp
     # AdamW's foreach step needs one more fp32 buffer the size of the shard (sqrt of the second moment).
-    step = 0 if options.cpu_offload else sum(fp.total for fp in resident.values()) + 4 * max(
+    step = 0 if options.cpu_offload and mixed else sum(fp.total for fp in resident.values()) + 4 * max(
         math.ceil(params / shards) for name, (params, _) in models.items() if name != "reference")
     tensors = max(peak.total, forward_resident + forward_active, step)
-    overhead = FIXED_OVERHEAD_BYTES + int(FRAGMENTATION * tensors)
+    overhead = (FIXED_OVERHEAD_BYTES if mixed else 0) + int(FRAGMENTATION * tensors)  # no CUDA context on CPU
     return MemoryPlan(resident=resident, active=active, peak_model=peak_model, peak=peak,
                       forward_bytes=forward_resident + forward_active + overhead, overhead_bytes=overhead,
                       total_bytes=tensors + overhead,

@@ -218,7 +218,8 @@ def render(report: dict) -> str:
     peak = report["peak_model"]
     lines += [f"  {'overhead':<28}{'':>{11 * (len(columns) - 1)}}{_gib(report['overhead_bytes'], unit):>11}",
               f"  (columns: each model while it computes; peak: while the {peak} trains, the others resident; "
-              f"overhead: {FIXED_OVERHEAD_BYTES / GIB:g} GiB context + {FRAGMENTATION:.0%} fragmentation)",
+              f"overhead: {f'{FIXED_OVERHEAD_BYTES / GIB:g} GiB context + ' if learner['device'] == 'gpu' else ''}"
+              f"{FRAGMENTATION:.0%} fragmentation)",
               f"forward pass (old/ref log-probs, values): {_gib(report['forward_pass_bytes'])} GiB incl. overhead"]
     if report["host_bytes_per_rank"]:
         lines.append(f"host memory for offloaded state: {_gib(report['host_bytes_per_rank'])} GiB per rank")

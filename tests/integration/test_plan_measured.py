@@ -72,7 +72,9 @@ class LiveBytes(TorchDispatchMode):
         self.refs.pop(ptr, None)
 
 
-def build(config: dict, batch: int, prompt: int, response: int):
+def build(config: dict, batch: int, prompt: int, response: int, uneven: bool = False):
+    """``uneven``: the first row's prompt is one token (its response follows it), which makes
+    the logits window of a micro-batch as wide as it gets, L, as the planner assumes."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -83,8 +85,12 @@ def build(config: dict, batch: int, prompt: int, response: int):
     response_mask = torch.ones(batch, response)
     attention[1, prompt + response // 2:] = 0  # one shorter row: the padding mask is real
     response_mask[1, response // 2:] = 0
+    prompt_lengths = torch.full((batch,), prompt)
+    if uneven:
+        attention[0, 1 + response:] = 0
+        prompt_lengths[0] = 1
     rollouts = RolloutBatch(input_ids=torch.randint(4, config["vocab_size"], (batch, seq)),
-                            attention_mask=attention, prompt_lengths=torch.full((batch,), prompt),
+                            attention_mask=attention, prompt_lengths=prompt_lengths,
                             response_mask=response_mask, rollout_logprobs=torch.zeros(batch, response))
     shape = LearnerShape(world_size=1, micro_batch_size=batch, seq_len=seq, response_len=response,
                          mixed_precision=False, critic=False, reference=False)
@@ -156,7 +162,7 @@ def test_state_bytes_match_and_activations_are_within_ten_percent(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_peak_of_a_training_step_is_within_ten_percent(name, checkpointing, chunked):
     config, sizes = CASES[name]
-    model, arch, rollouts, shape = build(config, **sizes)
+    model, arch, rollouts, shape = build(config, **sizes, uneven=not chunked)
     if checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -184,7 +190,7 @@ def test_bf16_activations_and_logits_are_within_ten_percent(name, chunked):
     """The GPU's compute dtype (bf16 here without FSDP's fp32 master copy): activations and the
     logits working set, whose formulas depend on it, against the measured peak of two micro-batches."""
     config, sizes = CASES[name]
-    model, arch, rollouts, shape = build(config, **sizes)
+    model, arch, rollouts, shape = build(config, **sizes, uneven=not chunked)
     model = model.to(torch.bfloat16)
     tracker = LiveBytes([*model.parameters(), *model.buffers()])
     with tracker:

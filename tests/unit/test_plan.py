@@ -129,11 +129,12 @@ def test_logits_formula_by_hand():
     # In fp32 the gradient accumulates in place; one small chunk: all 32 response tokens.
     assert logits_bytes(qwen_05b(), 1, 64, 32, 4) == 2 * 4 * 32 * h + 4 * v * h + 12 * 32 * v
     assert forward_logits_bytes(qwen_05b(), 1, 64, 32, 2) == 12 * 32 * v
-    # The model's own lm_head: the window's logits, 12 kept fp32 bytes, one chunk of 1024.
+    # The model's own lm_head: the window's logits (as wide as the sequence when prompts differ
+    # in length), the response columns gathered from it, 12 kept fp32 bytes, one chunk of 1024.
     assert logits_bytes(qwen_05b(), 16, 1024, 512, 2, chunked=False) == \
-        2 * 16 * 513 * v + 12 * 16 * 512 * v + 18 * 1024 * v
-    assert logits_bytes(qwen_05b(), 1, 64, 32, 4, chunked=False) == 4 * 33 * v + 12 * 32 * v + 16 * 32 * v
-    assert forward_logits_bytes(qwen_05b(), 1, 64, 32, 2, chunked=False) == 2 * 33 * v + 12 * 32 * v
+        2 * 16 * 1024 * v + 2 * 16 * 512 * v + 12 * 16 * 512 * v + 18 * 1024 * v
+    assert logits_bytes(qwen_05b(), 1, 64, 32, 4, chunked=False) == 4 * 64 * v + 4 * 32 * v + 12 * 32 * v + 16 * 32 * v
+    assert forward_logits_bytes(qwen_05b(), 1, 64, 32, 2, chunked=False) == 2 * 64 * v + 2 * 32 * v + 12 * 32 * v
     # The point of the chunked head: a fifth of the memory at this size.
     assert logits_bytes(qwen_05b(), 16, 1024, 512, 2) < logits_bytes(qwen_05b(), 16, 1024, 512, 2, chunked=False) / 5
 
@@ -360,3 +361,31 @@ def test_the_readme_fit_table_is_what_the_planner_prints():
         assert if_not == ("" if alternative is None else f"`{alternative.split(':')[0]}`:{alternative.split(':')[1]} GiB")
         total, _, alternative = plan(model, ranks.split()[0], chunked=False)
         assert unchunked == total + ("" if alternative is None else f" ({alternative.split(': ')[1]})"), (model, ranks)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+    ({"hidden_size": "64"}, "hidden_size must be a positive integer"),
+    ({"num_hidden_layers": -2}, "num_hidden_layers must be a positive integer"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
+])
+def test_a_malformed_config_json_is_named_not_planned(change, message):
+    # A ZeroDivisionError, a TypeError, or a "FITS" verdict for -0.1M parameters.
+    config = {"model_type": "llama", "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 352,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **change}
+    with pytest.raises(PlanError, match=message):
+        Architecture.from_hf_config(config)
+    with pytest.raises(PlanError, match="holds a list, not a JSON object"):
+        Architecture.from_hf_config([config])
+
+
+def test_offloading_saves_nothing_on_a_cpu_learner_and_is_not_advised():
+    # The learner ignores both offload settings on CPU; the plan counted them as savings.
+    shape = LearnerShape(world_size=1, micro_batch_size=4, seq_len=2048, response_len=1024,
+                         mixed_precision=False, critic=True, reference=True)
+    plain = plan_memory(qwen_05b(), shape, MemoryOptions())
+    for offload in ({"cpu_offload": True}, {"reference_offload": True}):
+        assert plan_memory(qwen_05b(), shape, MemoryOptions(**offload)).total_bytes == plain.total_bytes
+    tight = MemoryOptions(gpu_memory_gib=plain.total_bytes / GIB / 2)
+    assert not {"cpu_offload", "reference_offload"} & {k for remedy, _ in advise(qwen_05b(), shape, tight)
+                                                         for k in remedy.change}
