@@ -101,7 +101,7 @@ class Collector:
         scores: list[torch.Tensor] = []
         raw: list[torch.Tensor] = []
         penalties: list[torch.Tensor] = []  # what reward shaping added to each generated sample
-        filtered, rounds, issued, failures, dropped, failed_kept = 0, 0, 0, 0, 0, 0
+        filtered, rounds, issued, failures, dropped, failed_kept, truncated = 0, 0, 0, 0, 0, 0, 0
         while True:
             with _timed(timings, "generate"):
                 prompts = self.sampler.next_batch(want - len(rollouts) // per)
@@ -113,8 +113,9 @@ class Collector:
                 check_complete(new, range(issued, issued + len(prompts)), per, step)
                 issued += len(prompts)
             with _timed(timings, "score"):
-                new_scores, failed = self.score(new, step)
+                new_scores, failed, cut = self.score(new, step)
                 failures += int(failed.sum())
+                truncated += cut
             if self.cfg.reward.on_failure == "drop" and failed.any():
                 # A failed sample has no score, and any number put in its place is a reward
                 # (0 beats a wrong answer's -1): its whole group goes, as a filtered one does.
@@ -150,6 +151,8 @@ class Collector:
                    # Failed samples left in the batch (reward.on_failure=zero), scored 0.
                    "reward/failed_in_batch": float(failed_kept),
                    "reward/dropped_groups": float(dropped),
+                   # Texts the reward model saw only the end of (they filled reward.model.max_length).
+                   "reward/model_truncated": float(truncated),
                    # DAPO's overlong penalty, averaged over every generated sample (0 when off).
                    "reward/overlong_penalty_mean": float(torch.cat(penalties).mean()) if len(all_raw) else 0.0,
                    "rollout/filtered_groups": float(filtered),
@@ -160,8 +163,9 @@ class Collector:
         return Batch(step=step, rollouts=rollouts, scores=scores_t, metrics=metrics, sampler_before=sampler_before,
                      reward_norm_before=norm_before, finished_at=time.perf_counter())
 
-    def score(self, rollouts: list[Rollout], step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards of the rollouts and which failed (bool ``[B]``): with ``reward.on_failure``
+    def score(self, rollouts: list[Rollout], step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Rewards of the rollouts, which failed (bool ``[B]``), and how many texts the reward
+        model saw only the end of: with ``reward.on_failure``
         ``error`` a failure stops the run, else it scores 0 here (``drop`` then drops its group)
         and is logged with its reasons (the metric only counts them)."""
         requests = [ScoreRequest(prompt=r.prompt_text, response=r.response_text, answer=r.answer,
@@ -184,7 +188,7 @@ class Collector:
                         "; ".join(f"{n} x {why}" for why, n in common)
                         + (f"; and {len(reasons) - 3} other reason(s)" if len(reasons) > 3 else ""))
         return (torch.tensor([0.0 if s.failed else s.reward for s in results]),
-                torch.tensor([s.failed for s in results], dtype=torch.bool))
+                torch.tensor([s.failed for s in results], dtype=torch.bool), sum(s.truncated for s in results))
 
     def shape(self, scores: torch.Tensor, rollouts: list[Rollout]) -> torch.Tensor:
         """DAPO's soft overlong penalty, when configured."""

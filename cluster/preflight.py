@@ -44,13 +44,18 @@ def check_reward_config(cfg: Config, train_prompts: list, train_path: str) -> No
                         "reward.on_failure=zero their samples score 0", train_path, spec.name, len(unscorable),
                         unscorable[0])
     if cfg.reward.model is not None:
-        check_reward_model(cfg.reward.model.path, cfg.reward.model.max_length)
+        positions = check_reward_model(cfg.reward.model.path, cfg.reward.model.max_length)
+        limit = cfg.reward.model.max_length or positions
+        if limit is not None and limit < cfg.model.max_model_len:
+            log.warning("reward.model: texts over %d tokens (of the reward model's tokenizer) are cut to their last %d, "
+                        "so a long response's prompt is lost first; model.max_model_len=%d allows longer ones "
+                        "(reward/model_truncated counts them)", limit, limit, cfg.model.max_model_len)
 
 
-def check_reward_model(path: str, max_length: int | None = None) -> None:
+def check_reward_model(path: str, max_length: int | None = None) -> int | None:
     """A local sequence-classification model with one label, by its config.json. A causal LM
     loads as one with a freshly initialised (random) score head, and with a one-label config
-    such a run went to the end scoring noise."""
+    such a run went to the end scoring noise. Returns its positions (None when unstated)."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"reward.model.path {path!r} is not a model directory (no config.json): give a local "
@@ -74,6 +79,7 @@ def check_reward_model(path: str, max_length: int | None = None) -> None:
         # Also refused by the worker at start-up, with the tokenizer's limit too; here before Ray starts.
         raise ConfigError(f"reward.model.max_length={max_length} exceeds the {positions} positions of the reward "
                           f"model at {path!r}: lower it, or leave it unset to use the model's context")
+    return positions if isinstance(positions, int) else None
 
 
 def check_eval_judge(cfg: Config, eval_prompts: list, eval_path: str | None) -> None:

@@ -145,13 +145,21 @@ class RewardModelScorer:
               messages: Sequence[Sequence[ChatMessage] | None] | None = None) -> list[float]:
         """The reward model's logit for each response, in batches of ``batch_size``
         (`texts` says what text is scored)."""
+        return [value for value, _ in self.score_and_fill(prompts, responses, messages)]
+
+    def score_and_fill(self, prompts: Sequence[str], responses: Sequence[str],
+                       messages: Sequence[Sequence[ChatMessage] | None] | None = None) -> list[tuple[float, bool]]:
+        """``score``'s logits, each with whether its text filled ``max_length``: cut to its last
+        tokens, it may have lost its prompt (a response as long as the context loses all of it)."""
         texts = self.texts(prompts, responses, messages)
-        scores: list[float] = []
+        scores: list[tuple[float, bool]] = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 batch = encode(self.tokenizer, texts[start : start + self.batch_size], self.max_length)
+                filled = (batch["attention_mask"].sum(dim=1) >= self.max_length).tolist() \
+                    if self.max_length is not None else [False] * len(batch["input_ids"])
                 logits = self.model(**batch.to(self.device)).logits  # [B, 1]
-                scores.extend(logits[:, 0].float().tolist())
+                scores.extend(zip(logits[:, 0].float().tolist(), filled))
         return scores
 
     def texts(self, prompts: Sequence[str], responses: Sequence[str],

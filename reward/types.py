@@ -42,6 +42,9 @@ class ScoreResult:
     error: str | None = None
     """Why the sample could not be scored (a scorer raised, timed out, or returned a
     non-finite value); ``None`` on success. The controller decides what a failure costs."""
+    truncated: bool = False
+    """The reward model scored only the end of the text: it filled ``reward.model.max_length``
+    (counted in ``reward/model_truncated``)."""
 
     @property
     def failed(self) -> bool:

@@ -197,6 +197,7 @@ class RewardWorker:
                 continue
             components: list[float] = []
             error: str | None = None
+            truncated = False
             for index, spec in enumerate(self._specs):
                 if error is not None:  # the sample has failed; spare the remaining calls
                     components.append(math.nan)
@@ -204,7 +205,7 @@ class RewardWorker:
                 value, error = self._call(index, request)
                 components.append(value)
             if self._model is not None:
-                value, model_error = model_scores[i]
+                value, model_error, truncated = model_scores[i]
                 components.append(value)
                 if error is None:
                     error = model_error or (None if math.isfinite(value) else f"reward model returned {value}")
@@ -221,11 +222,12 @@ class RewardWorker:
             else:
                 reward = math.nan
                 self._failures += 1
-            results.append(ScoreResult(reward=reward, components=tuple(components), error=error))
+            results.append(ScoreResult(reward=reward, components=tuple(components), error=error, truncated=truncated))
         return results
 
-    def _score_with_model(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, str | None]]:
-        """The reward model's ``(value, None)`` per request, or ``(nan, why)`` where it failed.
+    def _score_with_model(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, str | None, bool]]:
+        """The reward model's ``(value, None, truncated)`` per request, or ``(nan, why, False)``
+        where it failed (``truncated``: its text filled the model's ``max_length``).
 
         In forward batches of ``batch_size``; a batch that raises is run again one text at a
         time, so a text the model cannot take (a token its checkpoint lacks, memory run out on
@@ -234,7 +236,7 @@ class RewardWorker:
         if self._model is None:
             return []
         size = self._model.batch_size
-        scores: list[tuple[float, str | None]] = []
+        scores: list[tuple[float, str | None, bool]] = []
         for start in range(0, len(requests), size):
             batch = requests[start : start + size]
             outcome = self._forward(batch)
@@ -243,15 +245,16 @@ class RewardWorker:
             scores.extend(outcome)
         return scores
 
-    def _forward(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, str | None]]:
-        """One forward batch: each request's ``(value, None)``, or ``(nan, why)`` for all if it raised."""
+    def _forward(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, str | None, bool]]:
+        """One forward batch: each request's ``(value, None, truncated)``, or ``(nan, why, False)``
+        for all if it raised."""
         try:
-            values = self._model.score([r.prompt for r in requests], [r.response for r in requests],
-                                       [r.messages for r in requests])
+            values = self._model.score_and_fill([r.prompt for r in requests], [r.response for r in requests],
+                                                [r.messages for r in requests])
         except Exception as err:  # noqa: BLE001 - one bad batch must not take the actor down
             error = f"reward model {self._model.path!r} failed: {type(err).__name__}: {err}"
-            return [(math.nan, error)] * len(requests)
-        return [(value, None) for value in values]
+            return [(math.nan, error, False)] * len(requests)
+        return [(value, None, filled) for value, filled in values]
 
     def _call(self, index: int, request: ScoreRequest) -> tuple[float, str | None]:
         """Run one rule function with the timeout; return (value, None) or (nan, why not)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -117,6 +118,18 @@ def test_the_normaliser_counts_only_a_batch_the_learner_trains_on():
     batch = small.collect(step=1)
     assert len(batch.rollouts) == 2 and batch.metrics["reward/dropped_groups"] == 3
     assert small.reward_norm.state_dict()["count"] == 0
+
+
+def test_texts_the_reward_model_saw_only_the_end_of_are_counted():
+    class Truncating(StandInReward):
+        def score(self, requests):
+            return [dataclasses.replace(r, truncated=True) if q.response == "long" else r
+                    for q, r in zip(requests, super().score(requests))]
+
+    cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=2"])
+    dataset = [Prompt(index=i, text=f"{i}+0=", answer="ok") for i in range(8)]
+    batch = Collector(cfg, PromptSampler(dataset, seed=0), StandInRollout(["ok", "long"], set()), Truncating()).collect(step=1)
+    assert batch.metrics["reward/model_truncated"] == 4
 
 
 def test_a_chat_prompts_turns_reach_the_reward_workers():

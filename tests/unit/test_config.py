@@ -1,6 +1,7 @@
 """The config tree: YAML + overrides, and failing fast with the key named."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -189,7 +190,7 @@ def test_weight_transport_is_checked_and_auto_picks_by_cluster_shape():
     assert weight_transport("shared_memory", nodes=3, autoscale=True) == "shared_memory"
 
 
-def test_reward_settings_are_checked_before_any_worker_starts(tmp_path):
+def test_reward_settings_are_checked_before_any_worker_starts(tmp_path, caplog):
     from actors.types import Prompt
     from cluster.preflight import check_reward_config
 
@@ -219,6 +220,9 @@ def test_reward_settings_are_checked_before_any_worker_starts(tmp_path):
                                                              "max_position_embeddings": 512}))
     check(rm)
     check(f"reward.model={{path: {tmp_path / 'rm'}, max_length: 512}}")
+    with caplog.at_level(logging.WARNING, logger="rlrelay"):  # texts the policy may write that it cannot see whole
+        check(rm, "model.max_model_len=1024")
+    assert "reward.model: texts over 512 tokens (of the reward model's tokenizer) are cut to their last 512" in caplog.text
     with pytest.raises(ConfigError, match=r"reward.model.max_length=600 exceeds the 512 positions"):
         check(f"reward.model={{path: {tmp_path / 'rm'}, max_length: 600}}")
     with pytest.raises(ConfigError, match="every weight is 0"):

@@ -87,6 +87,15 @@ def test_an_over_long_sample_does_not_fail_its_chunk(tmp_path):
     assert [r.components[1] for r in results] == pytest.approx(expected, abs=1e-5)
 
 
+def test_a_text_cut_to_the_models_context_is_flagged_and_counted(tmp_path):
+    # Cut from the left, an over-long text loses its prompt first: the score of a response as
+    # long as the context is the same for every prompt, and nothing said so.
+    worker = RewardWorker([RewardFunctionSpec(name="exact_match")], RewardModelSpec(path=save_gpt2(tmp_path)),
+                          isolation="thread")
+    results = worker.score(requests("2", "2" * 40))
+    assert [r.truncated for r in results] == [False, True]
+
+
 def test_a_sample_the_model_cannot_take_fails_alone_with_its_own_error(tmp_path):
     path = save_gpt2(tmp_path, vocab_size=19)  # digits and "+=-? " have rows, letters do not
     worker = RewardWorker([RewardFunctionSpec(name="exact_match")], RewardModelSpec(path=path, batch_size=4),
