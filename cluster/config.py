@@ -387,6 +387,10 @@ class Config:
             raise ConfigError(f"reward.on_failure: {self.reward.on_failure!r} is not one of error, zero, drop")
         if self.reward.isolation not in ISOLATIONS:
             raise ConfigError(f"reward.isolation: {self.reward.isolation!r} is not one of {', '.join(ISOLATIONS)}")
+        name = self.run.name
+        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            # It names the run directory (runs/<name>) and the job's registry entry: one path part.
+            raise ConfigError(f"run.name {name!r} must be one non-empty path component (no '/', not '.' or '..')")
         if self.run.wandb_mode not in ("auto", "online", "offline", "disabled"):
             raise ConfigError(f"run.wandb_mode: {self.run.wandb_mode!r} is not one of auto, online, offline, disabled")
         if self.algorithm.overlong_buffer > r.max_new_tokens:

@@ -297,3 +297,10 @@ def test_reward_workers_have_their_own_start_and_health_timeouts():
     assert (cfg.reward.start_timeout_s, cfg.reward.health_timeout_s, cfg.reward.health_interval_s) == (1800, 60, 10)
     with pytest.raises(ConfigError, match="reward.start_timeout_s"):
         load_config(DEMO, ["reward.start_timeout_s=0"])
+
+
+@pytest.mark.parametrize("name", ["", "  ", "..", "a/b", "../elsewhere"])
+def test_a_run_name_that_is_not_one_path_component_is_refused(name):
+    # It became the run directory runs/<name>: '' wrote into runs/ itself, '../x' outside it.
+    with pytest.raises(ConfigError, match="run.name .* must be one non-empty path component"):
+        load_config(DEMO, [f"run.name='{name}'"])
