@@ -15,6 +15,9 @@ from actors.types import ChatMessage, Prompt
 
 log = logging.getLogger("rlrelay")
 
+DATA_FIELDS = frozenset({"prompt", "answer"})
+"""The fields of a dataset line that are read."""
+
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -32,6 +35,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise DataError(f"dataset file {str(path)!r} does not exist")
     prompts: list[Prompt] = []
+    unread: dict[str, int] = {}  # fields other than prompt and answer: the first line holding each
     with path.open("rb") as f:  # decoded per line, so that bad bytes are reported with their line
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -53,8 +57,14 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             except ValueError as e:
                 raise DataError(f"{where}: {e}") from None
             prompts.append(_parse(obj, len(prompts), lineno, where))
+            for key in obj.keys() - DATA_FIELDS:
+                unread.setdefault(key, lineno)
     if not prompts:
         raise DataError(f"dataset file {str(path)!r} holds no prompts")
+    if unread:  # metadata, usually; a misspelt "answr" would otherwise leave every answer None
+        log.warning("dataset file %s: field(s) %s are not read (only %s are)", path,
+                    ", ".join(f"{k!r} (line {n})" for k, n in sorted(unread.items(), key=lambda kv: kv[1])[:5])
+                    + (", ..." if len(unread) > 5 else ""), " and ".join(map(repr, sorted(DATA_FIELDS, reverse=True))))
     return prompts
 
 

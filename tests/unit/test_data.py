@@ -1,6 +1,7 @@
 """Dataset loading (errors carry the line number) and the seeded batch order."""
 
 import json
+import logging
 
 import pytest
 
@@ -163,3 +164,14 @@ def test_the_data_fingerprint_tells_another_training_set_apart():
     assert data_fingerprint(base) == data_fingerprint(same) == {"prompts": 4, "sha256": data_fingerprint(base)["sha256"]}
     assert data_fingerprint(base[::-1]) != data_fingerprint(base)  # another order
     assert data_fingerprint(base[:3] + [Prompt(index=3, text="3+1=", answer="5")]) != data_fingerprint(base)
+
+
+def test_fields_that_are_not_read_are_named_once(tmp_path, caplog):
+    # A misspelt "answr" left every answer None with no word (a user reward then got None).
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "1+1=", "answr": "2"}\n{"prompt": "2+2=", "answr": "4", "id": 7}\n')
+    with caplog.at_level(logging.WARNING, logger="rlrelay"):
+        prompts = load_prompts(path)
+    assert [p.answer for p in prompts] == [None, None]
+    assert f"dataset file {path}: field(s) 'answr' (line 1), 'id' (line 2) are not read (only 'prompt' and " \
+           "'answer' are)" in caplog.text
