@@ -26,7 +26,8 @@ from cluster.config import Config, ConfigError, to_dict
 from cluster.control import JobControl, control_actor_name, register_job
 from cluster.controller import Controller, RunSummary
 from cluster.data import PromptSampler, data_fingerprint, drop_too_long, load_prompts
-from cluster.jobs import job_env_vars, join_cluster
+from cluster.job_spec import job_env_vars
+from cluster.jobs import join_cluster
 from cluster.preflight import check_eval_judge, check_model_dir, check_reward_config, check_writable
 from cluster.security import check_cluster_auth, require_token_auth
 

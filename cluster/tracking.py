@@ -21,7 +21,7 @@ from typing import Any
 import wandb
 
 from actors.types import Rollout
-from cluster.jobs import current_submission_id, job_tag
+from cluster.job_spec import current_submission_id, job_tag
 from cluster.security import redact
 
 PROGRESS_KEYS = (("reward/mean", "reward"), ("eval/accuracy", "eval"), ("kl/value", "kl"),

@@ -241,7 +241,7 @@ def wandb_run_tags(run_dir: Path) -> set[str]:
 def test_a_job_knows_its_submission_id(head):
     """What the tracker reads to tag a run submitted by other means (`ray job submit`, a KubeRay
     RayJob): Ray hands the driver its submission id in its job config."""
-    code = "import os; from cluster.jobs import current_submission_id; print('ID', current_submission_id(os.environ))"
+    code = "import os; from cluster.job_spec import current_submission_id; print('ID', current_submission_id(os.environ))"
     env = {**os.environ, **head.env}
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.address,

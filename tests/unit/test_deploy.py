@@ -244,7 +244,7 @@ def test_ray_job_runtime_env_merges_with_the_drivers(path, monkeypatch):
 
 
 def test_submit_env_of_a_variable_rlrelay_sets_merges_and_holds(monkeypatch):
-    from cluster.jobs import EXCLUDES, job_env
+    from cluster.job_spec import EXCLUDES, job_env
     from cluster.launch import WORKER_ENV
 
     given = {**{name: "from-submit" for name in WORKER_ENV}, "PYTHONPATH": "/shared/lib"}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.jobs import current_submission_id, job_env, job_tag, new_submission_id, resolve_address, train_entrypoint
+from cluster.job_spec import current_submission_id, job_env, job_tag, new_submission_id, train_entrypoint
+from cluster.jobs import resolve_address
 from cluster import security
 from cluster.security import (InsecureClusterError, address_host, check_cluster_auth, client_auth_env, is_loopback,
                               is_secret_name, leaked_secrets, redact, require_token_auth, token_source)
