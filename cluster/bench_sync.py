@@ -51,7 +51,8 @@ def run(args) -> dict:
     import ray
 
     from cluster.launch import init_ray
-    from cluster.pools import LearnerGroup, RolloutPool, alive_nodes, weight_transport
+    from cluster.learner_group import LearnerGroup
+    from cluster.pools import RolloutPool, alive_nodes, weight_transport
 
     shape = shape_from_args(args)
     w = args.workers
@@ -190,7 +191,7 @@ def _production_push(ray, learner, pool, version: int, transport: str) -> dict:
 
 
 def _instrumented_push(ray, learner, workers: list, version: int, bucket_bytes: int, transport: str) -> dict:
-    from cluster.pools import wait
+    from cluster.learner_group import wait
 
     parts = wait([r.__ray_call__.remote(timed_export, version, bucket_bytes, transport) for r in learner.ranks], 600,
                  [f"learner rank {i}" for i in range(len(learner.ranks))])

@@ -40,7 +40,8 @@ from cluster.collect import Batch, Collector, group_ids
 from cluster.config import Config
 from cluster.control import JobStatus
 from cluster.data import SamplerState, data_fingerprint
-from cluster.pools import LearnerGroup, alive_nodes, weight_transport
+from cluster.learner_group import LearnerGroup
+from cluster.pools import alive_nodes, weight_transport
 from cluster.tracking import Tracker
 from learner.advantages import masked_mean
 from learner.batch import TrainBatch, collate

@@ -255,7 +255,8 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
     from transformers import AutoConfig, AutoTokenizer
 
     from actors.rollout_worker import encode_prompt
-    from cluster.pools import LearnerGroup, RewardPool, RolloutPool
+    from cluster.learner_group import LearnerGroup
+    from cluster.pools import RewardPool, RolloutPool
     from cluster.tracking import Tracker
 
     resume_from = resolve_resume(resume, checkpoints)  # first: a bad --resume is named at once

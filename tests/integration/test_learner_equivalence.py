@@ -8,7 +8,7 @@ import torch
 
 from actors.types import Rollout
 from cluster.config import Config
-from cluster.pools import LearnerGroup
+from cluster.learner_group import LearnerGroup
 from learner.batch import TrainBatch, collate
 from learner.weight_bucket import iter_tensors
 

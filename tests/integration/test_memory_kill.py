@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster.actor_set import ActorSet, WorkerFailure
-from cluster.pools import wait
+from cluster.learner_group import wait
 
 pytestmark = pytest.mark.integration
 

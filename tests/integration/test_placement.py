@@ -10,7 +10,7 @@ from ray.cluster_utils import Cluster
 from ray.util.placement_group import remove_placement_group
 
 from cluster.actor_set import WorkerFailure
-from cluster.pools import learner_placement
+from cluster.learner_group import learner_placement
 
 pytestmark = pytest.mark.integration
 

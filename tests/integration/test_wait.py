@@ -1,4 +1,4 @@
-"""``pools.wait``: a dead worker is named even when a live peer's error arrives first (a rank
+"""``learner_group.wait``: a dead worker is named even when a live peer's error arrives first (a rank
 whose collective lost its peer fails with a connection error before Ray reports the death),
 and a plain task error names the worker that raised it. A worker whose constructor raises is named
 with the constructor's error, by ``wait`` and by ``ActorSet``, at once and without restarts. A
@@ -14,7 +14,7 @@ import pytest
 from ray.exceptions import OutOfMemoryError
 
 from cluster.actor_set import ActorSet, WorkerFailure
-from cluster.pools import wait
+from cluster.learner_group import wait
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.pools import ranks_by_node
+from cluster.learner_group import ranks_by_node
 
 
 def test_interleaved_bundles_are_ranked_node_by_node_with_bundle_zeros_node_first():
