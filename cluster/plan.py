@@ -234,7 +234,8 @@ def render(report: dict) -> str:
                          f"{'fits' if step['fits'] else 'still too much'}   ({step['cost']})")
     alt = report["alternatives"]
     if alt is not None:
-        what = "with all of these on, also" if alt["with_ladder"] else "or, instead, with the options as they are"
+        what = ("with all of these on, also" if report["advice"] else "with every option already on") \
+            if alt["with_ladder"] else "or, instead, with the options as they are"
         key = "micro_batch_tokens" if learner["micro_batch_tokens"] else "micro_batch_size"
         mb = f"learner.{key}={alt['micro_batch_size']}" if alt["micro_batch_size"] else "no micro-batch"
         ws = (f"learner.world_size={alt['world_size']} "
@@ -243,8 +244,10 @@ def render(report: dict) -> str:
     ro = report["rollout"]
     where = f"{ro['workers']} worker(s) x {ro['gpus_per_worker']:g} GPU" if ro["gpus_per_worker"] else \
         f"{ro['workers']} CPU worker(s)"
-    kv = f"; at rollout.gpu_memory_utilization about {_gib(ro['kv_cache_bytes'])} GiB is left for the KV cache " \
-         f"and activations" if ro["kv_cache_bytes"] is not None else ""
+    kv = "" if ro["kv_cache_bytes"] is None else \
+        f"; at rollout.gpu_memory_utilization about {_gib(ro['kv_cache_bytes'])} GiB is left for the KV cache " \
+        f"and activations" if ro["kv_cache_bytes"] > 0 else \
+        "; THE WEIGHTS DO NOT FIT in rollout.gpu_memory_utilization of the GPU: vLLM will not start"
     lines.append(f"rollout (informational): vLLM weights {_size(ro['weights_bytes_bf16'])} in bf16 per engine, "
                  f"{where}{kv}")
     return "\n".join(lines)

@@ -320,6 +320,16 @@ def test_plan_json_and_a_verdict_that_does_not_fit(capsys):
     assert "micro-batches of up to 65536 tokens" in out and "learner.micro_batch_tokens=" in out
 
 
+def test_plan_says_when_nothing_is_left_to_turn_on_and_when_the_rollout_weights_cannot_fit(capsys):
+    # It printed "with all of these on, also:" after an empty list, and "about -0.50 GiB is left".
+    config = str(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml")
+    assert main(["plan", config, "learner.gpu_memory_gib=0.5", "learner.activation_checkpointing=true",
+                 "learner.sharding=full", "--reference-offload", "--cpu-offload"]) == 0
+    out = capsys.readouterr().out
+    assert "with every option already on: no micro-batch fits" in out
+    assert "THE WEIGHTS DO NOT FIT in rollout.gpu_memory_utilization of the GPU" in out and "about -" not in out
+
+
 def test_plan_names_the_missing_model(capsys):
     config = str(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml")
     assert main(["plan", config, "model.path=/models/unknown-model"]) == 2
