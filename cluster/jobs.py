@@ -211,7 +211,7 @@ def follow(client, submission_id: str, *, timeout: float) -> int:
 
     deadline = time.monotonic() + timeout
     try:
-        bounded(client.get_job_status, submission_id)
+        bounded(client.get_job_status, submission_id, timeout_s=min(API_TIMEOUT_S, max(1.0, timeout)))
     except (RuntimeError, OSError) as e:
         if not is_transient(e):  # an unknown id: the job API's own words
             return _fail(str(e), 1)
@@ -223,7 +223,8 @@ def follow(client, submission_id: str, *, timeout: float) -> int:
 
     try:
         try:
-            asyncio.run(asyncio.wait_for(tail(), timeout=max(1.0, timeout)))
+            # What is left of --timeout after the status request, not all of it again.
+            asyncio.run(asyncio.wait_for(tail(), timeout=max(1.0, deadline - time.monotonic())))
         except (asyncio.TimeoutError, TimeoutError):
             pass  # the deadline decides below
         except Exception as e:  # a dropped log stream must not lose the job's outcome: poll for it

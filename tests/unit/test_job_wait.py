@@ -125,3 +125,29 @@ def test_listing_jobs_names_a_job_api_that_fails(monkeypatch, capsys):
     client.list_jobs = answering(ray_http_error(403, "Forbidden"))
     assert main(["jobs", "--address", "http://127.0.0.1:1"]) == 1
     assert "rlrelay: cannot list the jobs: Request failed with status code 403: Forbidden" in capsys.readouterr().err
+
+
+def test_following_a_job_keeps_to_its_timeout_after_a_slow_status_request(monkeypatch, capsys):
+    # The log tail got the whole --timeout again after a status request that took part of it.
+    import asyncio
+
+    monkeypatch.setattr(jobs, "POLL_S", 0.01)
+    given = []
+
+    def wait_for(coroutine, timeout):
+        coroutine.close()
+        given.append(timeout)
+        raise TimeoutError
+
+    monkeypatch.setattr(asyncio, "wait_for", wait_for)
+    client = Client("RUNNING")
+    slow_status = client.get_job_status
+
+    def get_job_status(submission_id):
+        time.sleep(0.5 if not given else 0)
+        return slow_status(submission_id)
+
+    client.get_job_status = get_job_status
+    client.tail_job_logs = lambda submission_id: None
+    assert jobs.follow(client, "job-1", timeout=3) == jobs.TIMED_OUT
+    assert given and given[0] <= 2.5
