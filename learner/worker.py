@@ -315,7 +315,9 @@ class LearnerRank:
             # The settings in the checkpoint's plain state are replaced by the config's before loading.
             saved_sched, peak = state.schedulers[name], self._peak_lr(name)
             rate = peak * self.schedules[name].factor(saved_sched["last_epoch"])
-            groups = [{**g, "lr": rate, "initial_lr": peak, "weight_decay": self.cfg.weight_decay}
+            # The kernel choice too: fused AdamW where the shards are on a GPU, whatever placement saved them.
+            kernels = {k: opt.param_groups[0][k] for k in ("fused", "foreach") if k in opt.param_groups[0]}
+            groups = [{**g, **kernels, "lr": rate, "initial_lr": peak, "weight_decay": self.cfg.weight_decay}
                       for g in state.param_groups[name]]
             set_state_dict(model, opt, model_state_dict=model_sd,
                            optim_state_dict=join_optimizer_state(opt_tensors, groups))

@@ -164,7 +164,8 @@ def resumed(rank, state):
         warnings.append(warning)
     step = next(iter(rank.policy_opt.state.values()))["step"]
     group = rank.policy_opt.param_groups[0]
-    return {"adam_step": float(step), "weight_decay": [group["weight_decay"], rank.critic_opt.param_groups[0]["weight_decay"]]}
+    return {"adam_step": float(step), "weight_decay": [group["weight_decay"], rank.critic_opt.param_groups[0]["weight_decay"]],
+            "kernels": [group.get("fused"), group.get("foreach")]}
 
 out = {}
 rank = rank_for([], 4)
@@ -191,6 +192,14 @@ for name, st in (("changed", state), ("changed_older_format", older)):
     info.update(rates=train(rank, 1), warnings=list(warnings))
     out[name] = info
     rank.shutdown()
+# The optimizer's kernel choice is the learner's (fused on a GPU without offload), not the saved one.
+warnings.clear()
+rank = rank_for([], 4)
+out["configured_kernels"] = [rank.policy_opt.param_groups[0].get(k) for k in ("fused", "foreach")]
+flagged = dataclasses.replace(state, param_groups={name: [{**g, "fused": True, "foreach": True} for g in groups]
+                                                   for name, groups in state.param_groups.items()})
+out["kernels_after_resume"] = resumed(rank, flagged)["kernels"]
+rank.shutdown()
 print(json.dumps(out))
 """
 
@@ -237,3 +246,9 @@ def test_a_resume_applies_changed_learning_rates_weight_decay_and_schedule_lengt
     older = resumes["changed_older_format"]
     assert older["rates"] == got["rates"] and older["weight_decay"] == [0.1, 0.1]
     assert len(older["warnings"]) == 1 and "predates" in older["warnings"][0], older["warnings"]
+
+
+def test_a_resume_keeps_the_optimizer_kernels_the_learner_chose(resumes):
+    # A checkpoint saved with fused AdamW (a GPU without offload) resumed with offload, or the
+    # reverse, ran the saved kernel choice: optimizer.load_state_dict restores it with the groups.
+    assert resumes["kernels_after_resume"] == resumes["configured_kernels"]
