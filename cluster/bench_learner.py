@@ -174,7 +174,7 @@ def build_model(out_dir: Path, shape: dict, seed: int = 0) -> dict:
 
 
 def architecture(shape: dict):
-    from cluster.memory_model import Architecture
+    from cluster.architecture import Architecture
 
     return Architecture.from_hf_config(shape)
 

@@ -10,7 +10,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from cluster.memory_model import Architecture, LearnerShape, MemoryOptions, MemoryPlan, plan_memory
+from cluster.architecture import Architecture
+from cluster.memory_model import LearnerShape, MemoryOptions, MemoryPlan, plan_memory
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

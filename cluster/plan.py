@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from cluster.argtypes import positive_int, positive_number
 from cluster.memory_advice import advise, largest_micro_batch, smallest_world_size
+from cluster.architecture import Architecture, PlanError
 from cluster.memory_model import (FIXED_OVERHEAD_BYTES, FRAGMENTATION, GIB, ROWS, SAFETY_MARGIN, SHARDING_MODES,
-                                  Architecture, Footprint, LearnerShape, MemoryOptions, PlanError, memory_options,
-                                  plan_memory)
+                                  Footprint, LearnerShape, MemoryOptions, memory_options, plan_memory)
 
 if TYPE_CHECKING:
     from cluster.config import Config
@@ -226,7 +226,7 @@ def render(report: dict) -> str:
     usable = f"{_gib(report['usable_bytes'])} GiB usable ({opts['gpu_memory_gib']:g} GiB less a " \
              f"{SAFETY_MARGIN:.0%} safety margin)"
     verdict = "FITS" if report["fits"] else "DOES NOT FIT"
-    lines.append(f"verdict: {verdict}: {_gib(report['total_bytes'])} GiB planned per GPU, {usable}")
+    lines.append(f"verdict: {verdict}: {_gib(report['total_bytes'])} GiB planned {where}, {usable}")
     if report["advice"]:
         lines.append("to fit, turn on in this order (cheapest first):")
         for i, step in enumerate(report["advice"], 1):

@@ -23,7 +23,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from cluster.memory_model import Architecture, LearnerShape, MemoryOptions, activation_bytes, plan_memory
+from cluster.architecture import Architecture
+from cluster.memory_model import LearnerShape, MemoryOptions, activation_bytes, plan_memory
 from learner.batch import RolloutBatch
 from learner.losses import aggregate, policy_loss
 from learner.models import sequence_logprobs

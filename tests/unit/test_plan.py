@@ -18,9 +18,10 @@ import pytest
 from cluster.cli import main
 from cluster.config import load_config
 from cluster.memory_advice import advise, largest_micro_batch
-from cluster.memory_model import (GIB, LOSS_CHUNK_TOKENS, Architecture, LearnerShape, MemoryOptions, PlanError,
-                                  activation_bytes, forward_logits_bytes, layer_activation_bytes, logits_bytes,
-                                  memory_options, plan_memory, trained_state)
+from cluster.architecture import Architecture, PlanError
+from cluster.memory_model import (GIB, LOSS_CHUNK_TOKENS, LearnerShape, MemoryOptions, activation_bytes,
+                                  forward_logits_bytes, layer_activation_bytes, logits_bytes, memory_options,
+                                  plan_memory, trained_state)
 from cluster.plan import KNOWN_CONFIGS, build_report, resolve_architecture
 
 REPO = Path(__file__).resolve().parents[2]
