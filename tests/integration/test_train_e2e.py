@@ -84,7 +84,7 @@ def test_a_model_path_that_is_no_model_fails_before_ray_starts(tmp_path):
     assert f"config error: model.path '{tmp_path / 'nowhere'}' is not a directory" in missing.stderr
     empty = run_cli(*base, f"model.path={tmp_path}", timeout=120)
     assert empty.returncode == 2
-    assert f"config error: model.path '{tmp_path}': cannot load a tokenizer and config from it" in empty.stderr
+    assert f"config error: model.path '{tmp_path}' has no config.json: not a Hugging Face model directory" in empty.stderr
     assert "Traceback" not in missing.stderr + empty.stderr
 
 
