@@ -23,6 +23,7 @@ Every phase is timed (``timing/*``); every wait on a worker has a timeout (in ``
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -216,7 +217,10 @@ class Controller:
             # An adaptive coefficient steers the KL loss term as it steers the reward penalty.
             metrics.update(self.learner.update(train, self.minibatch_plan(train.size, step), train_policy,
                                                kl_coef=self.kl_ctl.coef))
-        self.kl_ctl.update(adv.metrics.get("kl/value", 0.0), n_steps=train.size)
+        kl = adv.metrics.get("kl/value", 0.0)
+        if not math.isfinite(kl):
+            log.warning("step %d: kl/value is %s; the KL coefficient keeps %g", step, kl, self.kl_ctl.coef)
+        self.kl_ctl.update(kl, n_steps=train.size)
         metrics.update({**adv.metrics, **self.rollout_metrics(rollouts, tensors, fwd), "kl/coef": self.kl_ctl.coef})
         if fwd.values is not None:
             metrics["value/explained_variance"] = explained_variance(fwd.values, adv.returns, mask)

@@ -9,6 +9,8 @@ changed them goes on with the new ones.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -60,7 +62,10 @@ class AdaptiveKLController:
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """``current_kl``: KL to the reference measured on the last batch;
-        ``n_steps``: samples (sequences) in that batch."""
+        ``n_steps``: samples (sequences) in that batch. A non-finite KL (NaN log-probs) leaves
+        the coefficient as it is: folded in, it would stay NaN for the rest of the run."""
+        if not math.isfinite(current_kl):
+            return
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.coef *= min(max(1.0 + error * n_steps / self.horizon, MIN_FACTOR), MAX_FACTOR)
 

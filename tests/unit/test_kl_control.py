@@ -129,3 +129,14 @@ def test_reward_normalisation_refuses_a_non_finite_reward():
     with pytest.raises(ValueError, match="1 non-finite reward"):
         rms.update(torch.tensor([1.0, float("inf")]))
     assert rms.mean == 1.5 and rms.count == 2  # unchanged
+
+
+def test_a_non_finite_kl_leaves_the_adaptive_coefficient_as_it_is():
+    # NaN log-probs gave a NaN kl/value; folded in, the coefficient stayed NaN for good (and
+    # went into every later checkpoint).
+    ctl = AdaptiveKLController(init_coef=0.1, target=0.05, horizon=1000)
+    for kl in (float("nan"), float("inf")):
+        ctl.update(kl, n_steps=64)
+        assert ctl.coef == 0.1
+    ctl.update(0.1, n_steps=64)
+    assert ctl.coef > 0.1
