@@ -242,7 +242,8 @@ class UpdateResult:
     metric_weights: dict[str, float]
     """The weights (token counts) behind each sum."""
     skipped_updates: int
-    """Optimizer steps skipped because the loss or gradient was not finite."""
+    """Optimizer steps skipped because the loss or gradient was not finite, the policy's and the
+    critic's together (logged as ``policy/skipped_updates``)."""
     metric_extremes: dict[str, float] = field(default_factory=dict)
     """Metrics named ``*_max`` / ``*_min`` (the PPO ratio's extremes): the largest / smallest over
     micro-batches, merged across ranks the same way. A token-weighted mean of per-micro-batch
