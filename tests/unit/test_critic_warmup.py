@@ -4,14 +4,9 @@ its learning-rate schedule spans the steps it trains, not the warm-up too."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from probes import run_probe
 
 PROBE = r"""
 import json, sys, torch
@@ -82,10 +77,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def probe(tiny_model_dir, tmp_path_factory) -> dict:
     ckpt = tmp_path_factory.mktemp("warmup") / "learner"
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tiny_model_dir), str(ckpt)], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(PROBE, str(tiny_model_dir), str(ckpt))
 
 
 def test_a_checkpoint_before_the_policys_first_update_does_not_change_its_updates(probe):

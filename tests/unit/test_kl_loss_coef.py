@@ -3,12 +3,8 @@ controller's current value, which the loss ignored (it used the configured start
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from probes import run_probe
 
-REPO = Path(__file__).resolve().parents[2]
 
 # One gloo rank in a fresh process; zero advantages, so the loss is the KL term alone and
 # the gradient norm is proportional to its coefficient (a learning rate of ~0 keeps the
@@ -40,10 +36,7 @@ print(json.dumps(norms))
 
 
 def test_the_kl_loss_term_uses_the_steps_coefficient(tiny_model_dir):
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tiny_model_dir)], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    norms = json.loads(out.stdout.strip().splitlines()[-1])
+    norms = run_probe(PROBE, str(tiny_model_dir))
     assert norms["configured"] > 0
     assert abs(norms["same"] / norms["configured"] - 1) < 1e-3
     assert abs(norms["twenty_times"] / norms["configured"] - 20) < 0.02

@@ -4,14 +4,10 @@ backward follows that would free it), about 2 bytes a parameter on every GPU."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from probes import run_probe
+
 
 # One gloo rank in a fresh process (a process group must not outlive the test).
 PROBE = """
@@ -40,10 +36,7 @@ print(json.dumps({"policy": all(sharded(rank.policy)), "reference": all(sharded(
 
 @pytest.mark.parametrize("sharding,policy_resharded", [("full", True), ("grad_op", False)])
 def test_the_reference_is_resharded_after_its_forward(tiny_model_dir, sharding, policy_resharded):
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tiny_model_dir), sharding], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    state = json.loads(out.stdout.strip().splitlines()[-1])
+    state = run_probe(PROBE, str(tiny_model_dir), sharding)
     # The policy shows the sharding took effect (grad_op keeps its blocks gathered after a
     # forward); the reference is resharded either way.
     assert state == {"policy": policy_resharded, "reference": True}

@@ -13,8 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import subprocess
-import sys
 from pathlib import Path
 from unittest.mock import MagicMock
 
@@ -25,8 +23,8 @@ from cluster.config import load_config
 from cluster.controller import Controller
 from cluster.data import PromptSampler
 from learner.kl_control import AdaptiveKLController, FixedKLController
+from probes import run_probe
 
-REPO = Path(__file__).resolve().parents[2]
 BASE = ["algorithm.advantage_estimator=grpo", "algorithm.kl_place=loss", "algorithm.kl_estimator=k3", "rollout.samples_per_prompt=4"]
 
 
@@ -214,10 +212,7 @@ def cosine(step: int, warmup: int, total: int) -> float:
 @pytest.fixture(scope="module")
 def resumes(tiny_model_dir, tmp_path_factory) -> dict:
     ckpt = tmp_path_factory.mktemp("resume") / "learner"
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tiny_model_dir), str(ckpt)], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(PROBE, str(tiny_model_dir), str(ckpt))
 
 
 @pytest.mark.parametrize("case", ["same", "same_older_format"])

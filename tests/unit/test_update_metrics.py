@@ -3,12 +3,8 @@ token-weighted mean of per-micro-batch extremes (which hides the spike they exis
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from probes import run_probe
 
-REPO = Path(__file__).resolve().parents[2]
 
 # One gloo rank in a fresh process. The old log-probs are the model's own plus noise, so the
 # ratios exp(new - old) are known; a learning rate of ~0 keeps the weights between updates.
@@ -42,10 +38,7 @@ print(json.dumps(out))
 
 
 def test_ratio_extremes_are_taken_over_every_micro_batch(tiny_model_dir):
-    done = subprocess.run([sys.executable, "-c", PROBE, str(tiny_model_dir)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_probe(PROBE, str(tiny_model_dir))
     for key in ("policy/ratio_max", "policy/ratio_min"):
         for sizes in ("[4]", "[1, 3]"):
             assert abs(out[sizes][key] - out["expected"][key]) < 1e-4 * out["expected"][key], (sizes, key, out)
