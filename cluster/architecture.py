@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+DERIVED_SIZES = ("num_key_value_heads", "head_dim")
+"""Sizes a config may leave out or null: they default to the attention heads and hidden / heads."""
 
 
 class PlanError(ValueError):
@@ -50,11 +53,11 @@ class Architecture:
         try:
             heads = config["num_attention_heads"]
             attention_bias = bool(config.get("attention_bias", False))
-            sizes = {key: config.get(key) for key in ("vocab_size", "hidden_size", "intermediate_size",
-                                                       "num_hidden_layers", "num_attention_heads")}
-            sizes.update({key: config[key] for key in ("num_key_value_heads", "head_dim") if config.get(key) is not None})
-            for key, value in sizes.items():
-                if key in config and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            for key in (*REQUIRED_SIZES, *DERIVED_SIZES):
+                value = config.get(key)
+                if key not in config or (value is None and key in DERIVED_SIZES):
+                    continue  # a missing required size is named below; a derived one is derived
+                if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                     raise PlanError(f"config.json: {key} must be a positive integer (got {value!r})")
             if heads % (config.get("num_key_value_heads") or heads):
                 raise PlanError(f"config.json: num_attention_heads ({heads}) is not a multiple of "

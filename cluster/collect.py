@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -179,10 +180,8 @@ class Collector:
                                 f"{s.error} (set reward.on_failure=drop to count such samples and leave their "
                                 f"prompt's group out of the batch instead)")
         if failed:
-            reasons: dict[str, int] = {}
-            for _, s in failed:
-                reasons[s.error] = reasons.get(s.error, 0) + 1
-            common = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+            reasons = Counter(s.error for _, s in failed)
+            common = reasons.most_common(3)
             log.warning("step %d: %d of %d samples could not be scored (reward.on_failure=%s): %s", step,
                         len(failed), len(rollouts), self.cfg.reward.on_failure,
                         "; ".join(f"{n} x {why}" for why, n in common)

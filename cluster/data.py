@@ -35,7 +35,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise DataError(f"dataset file {str(path)!r} does not exist")
     prompts: list[Prompt] = []
-    unread: dict[str, int] = {}  # fields other than prompt and answer: the first line holding each
+    unread: dict[str, int] = {}  # fields other than prompt and answer: the first line holding each, in file order
     with path.open("rb") as f:  # decoded per line, so that bad bytes are reported with their line
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -62,9 +62,9 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not prompts:
         raise DataError(f"dataset file {str(path)!r} holds no prompts")
     if unread:  # metadata, usually; a misspelt "answr" would otherwise leave every answer None
-        log.warning("dataset file %s: field(s) %s are not read (only %s are)", path,
-                    ", ".join(f"{k!r} (line {n})" for k, n in sorted(unread.items(), key=lambda kv: kv[1])[:5])
-                    + (", ..." if len(unread) > 5 else ""), " and ".join(map(repr, sorted(DATA_FIELDS, reverse=True))))
+        named = ", ".join(f"{key!r} (line {line})" for key, line in list(unread.items())[:5])
+        log.warning("dataset file %s: field(s) %s%s are not read (only 'prompt' and 'answer' are)", path, named,
+                    ", ..." if len(unread) > 5 else "")
     return prompts
 
 

@@ -310,6 +310,8 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
     (activations still saved, the root and two blocks gathered, their gradients in flight,
     the logits freed). The larger is the model's active footprint.
     """
+    if not shape.mixed_precision:  # a CPU learner ignores both offload settings: its state is on the host already
+        options = dataclasses.replace(options, cpu_offload=False, reference_offload=False)
     c = 2 if shape.mixed_precision else 4
     mixed, ckpt = shape.mixed_precision, options.activation_checkpointing
     shards = shape.world_size if options.sharding != "none" else 1
@@ -328,8 +330,7 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
         trained = name != "reference"
         state = trained_state(params, shards, mixed) if trained else \
             Footprint(parameters=4 * math.ceil(params / shards))
-        # Offloading moves state from a GPU to the host; a CPU learner ignores both settings.
-        offloaded = mixed and (options.cpu_offload or (not trained and options.reference_offload))
+        offloaded = options.cpu_offload or (not trained and options.reference_offload)
         host += state.total if offloaded else 0
         # The reference reshards after its forward under every sharding (no backward follows
         # that would): only the trained models keep their compute copy gathered.
@@ -359,7 +360,7 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
     for fp in resident.values():
         peak = peak + fp
     # AdamW's foreach step needs one more fp32 buffer the size of the shard (sqrt of the second moment).
-    step = 0 if options.cpu_offload and mixed else sum(fp.total for fp in resident.values()) + 4 * max(
+    step = 0 if options.cpu_offload else sum(fp.total for fp in resident.values()) + 4 * max(
         math.ceil(params / shards) for name, (params, _) in models.items() if name != "reference")
     tensors = max(peak.total, forward_resident + forward_active, step)
     overhead = (FIXED_OVERHEAD_BYTES if mixed else 0) + int(FRAGMENTATION * tensors)  # no CUDA context on CPU

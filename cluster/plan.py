@@ -215,11 +215,11 @@ def render(report: dict) -> str:
     for row in (*ROWS, "total"):
         label = {"optimizer": "optimizer state", "total": "total (tensors)"}.get(row, row)
         lines.append(f"  {label:<28}" + "".join(f"{_gib(per_gpu[c][row], unit):>11}" for c in columns))
+    context = f"{FIXED_OVERHEAD_BYTES / GIB:g} GiB context + " if learner["device"] == "gpu" else ""  # none on CPU
     peak = report["peak_model"]
     lines += [f"  {'overhead':<28}{'':>{11 * (len(columns) - 1)}}{_gib(report['overhead_bytes'], unit):>11}",
               f"  (columns: each model while it computes; peak: while the {peak} trains, the others resident; "
-              f"overhead: {f'{FIXED_OVERHEAD_BYTES / GIB:g} GiB context + ' if learner['device'] == 'gpu' else ''}"
-              f"{FRAGMENTATION:.0%} fragmentation)",
+              f"overhead: {context}{FRAGMENTATION:.0%} fragmentation)",
               f"forward pass (old/ref log-probs, values): {_gib(report['forward_pass_bytes'])} GiB incl. overhead"]
     if report["host_bytes_per_rank"]:
         lines.append(f"host memory for offloaded state: {_gib(report['host_bytes_per_rank'])} GiB per rank")
@@ -234,8 +234,10 @@ def render(report: dict) -> str:
                          f"{'fits' if step['fits'] else 'still too much'}   ({step['cost']})")
     alt = report["alternatives"]
     if alt is not None:
-        what = ("with all of these on, also" if report["advice"] else "with every option already on") \
-            if alt["with_ladder"] else "or, instead, with the options as they are"
+        if not alt["with_ladder"]:
+            what = "or, instead, with the options as they are"
+        else:
+            what = "with all of these on, also" if report["advice"] else "with every option already on"
         key = "micro_batch_tokens" if learner["micro_batch_tokens"] else "micro_batch_size"
         mb = f"learner.{key}={alt['micro_batch_size']}" if alt["micro_batch_size"] else "no micro-batch"
         ws = (f"learner.world_size={alt['world_size']} "
@@ -244,10 +246,13 @@ def render(report: dict) -> str:
     ro = report["rollout"]
     where = f"{ro['workers']} worker(s) x {ro['gpus_per_worker']:g} GPU" if ro["gpus_per_worker"] else \
         f"{ro['workers']} CPU worker(s)"
-    kv = "" if ro["kv_cache_bytes"] is None else \
-        f"; at rollout.gpu_memory_utilization about {_gib(ro['kv_cache_bytes'])} GiB is left for the KV cache " \
-        f"and activations" if ro["kv_cache_bytes"] > 0 else \
-        "; THE WEIGHTS DO NOT FIT in rollout.gpu_memory_utilization of the GPU: vLLM will not start"
+    if ro["kv_cache_bytes"] is None:  # CPU engines
+        kv = ""
+    elif ro["kv_cache_bytes"] > 0:
+        kv = (f"; at rollout.gpu_memory_utilization about {_gib(ro['kv_cache_bytes'])} GiB is left for the KV cache "
+              f"and activations")
+    else:
+        kv = "; THE WEIGHTS DO NOT FIT in rollout.gpu_memory_utilization of the GPU: vLLM will not start"
     lines.append(f"rollout (informational): vLLM weights {_size(ro['weights_bytes_bf16'])} in bf16 per engine, "
                  f"{where}{kv}")
     return "\n".join(lines)

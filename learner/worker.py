@@ -57,8 +57,6 @@ class LearnerRank:
         self.schedules = {name: LRSchedule(kind=learner.lr_schedule, warmup_steps=learner.warmup_steps,
                                            min_lr_ratio=learner.min_lr_ratio, total_updates=max(1, total))
                           for name, total in (("policy", total_updates - warmup_updates), ("critic", total_updates))}
-        self.schedule = self.schedules["policy"]
-        """The policy's, which checkpoints record."""
         self.device = torch.device("cuda" if learner.num_gpus > 0 else "cpu")
         torch.set_num_threads(learner.num_threads)
         self._head_checked = False
@@ -285,7 +283,7 @@ class LearnerRank:
         dcp.save(tensors, storage_writer=JsonMetadataWriter(path))
         cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         return RankState(param_groups=groups, schedulers=schedulers, rng=encode_rng(torch.get_rng_state()),
-                         cuda_rng=None if cuda is None else encode_rng(cuda), schedule=self.schedule,
+                         cuda_rng=None if cuda is None else encode_rng(cuda), schedule=self.schedules["policy"],
                          unstepped=unstepped)
 
     def load_checkpoint(self, path: str, state: RankState) -> str | None:
@@ -346,7 +344,8 @@ class LearnerRank:
     def _lr_settings_changed(self, state: RankState) -> list[str]:
         saved = {name: groups[0]["initial_lr"] for name, groups in state.param_groups.items()}
         peaks = {name: self._peak_lr(name) for name, *_ in self._trained()}
-        return settings_changed(saved, peaks, state.schedule, self.schedule, state.schedulers["policy"]["last_epoch"])
+        return settings_changed(saved, peaks, state.schedule, self.schedules["policy"],
+                                state.schedulers["policy"]["last_epoch"])
 
     def save_pretrained(self, out_dir: str) -> None:
         """Gather the full policy (collective) and write it as a Hugging Face model (rank 0)."""
