@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.argtypes import count, nonnegative_number, positive_int, positive_ints, positive_number
-from cluster.config import WEIGHT_TRANSPORTS
+from cluster.config_pools import WEIGHT_TRANSPORTS
 
 BENCH_ALPHABET = "0123456789+=-? abcdefghijklmnopqrstuvwxyz"
 """Characters of the bench models' char tokenizer (44 tokens with the 4 specials)."""

@@ -15,13 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config_parse import ConfigError, build, check_key, parse_yaml, set_path
+from cluster.config_pools import RewardConfig, RolloutConfig
 from cluster.demo import DemoSettings
 from learner.config import GROUP_ESTIMATORS, AlgorithmConfig, LearnerConfig
-from reward.types import ISOLATIONS
-
-
-SHARED_GPU_MARGIN = 0.05
-"""Of a shared GPU, what the CUDA contexts and non-KV memory of the engines beside one take."""
 
 
 @dataclass(kw_only=True)
@@ -55,6 +51,16 @@ class RunConfig:
     def path(self) -> Path:
         return Path(self.dir) if self.dir else Path("runs") / self.name
 
+    def validate(self) -> None:
+        name = self.name
+        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            # It names the run directory (runs/<name>) and the job's registry entry: one path part.
+            raise ConfigError(f"run.name {name!r} must be one non-empty path component (no '/', not '.' or '..')")
+        if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
+            raise ConfigError(f"run.wandb_mode: {self.wandb_mode!r} is not one of auto, online, offline, disabled")
+        if not 0 <= self.seed < 2**32:  # numpy's and vLLM's seeds are unsigned 32-bit
+            raise ConfigError(f"run.seed must lie in [0, 2**32) (got {self.seed})")
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -81,137 +87,6 @@ class DataConfig:
     """A prompt that leaves fewer than ``rollout.max_new_tokens`` of ``model.max_model_len``:
     ``error`` stops before anything starts, naming the first such prompt; ``skip`` drops each
     one, counts them, and logs the count (``data/skipped_too_long`` in the W&B config)."""
-
-
-WEIGHT_TRANSPORTS = ("auto", "shared_memory", "object_store")
-
-
-@dataclass(kw_only=True)
-class RolloutConfig:
-    """The rollout pool: vLLM engines as Ray actors."""
-
-    num_workers: int = 1
-    """Rollout workers (one vLLM engine each)."""
-    prompts_per_step: int = 64
-    """Prompts per training step."""
-    samples_per_prompt: int = 8
-    """Samples per prompt (the group size of grpo/rloo)."""
-    max_new_tokens: int = 64
-    """Longest response."""
-    temperature: float = 1.0
-    """Sampling temperature (the learner's log-probs use the same)."""
-    stop: list[str] = field(default_factory=list)
-    """Extra stop strings besides end-of-sequence."""
-    num_cpus: float = 0.5
-    """Ray CPUs reserved per worker."""
-    num_gpus: float = 0.0
-    """Ray GPUs per worker; > 0 runs the CUDA build of vLLM."""
-    num_threads: int = 2
-    """torch threads per CPU engine (fixed before the engine starts)."""
-    kv_cache_gib: float = 0.5
-    """KV-cache size per CPU engine."""
-    gpu_memory_utilization: float = 0.5
-    """Share of the whole GPU one CUDA engine takes (weights, activations, KV cache); below
-    ``num_gpus`` - 0.05 when engines share a GPU (``num_gpus`` < 1)."""
-    timeout_s: float = 300.0
-    """Longest one worker may take for its share of a step before it is treated as hung,
-    killed, replaced, and its prompts re-dispatched."""
-    max_restarts: int = 8
-    """Replacements of dead or hung rollout workers allowed over the whole job."""
-    start_timeout_s: float = 600.0
-    """Longest a worker may take to start (engine load, weights) before it is treated as hung; a
-    replacement waiting for cluster resources may wait longer while other workers serve, but a
-    pool with no worker able to generate for this long stops the run."""
-    health_interval_s: float = 10.0
-    """A worker busy this long gets a health ping (answered concurrently with its work)."""
-    health_timeout_s: float = 30.0
-    """A worker that does not answer a health ping within this is treated as dead."""
-    weight_transport: str = "auto"
-    """How a weight push reaches the workers: ``shared_memory`` (the learner writes it once into
-    shared memory; workers on its host read it in place), ``object_store`` (Ray's object store:
-    any host), or ``auto``: shared memory when the Ray cluster has one node and
-    ``rollout.autoscale`` is off, the object store otherwise (decided at every push)."""
-    autoscale: bool = False
-    """Resize the pool by itself (``cluster/autoscale.py``): grow by one worker while the learner
-    waits on rollouts for more than ``autoscale_high`` of each step, shrink by one while it
-    waits less than ``autoscale_low``, within ``[min_workers, max_workers]``."""
-    min_workers: int = 1
-    """Autoscaling never goes below this many workers."""
-    max_workers: int = 4
-    """Autoscaling never goes above this many workers."""
-    autoscale_high: float = 0.5
-    """Grow when the learner's wait on rollouts is above this share of the step..."""
-    autoscale_low: float = 0.2
-    """...shrink when it is below this share."""
-    autoscale_patience: int = 3
-    """Steps a condition must hold before a change, and steps between two changes."""
-
-
-@dataclass(kw_only=True)
-class RewardFunctionConfig:
-    """One rule/verifier reward function."""
-
-    name: str
-    """Built-in name (``exact_match``, ``keyword_contains``, ...) or ``module:function``."""
-    weight: float = 1.0
-    """Weight in the total reward."""
-
-
-@dataclass(kw_only=True)
-class RewardModelConfig:
-    """A reward model (Hugging Face sequence classification, one logit)."""
-
-    path: str
-    """Local model directory (Hugging Face sequence classification, one logit; checked for a
-    ``config.json`` before Ray starts). ``reward.train.train_reward_model`` trains one."""
-    weight: float = 1.0
-    """Weight in the total reward."""
-    batch_size: int = 32
-    """Sequences per forward pass (a pass that fails is run again one sequence at a time, so
-    only the sequence the model cannot take fails)."""
-    max_length: int | None = None
-    """Tokens of prompt + response the model scores; a longer text loses its start (the
-    response's end, where the score is read, stays). None: the model's own context, from its
-    ``max_position_embeddings`` or its tokenizer's ``model_max_length``; above it is refused."""
-
-
-@dataclass(kw_only=True)
-class RewardConfig:
-    """The reward pool: the total reward is the weighted sum of every function and the model."""
-
-    functions: list[RewardFunctionConfig] = field(
-        default_factory=lambda: [RewardFunctionConfig(name="exact_match")])
-    """Rule/verifier functions with weights."""
-    model: RewardModelConfig | None = None
-    """Optional reward model."""
-    num_workers: int = 1
-    """Reward workers (Ray actors)."""
-    num_cpus: float = 0.25
-    """Ray CPUs per reward worker."""
-    num_gpus: float = 0.0
-    """Ray GPUs per reward worker (for a reward model on GPU)."""
-    num_threads: int = 1
-    """torch threads per reward worker."""
-    timeout_s: float = 30.0
-    """Timeout of one reward-function call. The driver waits for a worker's chunk as long as its
-    calls may take: this plus a child's restart (``process`` isolation) per function and sample."""
-    isolation: str = "process"
-    """Where reward functions run: ``process`` (a child process per worker, killed and restarted
-    when a call overruns, even one holding the GIL) or ``thread`` (saves the pipe round trip, ~17 us
-    a call, `rlrelay bench reward`; an overrunning call is abandoned, and one holding the GIL cannot be timed out)."""
-    max_restarts: int = 8
-    """Replacements of dead or hung reward workers allowed over the whole job."""
-    start_timeout_s: float = 600.0
-    """Longest a reward worker may take to start (a large reward model loading) before it is
-    treated as hung."""
-    health_interval_s: float = 10.0
-    """A reward worker busy this long gets a health ping (answered concurrently with its work)."""
-    health_timeout_s: float = 30.0
-    """A reward worker that does not answer a health ping within this is treated as dead."""
-    on_failure: str = "error"
-    """A sample whose reward failed: ``error`` stops the run naming it; ``drop`` counts it and leaves
-    its prompt's group out of the batch (refilled under dynamic sampling); ``zero`` counts it and
-    scores 0 (not neutral for a reward whose wrong answers score below 0)."""
 
 
 @dataclass(kw_only=True)
@@ -243,6 +118,22 @@ class TrainerConfig:
     after writing a checkpoint."""
     export_final: bool = True
     """Write the final policy as a Hugging Face model directory to ``<run dir>/final_model``."""
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"trainer.steps must be >= 1 (got {self.steps})")
+        if self.async_staleness not in (0, 1):
+            # The pipeline is one batch deep: a k above 1 would run exactly as 1.
+            raise ConfigError(f"trainer.async_staleness must be 0 (synchronous) or 1 (generation overlaps the "
+                              f"update, samples one version stale); got {self.async_staleness}: deeper "
+                              f"pipelines are not implemented")
+        if self.keep_last < 1 or self.save_every < 0 or self.max_skipped_updates < 1:
+            raise ConfigError("trainer.keep_last and trainer.max_skipped_updates must be >= 1, "
+                              "trainer.save_every >= 0")
+        for key, value in (("trainer.eval_every", self.eval_every),
+                           ("trainer.sample_table_every", self.sample_table_every)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0 (got {value})")
 
 
 @dataclass(kw_only=True)
@@ -289,81 +180,26 @@ class Config:
         return next((f.name for f in self.reward.functions if f.name in BUILTINS), "exact_match")
 
     def validate(self) -> None:
-        """Range checks across sections (types were checked while loading)."""
-        self.learner.validate()
-        self.algorithm.validate()
+        """Range checks of each section, then of what spans sections (types were checked
+        while loading)."""
+        for section in (self.learner, self.algorithm, self.rollout, self.reward, self.run, self.trainer):
+            section.validate()
         r = self.rollout
-        for key, value in (("rollout.num_workers", r.num_workers), ("rollout.prompts_per_step", r.prompts_per_step),
-                           ("rollout.samples_per_prompt", r.samples_per_prompt),
-                           ("rollout.max_new_tokens", r.max_new_tokens), ("trainer.steps", self.trainer.steps),
-                           ("reward.num_workers", self.reward.num_workers)):
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1 (got {value})")
-        # A zero would make every call overrun at once, and every worker be replaced as hung.
-        for key, seconds in (("rollout.timeout_s", r.timeout_s), ("rollout.start_timeout_s", r.start_timeout_s),
-                             ("rollout.health_interval_s", r.health_interval_s),
-                             ("rollout.health_timeout_s", r.health_timeout_s), ("reward.timeout_s", self.reward.timeout_s),
-                             ("reward.start_timeout_s", self.reward.start_timeout_s),
-                             ("reward.health_interval_s", self.reward.health_interval_s),
-                             ("reward.health_timeout_s", self.reward.health_timeout_s)):
-            if not seconds > 0:
-                raise ConfigError(f"{key} must be > 0 seconds (got {seconds})")
-        rw = self.reward
-        for key, value in (("rollout.max_restarts", r.max_restarts), ("reward.max_restarts", rw.max_restarts),
-                           ("data.eval_limit", self.data.eval_limit), ("rollout.num_cpus", r.num_cpus),
-                           ("rollout.num_gpus", r.num_gpus), ("reward.num_cpus", rw.num_cpus),
-                           ("reward.num_gpus", rw.num_gpus)):
-            if not value >= 0:  # also NaN
-                raise ConfigError(f"{key} must be >= 0 (got {value})")
-        for key, value in (("rollout.num_gpus", r.num_gpus), ("reward.num_gpus", rw.num_gpus)):
-            if value > 1:  # the engine and the reward model run on one device (no tensor parallelism)
-                raise ConfigError(f"{key} must be <= 1 (got {value}): a worker uses one GPU, and tensor "
-                                  f"parallelism is not supported, so the others would sit idle; a fraction "
-                                  f"shares a GPU, more workers use more GPUs")
+        if not self.data.eval_limit >= 0:
+            raise ConfigError(f"data.eval_limit must be >= 0 (got {self.data.eval_limit})")
         lc = self.learner
         if not (lc.num_cpus > 0 or lc.num_gpus > 0):
             # Ray refuses a placement-group bundle that reserves nothing, after it has started.
             raise ConfigError("learner.num_cpus and learner.num_gpus are both 0: each learner rank's placement "
                               "bundle must reserve some CPU or GPU (set learner.num_cpus > 0)")
-        for key, value in (("rollout.num_threads", r.num_threads), ("reward.num_threads", rw.num_threads),
-                           ("ray.num_cpus", 1 if self.ray.num_cpus is None else self.ray.num_cpus)):
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1 (got {value})")
-        if not r.kv_cache_gib > 0 or not 0 < r.gpu_memory_utilization <= 1:
-            raise ConfigError(f"rollout.kv_cache_gib must be > 0 and rollout.gpu_memory_utilization in (0, 1] "
-                              f"(got {r.kv_cache_gib}, {r.gpu_memory_utilization})")
-        if 0 < r.num_gpus < 1 and r.gpu_memory_utilization > r.num_gpus - SHARED_GPU_MARGIN:
-            # Engines sharing a GPU: vLLM refuses to start unless that share of the whole GPU is
-            # free, and the other engines (and every process's CUDA context) hold the rest.
-            raise ConfigError(f"rollout.gpu_memory_utilization ({r.gpu_memory_utilization}) must stay below "
-                              f"rollout.num_gpus ({r.num_gpus}) - {SHARED_GPU_MARGIN} when engines share a GPU: "
-                              f"each engine asks for that share of the whole GPU")
-        if r.weight_transport not in WEIGHT_TRANSPORTS:
-            raise ConfigError(f"rollout.weight_transport: {r.weight_transport!r} is not one of "
-                              f"{', '.join(WEIGHT_TRANSPORTS)}")
+        if not (1 if self.ray.num_cpus is None else self.ray.num_cpus) >= 1:
+            raise ConfigError(f"ray.num_cpus must be >= 1 (got {self.ray.num_cpus})")
         if self.data.too_long not in ("error", "skip"):
             raise ConfigError(f"data.too_long must be 'error' or 'skip' (got {self.data.too_long!r})")
-        if r.autoscale:
-            if not 1 <= r.min_workers <= r.num_workers <= r.max_workers:
-                raise ConfigError(f"rollout.autoscale needs 1 <= rollout.min_workers ({r.min_workers}) <= "
-                                  f"rollout.num_workers ({r.num_workers}) <= rollout.max_workers ({r.max_workers})")
-            if not 0 <= r.autoscale_low < r.autoscale_high <= 1 or r.autoscale_patience < 1:
-                raise ConfigError(f"rollout.autoscale needs 0 <= autoscale_low ({r.autoscale_low}) < autoscale_high "
-                                  f"({r.autoscale_high}) <= 1 and autoscale_patience >= 1")
-        if self.trainer.async_staleness not in (0, 1):
-            # The pipeline is one batch deep: a k above 1 would run exactly as 1.
-            raise ConfigError(f"trainer.async_staleness must be 0 (synchronous) or 1 (generation overlaps the "
-                              f"update, samples one version stale); got {self.trainer.async_staleness}: deeper "
-                              f"pipelines are not implemented")
         if self.algorithm.uses_critic and self.algorithm.critic_warmup_steps >= self.trainer.steps:
             raise ConfigError(f"algorithm.critic_warmup_steps ({self.algorithm.critic_warmup_steps}) must be below "
                               f"trainer.steps ({self.trainer.steps}): the policy trains only after the critic's "
                               f"warm-up, so it would never train")
-        if self.trainer.keep_last < 1 or self.trainer.save_every < 0 or self.trainer.max_skipped_updates < 1:
-            raise ConfigError("trainer.keep_last and trainer.max_skipped_updates must be >= 1, "
-                              "trainer.save_every >= 0")
-        if r.temperature <= 0:
-            raise ConfigError(f"rollout.temperature must be > 0 for training (got {r.temperature})")
         if r.max_new_tokens >= self.model.max_model_len:
             raise ConfigError(f"rollout.max_new_tokens ({r.max_new_tokens}) must be below model.max_model_len "
                               f"({self.model.max_model_len})")
@@ -383,37 +219,9 @@ class Config:
             raise ConfigError(f"rollout.samples_per_prompt must be >= 2 (got {r.samples_per_prompt}): "
                               f"{' and '.join(comparing)} compare{'' if len(comparing) > 1 else 's'} "
                               f"the samples of a prompt")
-        if self.reward.on_failure not in ("error", "zero", "drop"):
-            raise ConfigError(f"reward.on_failure: {self.reward.on_failure!r} is not one of error, zero, drop")
-        if self.reward.isolation not in ISOLATIONS:
-            raise ConfigError(f"reward.isolation: {self.reward.isolation!r} is not one of {', '.join(ISOLATIONS)}")
-        name = self.run.name
-        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-            # It names the run directory (runs/<name>) and the job's registry entry: one path part.
-            raise ConfigError(f"run.name {name!r} must be one non-empty path component (no '/', not '.' or '..')")
-        if self.run.wandb_mode not in ("auto", "online", "offline", "disabled"):
-            raise ConfigError(f"run.wandb_mode: {self.run.wandb_mode!r} is not one of auto, online, offline, disabled")
         if self.algorithm.overlong_buffer > r.max_new_tokens:
             raise ConfigError(f"algorithm.overlong_buffer ({self.algorithm.overlong_buffer}) exceeds "
                               f"rollout.max_new_tokens ({r.max_new_tokens})")
-        if not self.reward.functions and self.reward.model is None:
-            raise ConfigError("reward: configure at least one of reward.functions and reward.model")
-        weights = [f.weight for f in self.reward.functions] + ([self.reward.model.weight] if self.reward.model else [])
-        if not any(weights):
-            raise ConfigError("reward: every weight is 0, so every sample would score 0 and no step would learn")
-        if self.reward.model is not None and self.reward.model.batch_size < 1:
-            raise ConfigError(f"reward.model.batch_size must be >= 1 (got {self.reward.model.batch_size})")
-        if self.reward.model is not None and self.reward.model.max_length is not None \
-                and self.reward.model.max_length < 1:
-            raise ConfigError(f"reward.model.max_length must be >= 1 or null (got {self.reward.model.max_length})")
-        if not 0 <= self.run.seed < 2**32:  # numpy's and vLLM's seeds are unsigned 32-bit
-            raise ConfigError(f"run.seed must lie in [0, 2**32) (got {self.run.seed})")
-        for key, value in (("trainer.eval_every", self.trainer.eval_every),
-                           ("trainer.sample_table_every", self.trainer.sample_table_every)):
-            if value < 0:
-                raise ConfigError(f"{key} must be >= 0 (got {value})")
-        if any(not s for s in r.stop):  # most often an unset shell variable in a list
-            raise ConfigError(f"rollout.stop holds an empty string ({r.stop!r}): every response would stop at once")
 
 
 # -- loading ---------------------------------------------------------------------------------
