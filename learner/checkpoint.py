@@ -10,7 +10,8 @@ from an untrusted source could run code. Here:
   built on DCP's file-system ones (DCP's public extension point), and the stock pickled
   ``.metadata`` is never written.
 
-``RankState`` is the JSON part of one rank's checkpoint.
+``RankState`` is the JSON part of one rank's checkpoint; ``save_trained`` and ``load_trained``
+move the tensor part (each trained model's weights and optimizer moments) to and from disk.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
                                                    TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from learner.fsdp import init_optimizer_state
 from learner.schedule import LRSchedule
 
 METADATA_FILE = ".metadata.json"
@@ -165,3 +170,74 @@ def encode_rng(state: torch.Tensor) -> str:
 
 def decode_rng(text: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+Trained = tuple[str, nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+"""One model a rank trains: its name (``policy``, ``critic``), module, optimizer and LR scheduler."""
+
+
+def save_trained(path: str, trained: list[Trained]) -> tuple[dict[str, list[dict]], dict[str, dict], list[str]]:
+    """Write this rank's shards of every trained model and its optimizer into the DCP directory
+    ``path`` (collective). Returns the plain part for ``RankState``: param groups and scheduler
+    state per model, and the models whose optimizer had not stepped yet."""
+    tensors, groups, schedulers, unstepped = {}, {}, {}, []
+    for name, model, opt, sched in trained:
+        fresh = not opt.state
+        # On an optimizer that has not stepped yet (the policy during the critic's warm-up,
+        # or after skipped updates only) this takes a zero-lr step to make its state; left
+        # in place, the first real update would be Adam's second (0.74x its size).
+        model_sd, optim_sd = get_state_dict(model, opt)
+        if fresh:
+            opt.state.clear()
+            unstepped.append(name)
+        opt_tensors, groups[name] = split_optimizer_state(optim_sd)
+        tensors.update({f"{name}/{k}": v for k, v in model_sd.items()})
+        tensors.update({f"{name}_optim/{k}": v for k, v in opt_tensors.items()})
+        schedulers[name] = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    dcp.save(tensors, storage_writer=JsonMetadataWriter(path))
+    return groups, schedulers, unstepped
+
+
+def load_trained(path: str, trained: list[Trained], state: RankState, rates: dict[str, tuple[float, float]],
+                 weight_decay: float) -> None:
+    """Load what ``save_trained`` wrote (any rank count FSDP2 can reshard to) into ``trained``.
+
+    The checkpoint supplies the state (weights, moments, step counts); the caller supplies the
+    settings: ``rates[name]`` is the model's (peak, next update's) learning rate. A parameter
+    the checkpoint holds no moments for never had a gradient (Adam keeps no state for it, e.g.
+    an expert no token was routed to): it gets Adam's fresh state, as if never stepped.
+    """
+    targets, structure = {}, {}
+    for name, model, opt, sched in trained:
+        init_optimizer_state(model, opt)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        opt_tensors, _ = split_optimizer_state(optim_sd)
+        targets.update({f"{name}/{k}": v for k, v in model_sd.items()})
+        targets.update({f"{name}_optim/{k}": v for k, v in opt_tensors.items()})
+        structure[name] = (model_sd, opt_tensors)
+    saved = JsonMetadataReader(path).read_metadata().state_dict_metadata
+    missing = [k for k in targets if k not in saved]
+    weights = [k for k in missing if k.split("/", 1)[0] in structure]
+    if weights:
+        raise CheckpointError(f"{path} has no {', '.join(weights[:3])}{' ...' if len(weights) > 3 else ''}: "
+                              f"a checkpoint of another model")
+    for key in missing:  # moments and step of a parameter that never had a gradient
+        targets.pop(key).zero_()
+    dcp.load(targets, storage_reader=JsonMetadataReader(path))
+    for name, model, opt, sched in trained:
+        model_sd, opt_tensors = structure[name]
+        model_sd = {k: targets[f"{name}/{k}"] for k in model_sd}
+        opt_tensors = {k: targets.get(f"{name}_optim/{k}", v) for k, v in opt_tensors.items()}
+        peak, rate = rates[name]
+        # The settings in the checkpoint's plain state are replaced by the caller's before loading,
+        # and the kernel choice too: fused AdamW where the shards are on a GPU, whatever placement saved them.
+        kernels = {k: opt.param_groups[0][k] for k in ("fused", "foreach") if k in opt.param_groups[0]}
+        groups = [{**g, **kernels, "lr": rate, "initial_lr": peak, "weight_decay": weight_decay}
+                  for g in state.param_groups[name]]
+        set_state_dict(model, opt, model_state_dict=model_sd,
+                       optim_state_dict=join_optimizer_state(opt_tensors, groups))
+        if name in state.unstepped:  # its saved state is save_trained's placeholder
+            opt.state.clear()
+        n = len(opt.param_groups)
+        sched.load_state_dict({**state.schedulers[name], "base_lrs": [peak] * n, "_last_lr": [rate] * n,
+                               "lr_lambdas": [None] * n})

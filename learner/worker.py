@@ -17,21 +17,17 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer
 
 from learner.batch import ForwardResult, Minibatch, RolloutBatch, TrainBatch, UpdateResult, merge_extreme
-from learner.checkpoint import (JsonMetadataReader, JsonMetadataWriter, RankState, decode_rng, encode_rng,
-                                join_optimizer_state, split_optimizer_state)
+from learner.checkpoint import RankState, decode_rng, encode_rng, load_trained, save_trained
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.fsdp import (ShardingPlan, cat_rows, init_optimizer_state, micro_batches, release_root,
-                          shard_from_rank0, to_device)
+from learner.fsdp import ShardingPlan, cat_rows, micro_batches, release_root, shard_from_rank0, to_device
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import (critic_skeleton, load_critic, load_policy, policy_skeleton, sequence_logprobs,
                             sequence_values)
@@ -266,21 +262,7 @@ class LearnerRank:
     def save_checkpoint(self, path: str) -> RankState:
         """Write this rank's shards of every model and optimizer into the DCP directory
         ``path`` (collective); returns the plain state that goes to JSON."""
-        tensors, groups, schedulers, unstepped = {}, {}, {}, []
-        for name, model, opt, sched in self._trained():
-            fresh = not opt.state
-            # On an optimizer that has not stepped yet (the policy during the critic's warm-up,
-            # or after skipped updates only) this takes a zero-lr step to make its state; left
-            # in place, the first real update would be Adam's second (0.74x its size).
-            model_sd, optim_sd = get_state_dict(model, opt)
-            if fresh:
-                opt.state.clear()
-                unstepped.append(name)
-            opt_tensors, groups[name] = split_optimizer_state(optim_sd)
-            tensors.update({f"{name}/{k}": v for k, v in model_sd.items()})
-            tensors.update({f"{name}_optim/{k}": v for k, v in opt_tensors.items()})
-            schedulers[name] = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-        dcp.save(tensors, storage_writer=JsonMetadataWriter(path))
+        groups, schedulers, unstepped = save_trained(path, list(self._trained()))
         cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         return RankState(param_groups=groups, schedulers=schedulers, rng=encode_rng(torch.get_rng_state()),
                          cuda_rng=None if cuda is None else encode_rng(cuda), schedule=self.schedules["policy"],
@@ -296,37 +278,14 @@ class LearnerRank:
         bit; when the rate moves by more than 1 %, returns the warning that says from what to what
         and why (every rank computes the same one; the driver logs it, where the user reads).
         """
-        targets, structure = {}, {}
-        for name, model, opt, sched in self._trained():
-            init_optimizer_state(model, opt)
-            model_sd, optim_sd = get_state_dict(model, opt)
-            opt_tensors, _ = split_optimizer_state(optim_sd)
-            targets.update({f"{name}/{k}": v for k, v in model_sd.items()})
-            targets.update({f"{name}_optim/{k}": v for k, v in opt_tensors.items()})
-            structure[name] = (model_sd, opt_tensors)
-        dcp.load(targets, storage_reader=JsonMetadataReader(path))
-        changes = []
-        for name, model, opt, sched in self._trained():
-            model_sd, opt_tensors = structure[name]
-            model_sd = {k: targets[f"{name}/{k}"] for k in model_sd}
-            opt_tensors = {k: targets[f"{name}_optim/{k}"] for k in opt_tensors}
-            # The settings in the checkpoint's plain state are replaced by the config's before loading.
-            saved_sched, peak = state.schedulers[name], self._peak_lr(name)
-            rate = peak * self.schedules[name].factor(saved_sched["last_epoch"])
-            # The kernel choice too: fused AdamW where the shards are on a GPU, whatever placement saved them.
-            kernels = {k: opt.param_groups[0][k] for k in ("fused", "foreach") if k in opt.param_groups[0]}
-            groups = [{**g, **kernels, "lr": rate, "initial_lr": peak, "weight_decay": self.cfg.weight_decay}
-                      for g in state.param_groups[name]]
-            set_state_dict(model, opt, model_state_dict=model_sd,
-                           optim_state_dict=join_optimizer_state(opt_tensors, groups))
-            if name in state.unstepped:  # its saved state is save_checkpoint's placeholder
-                opt.state.clear()
-            n = len(opt.param_groups)
-            sched.load_state_dict({**saved_sched, "base_lrs": [peak] * n, "_last_lr": [rate] * n,
-                                   "lr_lambdas": [None] * n})
+        rates, changes = {}, []
+        for name, *_ in self._trained():
+            peak = self._peak_lr(name)
+            rates[name] = peak, peak * self.schedules[name].factor(state.schedulers[name]["last_epoch"])
             was = state.param_groups[name][0]["lr"]  # the rate the checkpoint's next update would have used
-            if abs(rate - was) > 0.01 * abs(was):
-                changes.append(f"{was:.3g} to {rate:.3g} ({name})")
+            if abs(rates[name][1] - was) > 0.01 * abs(was):
+                changes.append(f"{was:.3g} to {rates[name][1]:.3g} ({name})")
+        load_trained(path, list(self._trained()), state, rates, self.cfg.weight_decay)
         warning = None
         if changes:
             warning = (f"resume at optimizer step {state.schedulers['policy']['last_epoch']}: the next update's "
