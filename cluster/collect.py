@@ -20,7 +20,8 @@ from actors.types import Rollout, SamplingSettings
 from cluster.config import Config
 from cluster.data import PromptSampler, SamplerState
 from cluster.pools import RewardPool, RolloutPool
-from learner.advantages import filter_uniform_groups, overlong_penalty
+from learner.advantages import filter_uniform_groups, masked_mean, overlong_penalty
+from learner.batch import RolloutBatch
 from learner.kl_control import RunningMeanStd
 from reward.types import ScoreRequest
 
@@ -34,6 +35,36 @@ class RewardFailure(RuntimeError):
 def group_ids(rollouts: list[Rollout]) -> torch.Tensor:
     """Which prompt group each sample belongs to: its slot in the step's batch.  # [B]"""
     return torch.tensor([r.slot for r in rollouts])
+
+
+def rollout_metrics(rollouts: list[Rollout], batch: RolloutBatch, old_logprobs: torch.Tensor,
+                    version: int) -> dict[str, float]:
+    """What the step's samples were: lengths, truncation, the policy versions that drew them
+    (the learner holds ``version``), and how far the engine's log-probs are from the learner's."""
+    mask = batch.response_mask
+    gap = (old_logprobs - batch.rollout_logprobs).abs()
+    # For samples of the learner's current version the old log-probs come from the weights
+    # that sampled: any gap is train/inference mismatch (DESIGN: ~1e-6 in fp32 when the
+    # traps are handled). For older samples (asynchronous mode) the gap is mostly how far
+    # the policy has moved since, so it is logged apart and cannot hide a mismatch.
+    current = torch.tensor([r.policy_version == version for r in rollouts])
+    split = {}
+    if current.any():
+        split["rollout/logprob_mismatch"] = float(masked_mean(gap[current], mask[current]))
+    if not current.all():
+        split["rollout/logprob_drift"] = float(masked_mean(gap[~current], mask[~current]))
+    versions = [r.policy_version for r in rollouts]
+    return {
+        **split,
+        "rollout/response_length": float(mask.sum(1).float().mean()),
+        "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+        "rollout/policy_version": float(min(versions)),
+        "rollout/policy_version_max": float(max(versions)),
+        "rollout/samples": float(len(rollouts)),
+        # Versions between the samples and the learner that trains on them (0 when on-policy).
+        "rollout/staleness_max": float(version - min(versions)),
+        "rollout/staleness_mean": version - sum(versions) / len(versions),
+    }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -32,20 +32,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
-import torch
 
-from actors.types import Prompt, Rollout
+from actors.types import Prompt
 from cluster.autoscale import Autoscaler, AutoscaleRule, wait_share
 from cluster.checkpoints import CheckpointManager, DriverState, read_checkpoint, run_signature
-from cluster.collect import Batch, Collector, group_ids
+from cluster.collect import Batch, Collector, group_ids, rollout_metrics
 from cluster.config import Config
 from cluster.control import JobStatus
 from cluster.data import SamplerState, data_fingerprint
 from cluster.learner_group import LearnerGroup
 from cluster.pools import alive_nodes, weight_transport
 from cluster.tracking import Tracker
-from learner.advantages import masked_mean
-from learner.batch import TrainBatch, collate
+from learner.batch import TrainBatch, collate, minibatch_plan
 from learner.estimate import estimate_advantages
 from learner.kl_control import AdaptiveKLController, FixedKLController
 from learner.losses import explained_variance, truncated_importance_weights
@@ -215,13 +213,14 @@ class Controller:
         train_policy = not (cfg.algorithm.uses_critic and step < cfg.algorithm.critic_warmup_steps)
         with self.phase("update"):
             # An adaptive coefficient steers the KL loss term as it steers the reward penalty.
-            metrics.update(self.learner.update(train, self.minibatch_plan(train.size, step), train_policy,
-                                               kl_coef=self.kl_ctl.coef))
+            plan = minibatch_plan(train.size, cfg.learner.world_size, cfg.algorithm.minibatches,
+                                  cfg.algorithm.ppo_epochs, seed=cfg.run.seed * 7919 + step)
+            metrics.update(self.learner.update(train, plan, train_policy, kl_coef=self.kl_ctl.coef))
         kl = adv.metrics.get("kl/value", 0.0)
         if not math.isfinite(kl):
             log.warning("step %d: kl/value is %s; the KL coefficient keeps %g", step, kl, self.kl_ctl.coef)
         self.kl_ctl.update(kl, n_steps=train.size)
-        metrics.update({**adv.metrics, **self.rollout_metrics(rollouts, tensors, fwd), "kl/coef": self.kl_ctl.coef})
+        metrics.update({**adv.metrics, **rollout_metrics(rollouts, tensors, fwd.old_logprobs, self.version), "kl/coef": self.kl_ctl.coef})
         if fwd.values is not None:
             metrics["value/explained_variance"] = explained_variance(fwd.values, adv.returns, mask)
         return metrics, train_policy
@@ -356,18 +355,6 @@ class Controller:
             raise TrainingDiverged(f"{self.consecutive_skips} steps in a row produced a non-finite loss or "
                                    f"gradient (updates skipped); stopped after writing {path}")
 
-    def minibatch_plan(self, size: int, step: int) -> list[torch.Tensor]:
-        """Row indices of every optimizer step: epochs × shuffled minibatches, seeded by the step.
-
-        A batch shrunk by dynamic sampling gets fewer minibatches, so every learner rank
-        still has at least one row of each."""
-        g = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
-        parts = max(1, min(self.cfg.algorithm.minibatches, size // self.cfg.learner.world_size))
-        plan = []
-        for _ in range(self.cfg.algorithm.ppo_epochs):
-            plan.extend(torch.randperm(size, generator=g).tensor_split(parts))
-        return plan
-
     def push_weights(self, version: int) -> dict[str, float]:
         t = time.perf_counter()
         transport = weight_transport(self.cfg.rollout.weight_transport, alive_nodes(), self.cfg.rollout.autoscale)
@@ -382,32 +369,6 @@ class Controller:
                 "timing/weight_load_max": max((r.load_seconds for r in reports), default=0.0),
                 "sync/megabytes": nbytes / 1e6, "sync/version": float(version),
                 "sync/workers_loaded": float(len(reports)), "sync/shared_memory": float(transport == "shared_memory")}
-
-    def rollout_metrics(self, rollouts: list[Rollout], batch, fwd) -> dict[str, float]:
-        mask = batch.response_mask
-        lengths = mask.sum(1)
-        gap = (fwd.old_logprobs - batch.rollout_logprobs).abs()
-        # For samples of the learner's current version the old log-probs come from the weights
-        # that sampled: any gap is train/inference mismatch (DESIGN: ~1e-6 in fp32 when the
-        # traps are handled). For older samples (asynchronous mode) the gap is mostly how far
-        # the policy has moved since, so it is logged apart and cannot hide a mismatch.
-        current = torch.tensor([r.policy_version == self.version for r in rollouts])
-        split = {}
-        if current.any():
-            split["rollout/logprob_mismatch"] = float(masked_mean(gap[current], mask[current]))
-        if not current.all():
-            split["rollout/logprob_drift"] = float(masked_mean(gap[~current], mask[~current]))
-        return {
-            **split,
-            "rollout/response_length": float(lengths.mean()),
-            "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-            "rollout/policy_version": float(min(r.policy_version for r in rollouts)),
-            "rollout/policy_version_max": float(max(r.policy_version for r in rollouts)),
-            "rollout/samples": float(len(rollouts)),
-            # Versions between the samples and the learner that trains on them (0 when on-policy).
-            "rollout/staleness_max": float(self.version - min(r.policy_version for r in rollouts)),
-            "rollout/staleness_mean": self.version - sum(r.policy_version for r in rollouts) / len(rollouts),
-        }
 
     def evaluate(self, step: int, into: dict[str, float] | None = None) -> float | None:
         """Greedy accuracy on the held-out prompts, judged by `cfg.eval_judge()` (None without eval

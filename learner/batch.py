@@ -194,6 +194,18 @@ def micro_batch_sizes(lengths: Sequence[int], shards: list[list[int]], rows_per_
     return per_rank
 
 
+def minibatch_plan(size: int, world_size: int, minibatches: int, epochs: int, seed: int) -> list[torch.Tensor]:
+    """Row indices of every optimizer step of a batch of ``size`` rows: ``epochs`` passes, each
+    a fresh shuffle split into ``minibatches`` parts. A batch shrunk by dynamic sampling gets
+    fewer parts, so every one of the ``world_size`` learner ranks has at least one row of each."""
+    g = torch.Generator().manual_seed(seed)
+    parts = max(1, min(minibatches, size // world_size))
+    plan = []
+    for _ in range(epochs):
+        plan.extend(torch.randperm(size, generator=g).tensor_split(parts))
+    return plan
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ForwardResult:
     """What the learner computes before the update, for one rank's shard (response frame).

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from actors.types import Rollout
-from learner.batch import TrainBatch, arrange_by_length, collate, micro_batch_sizes, response_positions, split_evenly
+from learner.batch import (TrainBatch, arrange_by_length, collate, micro_batch_sizes, minibatch_plan,
+                           response_positions, split_evenly)
 
 
 def rollout(prompt, response, logprobs):
@@ -129,3 +130,19 @@ def test_micro_batch_sizes_split_the_largest_passes_of_a_rank_that_needs_fewer()
     shards = [[0, 1], [2, 3, 4, 5]]  # rank 0 needs 2 passes of 400, rank 1 fits one pass of 4 x 100
     assert micro_batch_sizes(lengths, shards, rows_per_micro=1, token_budget=400) == [[1, 1], [2, 2]]
     assert micro_batch_sizes([400, 400, 400, 100], [[0, 1, 2], [3]], 1, 400) == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("size, world, minibatches, epochs", [(16, 2, 4, 2), (5, 2, 4, 1), (3, 4, 2, 1), (12, 1, 1, 3)])
+def test_minibatch_plan_covers_each_row_once_per_epoch_and_gives_every_rank_a_row(size, world, minibatches, epochs):
+    plan = minibatch_plan(size, world, minibatches, epochs, seed=3)
+    parts = max(1, min(minibatches, size // world))  # fewer parts when the batch is short
+    assert len(plan) == parts * epochs
+    for e in range(epochs):
+        epoch = torch.cat(plan[e * parts:(e + 1) * parts])
+        assert sorted(epoch.tolist()) == list(range(size))
+    if size >= world:
+        assert min(len(p) for p in plan) >= world
+    assert all(torch.equal(a, b) for a, b in zip(plan, minibatch_plan(size, world, minibatches, epochs, seed=3)))
+    # The seed decides the order (the controller seeds it with the run seed and the step).
+    others = [minibatch_plan(size, world, minibatches, epochs, seed=s) for s in range(4, 10)]
+    assert any(not torch.equal(a, b) for other in others for a, b in zip(plan, other))

@@ -149,3 +149,36 @@ def test_a_chat_prompts_turns_reach_the_reward_workers():
     assert len(seen) == 4
     assert all(r.messages == (turns[0] if r.prompt == "chat" else None) for r in seen)
     assert sum(r.messages is not None for r in seen) == 2
+
+
+# -- rollout_metrics: the samples' versions and the engine/learner log-prob gap ---------------
+
+from cluster.collect import rollout_metrics  # noqa: E402
+from learner.batch import collate  # noqa: E402
+
+
+def test_rollout_metrics_keep_mismatch_of_current_samples_apart_from_drift_of_stale_ones():
+    import torch
+
+    engine = [(-0.5, -1.0), (-2.0,), (-0.25, -0.75, -1.5)]  # response log-probs as the engine drew them
+    versions, reasons = [3, 3, 2], ["stop", "length", "length"]
+    rollouts = [Rollout(prompt_index=i, slot=i, sample_index=0, prompt_text="p", answer=None, prompt_token_ids=(1, 2),
+                        response_token_ids=tuple(range(3, 3 + len(lp))), response_logprobs=lp, response_text="r",
+                        finish_reason=reasons[i], policy_version=versions[i])
+               for i, lp in enumerate(engine)]
+    learner = [(-0.5, -1.5), (-1.0,), (-0.25, -0.5, -2.0)]
+    old = torch.zeros(3, 3)
+    for i, lp in enumerate(learner):
+        old[i, :len(lp)] = torch.tensor(lp)
+    got = rollout_metrics(rollouts, collate(rollouts, pad_token_id=0), old, version=3)
+    gaps = [[abs(a - b) for a, b in zip(e, l)] for e, l in zip(engine, learner)]
+    current = [g for g, v in zip(gaps, versions) if v == 3]
+    assert got["rollout/logprob_mismatch"] == pytest.approx(sum(map(sum, current)) / sum(map(len, current)))
+    assert got["rollout/logprob_drift"] == pytest.approx(sum(gaps[2]) / 3)
+    assert got["rollout/response_length"] == pytest.approx(2.0)
+    assert got["rollout/truncated_frac"] == pytest.approx(2 / 3)
+    assert (got["rollout/policy_version"], got["rollout/policy_version_max"], got["rollout/samples"]) == (2, 3, 3)
+    assert got["rollout/staleness_max"] == 1 and got["rollout/staleness_mean"] == pytest.approx(1 / 3)
+    # All on the learner's version: no drift is logged, only mismatch.
+    on_policy = rollout_metrics(rollouts[:2], collate(rollouts[:2], pad_token_id=0), old[:2, :2], version=3)
+    assert "rollout/logprob_drift" not in on_policy and on_policy["rollout/staleness_max"] == 0
