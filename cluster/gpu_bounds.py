@@ -9,8 +9,12 @@ import time
 
 GIB = 2**30
 
-DENSE_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0))
-"""Vendor dense bf16 peaks (no sparsity), matched against ``torch.cuda.get_device_name()`` in order."""
+DENSE_BF16_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
+                     ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0))
+"""Vendor dense bf16 peaks (no sparsity; half the datasheets' sparse figures), matched against
+``torch.cuda.get_device_name()`` in order, so a variant comes before its family: the PCIe
+cards with NVLink bridges (NVL, 1671 sparse) run below the SXM parts (1979 sparse), and taking
+the SXM peak for them would understate their MFU by 16 %."""
 
 
 def dense_peak_tflops(device_name: str) -> float | None:

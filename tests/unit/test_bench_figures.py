@@ -5,6 +5,7 @@ import math
 import pytest
 
 from cluster.bench import significant, spread
+from cluster.gpu_bounds import dense_peak_tflops
 
 
 @pytest.mark.parametrize("x, expected", [
@@ -43,3 +44,12 @@ def test_the_learner_bench_brief_has_a_line_per_option_and_names_errors():
     assert lines[0] == "NVIDIA H100 80GB HBM3, torch 2.11, preset 0.5b, micro-batch 8 x 4, seq 2048"
     assert lines[1] == "  grad_op+compile: 74.3k tok/s, update 0.882 s, MFU 21.2 %, peak 42.4 GiB (planned 50.9)"
     assert lines[2] == "  grad_op+compile+logits: ERROR no result within 900 s (exit code None)"
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA GeForce RTX 4090", None)])
+def test_mfu_divides_by_the_peak_of_the_gpu_variant_not_its_family(name, peak):
+    # Vendor datasheets, dense bf16 = half the sparse figure: SXM 1979, NVL 1671, H100 PCIe 1513.
+    assert dense_peak_tflops(name) == peak
