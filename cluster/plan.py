@@ -169,10 +169,12 @@ def build_report(arch: Architecture, shape: LearnerShape, options: MemoryOptions
             "with_ladder": not ladder_fits,
             "micro_batch_size": largest_micro_batch(arch, shape, alt_options),
             "world_size": smallest_world_size(arch, shape, alt_options)},
+        # gpu_memory_utilization is a share of the whole GPU, also for an engine on a fraction of
+        # one; the GPU is taken to be the learner's kind (learner.gpu_memory_gib).
         "rollout": {"workers": cfg.rollout.num_workers, "gpus_per_worker": rollout_gpus,
-                    "weights_bytes_bf16": weights,
+                    "weights_bytes_bf16": weights, "gpu_memory_gib": options.gpu_memory_gib,
                     "kv_cache_bytes": int(cfg.rollout.gpu_memory_utilization * options.gpu_memory_gib * GIB) - weights
-                    if rollout_gpus >= 1 else None},
+                    if rollout_gpus > 0 else None},
     }
 
 
@@ -249,10 +251,11 @@ def render(report: dict) -> str:
     if ro["kv_cache_bytes"] is None:  # CPU engines
         kv = ""
     elif ro["kv_cache_bytes"] > 0:
-        kv = (f"; at rollout.gpu_memory_utilization about {_gib(ro['kv_cache_bytes'])} GiB is left for the KV cache "
-              f"and activations")
+        kv = (f"; at rollout.gpu_memory_utilization of a {ro['gpu_memory_gib']:g} GiB GPU about "
+              f"{_gib(ro['kv_cache_bytes'])} GiB is left for the KV cache and activations")
     else:
-        kv = "; THE WEIGHTS DO NOT FIT in rollout.gpu_memory_utilization of the GPU: vLLM will not start"
+        kv = (f"; THE WEIGHTS DO NOT FIT in rollout.gpu_memory_utilization of a {ro['gpu_memory_gib']:g} GiB GPU: "
+              f"vLLM will not start")
     lines.append(f"rollout (informational): vLLM weights {_size(ro['weights_bytes_bf16'])} in bf16 per engine, "
                  f"{where}{kv}")
     return "\n".join(lines)

@@ -328,7 +328,18 @@ def test_plan_says_when_nothing_is_left_to_turn_on_and_when_the_rollout_weights_
                  "learner.sharding=full", "--reference-offload", "--cpu-offload"]) == 0
     out = capsys.readouterr().out
     assert "with every option already on: no micro-batch fits" in out
-    assert "THE WEIGHTS DO NOT FIT in rollout.gpu_memory_utilization of the GPU" in out and "about -" not in out
+    assert "THE WEIGHTS DO NOT FIT in rollout.gpu_memory_utilization of a 0.5 GiB GPU" in out and "about -" not in out
+
+
+def test_the_rollout_line_sizes_the_kv_cache_of_engines_that_share_a_gpu(capsys):
+    # An engine on a fraction of a GPU takes gpu_memory_utilization of the whole GPU; the plan
+    # printed no KV-cache figure for it, as for a CPU engine.
+    config = str(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml")
+    assert main(["plan", config, "rollout.num_gpus=0.5", "rollout.gpu_memory_utilization=0.4", "--json"]) == 0
+    rollout = json.loads(capsys.readouterr().out)["rollout"]
+    assert rollout["kv_cache_bytes"] == int(0.4 * 80 * GIB) - rollout["weights_bytes_bf16"]
+    assert main(["plan", config, "rollout.num_gpus=0.5", "rollout.gpu_memory_utilization=0.4"]) == 0
+    assert "x 0.5 GPU; at rollout.gpu_memory_utilization of a 80 GiB GPU about 31" in capsys.readouterr().out
 
 
 def test_plan_names_the_missing_model(capsys):
