@@ -101,7 +101,7 @@ def check_complete(rollouts: list[Rollout], slots: range, per: int, step: int) -
     missing, extra = want - set(keys), set(keys) - want
     doubled = len(keys) - len(set(keys))
     if missing or extra or doubled:
-        example = sorted(missing or extra)[:3]
+        example = sorted(missing or extra or {k for k, n in Counter(keys).items() if n > 1})[:3]
         raise RuntimeError(f"step {step}: generation returned {len(keys)} samples for {len(want)} asked: "
                            f"{len(missing)} missing, {len(extra)} not asked for, {doubled} twice"
                            + (f" (e.g. (slot, sample) {example})" if example else ""))

@@ -123,6 +123,8 @@ class LearnerGroup:
                                         placement_group=self.placement.group, placement_group_bundle_index=bundle))
                       .remote(rank, lc.world_size, model_path, lc, cfg.algorithm, cfg.rollout.temperature, total_updates)
                       for rank, bundle in enumerate(self.placement.rank_bundles)]
+        self.applied: dict | None = None
+        """What the options did to rank 0's policy (``LearnerRank.applied_options``), once ready."""
 
     def ready(self) -> None:
         """Form the process group (rank 0's node is the rendezvous) and load the models."""
@@ -131,6 +133,12 @@ class LearnerGroup:
                        120, names[:1])[0]
         port = wait([self.ranks[0].free_port.remote()], 120, names[:1])[0]
         wait([r.setup.remote(address, port) for r in self.ranks], self.timeout_s, names)
+        # Read back from the modules, so the log shows what the options did, not what was asked.
+        a = self.applied = wait([self.ranks[0].applied_options.remote()], 120, names[:1])[0]
+        log.info("learner policy as built: %d blocks, parameters %s (S(0) sharded, R replicated per mesh "
+                 "dimension), activation checkpointing %s, %d compiled blocks", a["blocks"],
+                 "/".join(a["placements"]) or "not sharded", "on" if a["activation_checkpointing"] else "off",
+                 a["compiled_blocks"])
 
     def _names(self) -> list[str]:
         return [f"learner rank {i}" for i in range(len(self.ranks))]

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from learner.batch import TrainBatch
@@ -140,6 +141,25 @@ def _checkpoint_blocks(model: nn.Module) -> None:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return
     raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
+
+
+def applied_options(model: nn.Module) -> dict[str, object]:
+    """What sharding and the speed and memory options did to ``model``, read from its modules
+    rather than from the config: how a block's parameters lie on each mesh dimension (``S(0)``
+    sharded along dim 0, ``R`` replicated), whether its blocks are checkpointed, how many are
+    compiled. Whether blocks reshard after forward (full vs grad_op) has no public reader."""
+    names = set(_find_block_names(model))
+    # fully_shard gives each module a subclass (FSDPQwen2DecoderLayer): its base names the block.
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    first = next(blocks[0].parameters()) if blocks else None
+    return {
+        "blocks": len(blocks),
+        "placements": [str(p) for p in first.placements] if isinstance(first, DTensor) else [],
+        "activation_checkpointing": any(m.is_gradient_checkpointing for m in model.modules()
+                                        if isinstance(m, PreTrainedModel)),
+        # nn.Module.compile() keeps the module and sets its compiled forward here.
+        "compiled_blocks": sum(getattr(m, "_compiled_call_impl", None) is not None for m in blocks),
+    }
 
 
 def _find_block_names(model: nn.Module) -> list[str]:

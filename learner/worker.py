@@ -27,7 +27,8 @@ from transformers import AutoTokenizer
 from learner.batch import ForwardResult, Minibatch, RolloutBatch, TrainBatch, UpdateResult, merge_extreme
 from learner.checkpoint import RankState, decode_rng, encode_rng, load_trained, save_trained
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.fsdp import ShardingPlan, cat_rows, micro_batches, release_root, shard_from_rank0, to_device
+from learner.fsdp import (ShardingPlan, applied_options, cat_rows, micro_batches, release_root, shard_from_rank0,
+                          to_device)
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import (critic_skeleton, load_critic, load_policy, policy_skeleton, sequence_logprobs,
                             sequence_values)
@@ -118,6 +119,10 @@ class LearnerRank:
             self.reference = build(policy_skeleton, load_policy, frozen, checkpoint=False)
             self.reference.requires_grad_(False).eval()
         dist.barrier()  # every rank is set up and the group carries a collective end to end
+
+    def applied_options(self) -> dict[str, object]:
+        """What the options did to the policy, read from its modules (``fsdp.applied_options``)."""
+        return applied_options(self.policy)
 
     def _optimizer(self, model: nn.Module, lr: float, schedule: LRSchedule):
         # The fused kernel updates every parameter in a few launches; the default per-tensor

@@ -34,15 +34,13 @@ def make_batch(rows: int = 8, seed: int = 0) -> TrainBatch:
                       ref_logprobs=None, importance_weights=None)
 
 
-_RESULTS: dict[tuple, tuple[dict, float]] = {}
-"""updated_weights by its arguments: the 2-rank, micro-batch-3 reference is the baseline of
+_RESULTS: dict[tuple, tuple[dict, float, dict]] = {}
+"""_train_twice by its arguments: the 2-rank, micro-batch-3 reference is the baseline of
 several tests, and each run starts a learner group (~10 s); a run is deterministic."""
 
 
-def updated_weights(ray, model_dir, *, world_size: int, micro_batch_size: int, loss_agg: str = "token_mean",
-                    **learner) -> tuple[dict, float]:
-    """Weights after two optimizer steps, and the mean gradient norm before clipping (the
-    result is shared between callers with the same arguments: do not modify it)."""
+def _run(ray, model_dir, *, world_size: int, micro_batch_size: int, loss_agg: str = "token_mean",
+         **learner) -> tuple[dict, float, dict]:
     key = (str(model_dir), world_size, micro_batch_size, loss_agg, tuple(sorted(learner.items())))
     if key not in _RESULTS:
         _RESULTS[key] = _train_twice(ray, model_dir, world_size=world_size, micro_batch_size=micro_batch_size,
@@ -50,8 +48,20 @@ def updated_weights(ray, model_dir, *, world_size: int, micro_batch_size: int, l
     return _RESULTS[key]
 
 
+def updated_weights(ray, model_dir, **kw) -> tuple[dict, float]:
+    """Weights after two optimizer steps, and the mean gradient norm before clipping (the
+    result is shared between callers with the same arguments: do not modify it)."""
+    return _run(ray, model_dir, **kw)[:2]
+
+
+def applied(ray, model_dir, **kw) -> dict:
+    """What the options did to rank 0's policy in that run (``LearnerGroup.applied``): an
+    option the learner ignored would give the same update, and pass an equivalence test."""
+    return _run(ray, model_dir, **kw)[2]
+
+
 def _train_twice(ray, model_dir, *, world_size: int, micro_batch_size: int, loss_agg: str,
-                 **learner) -> tuple[dict, float]:
+                 **learner) -> tuple[dict, float, dict]:
     cfg = Config()
     for key, value in learner.items():
         setattr(cfg.learner, key, value)
@@ -72,7 +82,7 @@ def _train_twice(ray, model_dir, *, world_size: int, micro_batch_size: int, loss
         metrics = group.update(batch, plan, train_policy=True)
         assert metrics["policy/clipfrac"] > 0  # clipping is exercised
         weights = {k: v.clone() for k, v in iter_tensors(ray.get(group.export_weights(version=1)[1], timeout=300))}
-        return weights, metrics["policy/grad_norm"]
+        return weights, metrics["policy/grad_norm"], group.applied
     finally:
         group.shutdown()
 
@@ -120,6 +130,12 @@ def test_memory_options_give_the_same_update(ray_local, tiny_model_dir, option):
     assert abs(norm - ref_norm) / ref_norm < 1e-4, f"{option}: gradient norm {norm} != {ref_norm}"
     worst = max(float((got[k] - reference[k]).abs().max()) for k in reference)
     assert worst < 1e-5, f"{option}: weights differ by {worst:.2e}"
+    base, now = (applied(ray_local, tiny_model_dir, world_size=2, micro_batch_size=3, **kw) for kw in ({}, option))
+    assert base["placements"] == ["S(0)"] and not base["activation_checkpointing"] and base["blocks"] > 0
+    if option.get("sharding") == "none":
+        assert now["placements"] == ["R", "S(0)"]  # shard groups of one rank
+    if option.get("activation_checkpointing"):
+        assert now["activation_checkpointing"]
 
 
 def test_chunked_head_gives_the_logits_paths_update_with_a_tied_head(ray_local, tiny_tied_model_dir):
@@ -151,6 +167,8 @@ def test_compiled_blocks_and_packed_rows_give_the_same_update(ray_local, tiny_mo
     delta = torch.cat([(got[k] - initial[k]).flatten() for k in reference])
     rel = float((delta - delta_ref).norm() / delta_ref.norm())
     assert rel < 1e-3, f"{option}: update differs by {rel:.2e} (relative)"
+    blocks = applied(ray_local, tiny_model_dir, world_size=2, micro_batch_size=3, **option)
+    assert blocks["compiled_blocks"] == (blocks["blocks"] if option.get("compile") else 0)
 
 
 def test_ranks_hold_the_checkpoint_that_rank_0_alone_read(ray_local, tiny_tied_model_dir, tmp_path):

@@ -33,6 +33,8 @@ def test_wait_share_sync_and_async():
     assert wait_share(t, asynchronous=False) == pytest.approx(0.5)
     assert wait_share(t, asynchronous=True) == pytest.approx(0.05)
     assert wait_share({}, asynchronous=False) == 0.0
+    # A share is at most 1, whatever the timings add up to.
+    assert wait_share({"step": 1.0, "generate": 2.0}, asynchronous=False) == 1.0
 
 
 @pytest.mark.parametrize("rule", [AutoscaleRule(min_workers=0, max_workers=2, high=0.5, low=0.2, patience=1),

@@ -29,6 +29,9 @@ def test_a_complete_call_passes_in_any_order():
      r"\(e.g. \(slot, sample\) \[\(4, 1\)\]\)"),
     ([rollout(3, 0), rollout(3, 1), rollout(4, 0), rollout(4, 1), rollout(5, 0)], "0 missing, 1 not asked for, 0 twice"),
     ([rollout(3, 0), rollout(3, 1), rollout(4, 0), rollout(4, 0)], "1 missing, 0 not asked for, 1 twice"),
+    # Complete but for the duplicate: only the doubling check can refuse it.
+    ([rollout(3, 0), rollout(3, 1), rollout(4, 0), rollout(4, 1), rollout(4, 1)],
+     r"5 samples for 4 asked: 0 missing, 0 not asked for, 1 twice \(e.g. \(slot, sample\) \[\(4, 1\)\]\)"),
 ])
 def test_a_lost_extra_or_doubled_sample_stops_the_step(got, message):
     with pytest.raises(RuntimeError, match=message):

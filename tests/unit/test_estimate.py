@@ -96,6 +96,10 @@ def test_estimators_match_a_per_row_loop(estimator, whiten_adv):
                               values=b["values"] if estimator == "gae" else None, kl_coef=kl_coef)
     torch.testing.assert_close(out.advantages, naive(estimator, b, kl_coef, whiten_adv), atol=1e-10, rtol=1e-9)
     assert (out.returns is not None) == (estimator == "gae")
+    # kl/value, what the adaptive controller steers by, is the mean over rows of each row's summed k1.
+    per_row = [sum(float(b["old_logprobs"][i, t] - b["ref_logprobs"][i, t]) for t in range(n))
+               for i, n in enumerate(b["lengths"])]
+    assert out.metrics["kl/value"] == pytest.approx(sum(per_row) / len(per_row), rel=1e-12)
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from reward.judge import EvalJudge
 
 
-def test_a_builtin_judge_runs_in_process():
+def test_a_builtin_judge_runs_in_process(monkeypatch):
+    # No child process is started for it (the verdicts alone would be the same from a child).
+    monkeypatch.setattr("reward.judge.FunctionProcess", lambda *a, **k: pytest.fail("started a child process"))
     judge = EvalJudge("exact_match", timeout_s=1.0)
     assert judge("12+30=", "42", "42") == 1.0 and judge("12+30=", "43", "42") == 0.0
     judge.close()

@@ -79,7 +79,7 @@ def test_adaptive_controller_round_trip_continues_identically():
 
 @pytest.mark.parametrize("target,horizon", [(0.0, 100), (0.1, 0)])
 def test_adaptive_controller_rejects_bad_hyperparameters(target, horizon):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="target and horizon must be > 0"):
         AdaptiveKLController(init_coef=0.1, target=target, horizon=horizon)
 
 
@@ -106,6 +106,7 @@ def test_running_mean_std_normalize_and_clip():
     x = torch.tensor([4.0, 4.0 + 5**0.5, 100.0])
     assert rms.normalize(x).tolist() == pytest.approx([0.0, 1.0, 96 / 5**0.5])
     assert rms.normalize(x, clip=5.0).tolist() == pytest.approx([0.0, 1.0, 5.0])
+    assert rms.normalize(-x, clip=5.0).tolist()[2] == pytest.approx(-5.0)  # both sides are clipped
 
 
 def test_running_mean_std_round_trip_continues_identically():

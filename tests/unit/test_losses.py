@@ -224,6 +224,17 @@ def test_policy_loss_padding_garbage_gives_finite_loss_and_gradients():
     assert math.isfinite(metrics["ratio_max"])
 
 
+def test_policy_loss_a_diverged_token_stays_finite():
+    # log-ratio 100 with a negative advantage: exp(100) overflows float32 to inf, and the
+    # unclipped branch (-A * ratio) is the maximum, so one such token made the loss inf.
+    logprobs = torch.tensor([[100.0, 0.0]], requires_grad=True)
+    old, adv, mask = torch.zeros(1, 2), -torch.ones(1, 2), torch.ones(1, 2)
+    loss, _ = policy_loss(logprobs, old, adv, mask)
+    loss.backward()
+    assert loss.item() == pytest.approx((math.exp(20) + 1) / 2)  # the ratio is capped at e^20
+    assert torch.isfinite(logprobs.grad).all()
+
+
 # ---------- micro-batch / data-parallel invariance ----------
 
 SPLITS = [(0, 1), (1, 4), (4, 6)]  # uneven micro-batches, one of a single row

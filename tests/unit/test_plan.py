@@ -261,7 +261,7 @@ def test_memory_options_come_from_the_config_and_flags_override_them():
     options = memory_options(cfg.learner, sharding="none", activation_checkpointing=None, cpu_offload=True)
     assert options == MemoryOptions(sharding="none", gpu_memory_gib=40.0, activation_checkpointing=True,
                                     cpu_offload=True)
-    with pytest.raises(PlanError):
+    with pytest.raises(PlanError, match="gpus_per_node must be >= 1"):
         memory_options(cfg.learner, gpus_per_node=0)
 
 

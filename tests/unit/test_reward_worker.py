@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,14 @@ def test_num_threads_sets_torch_threads_for_a_reward_model(tmp_path):
     assert torch.get_num_threads() == 2
     with pytest.raises(ValueError, match="num_threads"):
         RewardWorker([RewardFunctionSpec(name="exact_match")], num_threads=0)
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_isolation_decides_which_process_runs_the_functions(user_rewards, isolation):
+    # The tests parametrised over ISOLATIONS compare results, which either path gives alike.
+    worker = RewardWorker([RewardFunctionSpec(name=f"{user_rewards}:pid")], isolation=isolation)
+    (result,) = worker.score(requests_for("any"))
+    assert (result.reward == os.getpid()) == (isolation == "thread"), (isolation, result)
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)

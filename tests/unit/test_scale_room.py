@@ -10,6 +10,8 @@ def test_no_warning_when_every_new_worker_fits_or_the_pool_shrinks():
     assert room_warning(2, {"CPU": 0.5}, {"CPU": 1.0}) is None  # exactly enough
     assert room_warning(0, {"CPU": 4.0}, {}) is None
     assert room_warning(-3, {"CPU": 4.0}, {}) is None
+    # 0.3 / 0.1 is 2.9999999999999996 in floats: three workers of 0.1 CPU fit in 0.3 free.
+    assert room_warning(3, {"CPU": 0.1}, {"CPU": 0.3}) is None
     assert room_warning(3, {"CPU": 0.1}, {"CPU": 0.30000000000000004}) is None  # float sums of 0.1
 
 

@@ -83,6 +83,8 @@ def test_stale_versions_and_rewritten_slots_are_refused():
         v2 = writer.write(state(2), version=2)
         assert v1.fd != v2.fd  # version 1 stays readable while version 2 is written
         assert_same(reader.open(v1, current_version=0), state(1))
+        with pytest.raises(WeightSyncError, match="version 1 does not follow loaded version 2"):
+            reader.open(v1, current_version=2)  # older than what the worker holds: a rollback
         writer.write(state(3), version=3)  # back into version 1's slot
         with pytest.raises(WeightSyncError, match="slot is holding v3"):
             reader.open(v1, current_version=0)

@@ -41,6 +41,9 @@ def test_verify_refuses_stale_versions_and_corruption():
     verify(update, current_version=1)
     with pytest.raises(WeightSyncError, match="stale"):
         verify(update, current_version=2)
+    # An older update, as a delayed push arriving after a newer one: loading it would roll back.
+    with pytest.raises(WeightSyncError, match="version 2 does not follow loaded version 3"):
+        verify(update, current_version=3)
     corrupted = update.buckets[0].buffer.copy()
     corrupted[5] ^= 0xFF
     bad = dataclasses.replace(update, buckets=(dataclasses.replace(update.buckets[0], buffer=corrupted),))

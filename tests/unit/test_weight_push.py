@@ -53,11 +53,16 @@ def test_the_only_worker_dying_before_a_push_leaves_a_replacement_and_no_report(
         workers.append(Worker())
         return workers[-1]
 
-    pool = actor_set.ActorSet("rollout worker", spawn=spawn, prepare=lambda w: w.call("ping"), size=1, timeout_s=60)
+    # As RolloutPool's: a worker that joins loads the update the pool holds, if any.
+    current: list[str] = []
+    pool = actor_set.ActorSet("rollout worker", spawn=spawn, size=1, timeout_s=60,
+                              prepare=lambda w: w.call("load_weights", *current) if current else w.call("ping"))
     pool.wait_ready()
     workers[0].dead = True  # dies while the learner trains
+    current.append("v1")  # the pool records the update before broadcasting it
     reports = pool.broadcast(lambda w: w.call("load_weights", "v1"))
     assert reports == [] and pool.restarts == 1 and len(workers) == 2
+    assert workers[1].loaded == ["v1"]  # once, by its preparation, before it serves
 
 
 def test_a_push_that_no_worker_reported_on_still_gives_its_figures(monkeypatch):
