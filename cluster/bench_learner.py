@@ -41,10 +41,11 @@ import resource
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from cluster.bench import spread
-from cluster.gpu_bounds import GIB, copy_bandwidth, dense_peak_tflops, matmul_tflops
+from cluster.gpu_bounds import GIB, dense_peak_tflops, measure_bounds
 
 PRESETS = {
     # Qwen2.5-0.5B's shape: grouped k/v heads, q/k/v biases, tied embeddings, 152k vocabulary.
@@ -116,7 +117,9 @@ def register_args(p) -> None:
                    help="also profile one forward + update per option (torch.profiler) and report its top ROWS ops")
 
 
-def run(args) -> dict:
+def run(args, progress: Callable[[dict], None] | None = None) -> dict:
+    """Every option in its own process; ``progress(result so far)`` after each, so a run cut
+    short by a machine's time limit keeps the options it finished."""
     import torch
 
     gpu = torch.cuda.is_available() and not args.cpu
@@ -136,8 +139,8 @@ def run(args) -> dict:
     if gpu:
         peak = args.peak_tflops or dense_peak_tflops(torch.cuda.get_device_name())
         result["peak_bf16_tflops"] = peak
-        result["matmul_tflops"] = matmul_tflops()
-        result["bandwidth_gbps"] = copy_bandwidth()
+        bounds = in_fresh_process(measure_bounds, {}, args.timeout)
+        result |= {"bounds_error": bounds["error"]} if "error" in bounds else bounds
     with tempfile.TemporaryDirectory(prefix="rlrelay-bench-learner-") as tmp:
         model_dir = Path(tmp) / "model"
         result["model"] = build_model(model_dir, PRESETS[args.preset], seed=args.seed)
@@ -154,6 +157,8 @@ def run(args) -> dict:
             else:
                 figures.pop("flops_per_s", None)
             result["options"][name] = figures
+            if progress is not None:
+                progress(result)
     return result
 
 
@@ -358,7 +363,14 @@ if __name__ == "__main__":  # the GPU machine has no Ray: `python -m cluster.ben
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and rows")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
     ns = parser.parse_args()
-    measured = run(ns)
-    if ns.out:
-        Path(ns.out).write_text(json.dumps(measured, indent=2))
-    print(json.dumps(measured, indent=2) if ns.json else brief(measured))
+
+    def progress(partial: dict) -> None:
+        if ns.out:
+            Path(ns.out).write_text(json.dumps(partial, indent=2))
+        if not ns.json:  # the line of the option just measured (the first time, the header too)
+            lines = brief(partial).splitlines()
+            print("\n".join(lines if len(partial["options"]) == 1 else lines[-1:]), flush=True)
+
+    measured = run(ns, progress)
+    if ns.json:
+        print(json.dumps(measured, indent=2))

@@ -63,3 +63,10 @@ def copy_bandwidth(nbytes: int = 2 * GIB, repeats: int = 5) -> dict:
     return {"device_to_device": rate(lambda: dev2.copy_(dev), 2),
             "host_to_device_pinned": rate(lambda: dev.copy_(host, non_blocking=True), 1),
             "device_to_host_pinned": rate(lambda: host.copy_(dev, non_blocking=True), 1)}
+
+
+def measure_bounds() -> dict:
+    """Both bounds, for a process of their own: their buffers (4 GiB) and CUDA context then
+    leave the GPU before the options run, instead of counting in each option's
+    ``device_used_gib``."""
+    return {"matmul_tflops": matmul_tflops(), "bandwidth_gbps": copy_bandwidth()}
