@@ -55,8 +55,8 @@ def load(args) -> "object":
     from cluster.config import ConfigError, load_config
 
     overrides = list(args.overrides)
-    if getattr(args, "address", None):
-        overrides.append(f"ray.address={args.address}")
+    if getattr(args, "address", None) is not None:  # an empty one is refused by name, not dropped
+        overrides.append(f"ray.address={args.address!r}" if not args.address.strip() else f"ray.address={args.address}")
     try:
         return load_config(args.config, overrides)
     except ConfigError as e:

@@ -151,9 +151,23 @@ class RayConfig:
     """Acknowledge running without Ray token authentication, where anyone who can reach the
     cluster can run code on it (otherwise such a start or join is refused)."""
 
+    def validate(self) -> None:
+        if self.address is not None and (problem := ray_address_problem(self.address)):
+            raise ConfigError(f"ray.address {problem}")
+
     def target(self, env: Mapping[str, str]) -> str:
         """``local`` (start a fresh instance) unless ``address`` or RAY_ADDRESS names a cluster."""
         return self.address or env.get("RAY_ADDRESS") or "local"
+
+
+def ray_address_problem(address: str) -> str | None:
+    """What is wrong with ``address`` as a Ray cluster address, or None."""
+    if not address.strip():  # most often an unset shell variable: `--address "$HEAD"`
+        return "is empty (to start a local instance, leave it unset or give 'local')"
+    if address.startswith(("http://", "https://")):
+        return (f"{address!r} is a job API (dashboard) URL, which submit, jobs, logs and stop take; "
+                f"this takes the cluster's Ray address: HOST:PORT (the head's GCS port, 6379 by default) or 'auto'")
+    return None
 
 
 @dataclass(kw_only=True)
@@ -182,7 +196,7 @@ class Config:
     def validate(self) -> None:
         """Range checks of each section, then of what spans sections (types were checked
         while loading)."""
-        for section in (self.learner, self.algorithm, self.rollout, self.reward, self.run, self.trainer):
+        for section in (self.learner, self.algorithm, self.rollout, self.reward, self.run, self.trainer, self.ray):
             section.validate()
         r = self.rollout
         if not self.data.eval_limit >= 0:

@@ -177,6 +177,13 @@ def _find_control(args):
             raise SystemExit(f"rlrelay: no {what} started from this machine is running (none noted in "
                              f"{registry_dir()}): for a job on a cluster give --address HOST:PORT, or "
                              f"--address auto for the Ray instance on this machine")
+    from cluster.config import ray_address_problem
+
+    if address == "local":  # would start a fresh instance, holding no job, to look into
+        raise SystemExit("rlrelay: --address local: status and scale look into a running cluster; give its "
+                         "HOST:PORT, or auto for the Ray instance on this machine")
+    if problem := ray_address_problem(address):
+        raise SystemExit(f"rlrelay: --address {problem}")
     # Ray reads the auth mode once, at import: a token found here turns token mode on.
     os.environ.update(client_auth_env(os.environ))
     try:

@@ -333,6 +333,24 @@ def test_status_with_no_job_from_this_machine_and_no_address_says_so(tmp_path, m
     assert "--address HOST:PORT" in str(exit_.value.code)
 
 
+@pytest.mark.parametrize("address, message", [
+    ("", "is empty"),  # an unset shell variable: it started a local instance instead of joining
+    ("http://127.0.0.1:1", "is a job API (dashboard) URL, which submit, jobs, logs and stop take"),
+])
+def test_a_cluster_address_that_is_empty_or_the_job_api_url_is_refused_before_anything_starts(address, message,
+                                                                                              capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(REPO / "deploy/jobs/demo.yaml"), "--address", address])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "config error: ray.address" in err and message in err, err
+    with pytest.raises(SystemExit) as exit_:  # was a traceback (http) or a local instance started
+        main(["status", "--address", address])
+    assert message in str(exit_.value.code)
+    with pytest.raises(SystemExit) as exit_:
+        main(["scale", "--rollout", "2", "--address", "local"])
+    assert "look into a running cluster" in str(exit_.value.code)
+
+
 def test_submit_resume_with_a_relative_run_directory_is_refused(capsys):
     # The job's relative run directory lives in its own copy of the working directory, gone
     # with it: `--resume auto` would find nothing and start afresh without a word.

@@ -249,6 +249,19 @@ def test_a_token_budget_plans_its_worst_case_rows():
     assert not plan_memory(huge, shape(world_size=8, micro_batch_tokens=fitting + 1024), MemoryOptions()).fits
 
 
+def test_the_largest_micro_batch_is_the_linear_search_s_answer_and_quick_for_a_huge_one(capsys):
+    huge = Architecture.from_hf_config(KNOWN_CONFIGS["Qwen2.5-7B-Instruct"])
+    for world in (1, 2, 8):
+        job = shape(world_size=world, micro_batch_size=40)
+        linear = next((mb for mb in range(40, 0, -1)
+                       if plan_memory(huge, shape(world_size=world, micro_batch_size=mb), MemoryOptions()).fits), 0)
+        assert largest_micro_batch(huge, job, MemoryOptions()) == linear
+    # It counted down one row at a time: minutes (killed after 60 s) for this override.
+    config = str(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml")
+    assert main(["plan", config, "learner.micro_batch_size=100000000"]) == 0
+    assert "learner.micro_batch_size=" in capsys.readouterr().out
+
+
 # -- inputs from the config and the command line ---------------------------------------------
 
 def test_memory_options_come_from_the_config_and_flags_override_them():
