@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config_parse import ConfigError, build, check_key, parse_yaml, set_path
-from cluster.config_pools import RewardConfig, RolloutConfig
+from cluster.config_pools import RewardConfig, RolloutConfig, check_function_spec
 from cluster.demo import DemoSettings
 from learner.config import GROUP_ESTIMATORS, AlgorithmConfig, LearnerConfig
 
@@ -208,6 +208,8 @@ class Config:
                               "bundle must reserve some CPU or GPU (set learner.num_cpus > 0)")
         if not (1 if self.ray.num_cpus is None else self.ray.num_cpus) >= 1:
             raise ConfigError(f"ray.num_cpus must be >= 1 (got {self.ray.num_cpus})")
+        if self.trainer.eval_function is not None:
+            check_function_spec("trainer.eval_function", self.trainer.eval_function)
         if self.data.too_long not in ("error", "skip"):
             raise ConfigError(f"data.too_long must be 'error' or 'skip' (got {self.data.too_long!r})")
         if self.algorithm.uses_critic and self.algorithm.critic_warmup_steps >= self.trainer.steps:

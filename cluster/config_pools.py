@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster.config_parse import ConfigError
+from reward.rules import BUILTINS
 from reward.types import ISOLATIONS
 
 
@@ -178,6 +179,8 @@ class RewardConfig:
 
     def validate(self) -> None:
         check_pool("reward", self)
+        for i, function in enumerate(self.functions):
+            check_function_spec(f"reward.functions[{i}].name", function.name)
         if self.on_failure not in ("error", "zero", "drop"):
             raise ConfigError(f"reward.on_failure: {self.on_failure!r} is not one of error, zero, drop")
         if self.isolation not in ISOLATIONS:
@@ -209,3 +212,16 @@ def check_pool(section: str, pool: RolloutConfig | RewardConfig) -> None:
         raise ConfigError(f"{section}.num_gpus must be <= 1 (got {pool.num_gpus}): a worker uses one GPU, and "
                           f"tensor parallelism is not supported, so the others would sit idle; a fraction "
                           f"shares a GPU, more workers use more GPUs")
+
+
+def check_function_spec(key: str, spec: str) -> None:
+    """A reward function's name has the form of a built-in or ``module:function`` (whether the
+    module imports is checked where it runs): a misspelt built-in fails here, before a job is
+    submitted, not when it starts on the cluster."""
+    if ":" in spec:
+        module, _, attr = spec.partition(":")
+        if not module.strip() or not attr.strip():
+            raise ConfigError(f"{key}: {spec!r} must look like 'module:function'")
+    elif spec not in BUILTINS:
+        raise ConfigError(f"{key}: unknown reward function {spec!r}: built-ins are {', '.join(sorted(BUILTINS))}; "
+                          f"a user function is given as 'module:function'")

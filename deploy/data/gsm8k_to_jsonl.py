@@ -35,13 +35,14 @@ def final_answer(solution: str) -> str:
 
 
 def convert(rows: Iterable[dict]) -> Iterator[dict]:
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start=1):
         try:
             question, solution = row["question"], row["answer"]
-        except KeyError as e:
-            raise ValueError(f"row {i}: missing field {e}") from None
-        yield {"prompt": [{"role": "user", "content": f"{question.strip()}\n\n{INSTRUCTION}"}],
-               "answer": final_answer(solution)}
+            yield {"prompt": [{"role": "user", "content": f"{question.strip()}\n\n{INSTRUCTION}"}],
+                   "answer": final_answer(solution)}
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"row {i}: {what}") from None
 
 
 def read_rows(path: Path) -> Iterator[dict]:
@@ -53,9 +54,12 @@ def read_rows(path: Path) -> Iterator[dict]:
         yield from pq.read_table(path, columns=["question", "answer"]).to_pylist()
         return
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: not JSON ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,12 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", type=Path, help="GSM8K split: .jsonl or .parquet")
     parser.add_argument("output", type=Path, help="rlrelay prompt JSONL to write")
     args = parser.parse_args(argv)
+    if args.output.resolve() == args.input.resolve():
+        sys.exit(f"gsm8k_to_jsonl: the output {args.output} is the input: writing it would empty the split")
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed when complete: a row that fails leaves no truncated dataset
+    # that training would accept.
+    partial = args.output.with_name(args.output.name + ".partial")
     count = 0
-    with args.output.open("w", encoding="utf-8") as out:
-        for record in convert(read_rows(args.input)):
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            for record in convert(read_rows(args.input)):
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+    except (ValueError, OSError) as e:
+        partial.unlink(missing_ok=True)
+        sys.exit(f"gsm8k_to_jsonl: {e}; nothing written")
+    partial.replace(args.output)
     print(f"wrote {count} prompts to {args.output}")
     return 0
 

@@ -394,5 +394,7 @@ def test_eval_accuracy_is_judged_by_the_jobs_reward_not_always_exact_match(tmp_p
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"data.eval_path {evals}: prompt 1 (line 2): eval judge numeric_match" in err
-    assert main(["train", DEMO, *run_overrides(tmp_path, "trainer.eval_function=nope")]) == 2
+    with pytest.raises(SystemExit) as exit_:  # refused as the config loads
+        main(["train", DEMO, *run_overrides(tmp_path, "trainer.eval_function=nope")])
+    assert exit_.value.code == 2
     assert "trainer.eval_function: unknown reward function 'nope'" in capsys.readouterr().err

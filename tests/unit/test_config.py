@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -198,8 +199,8 @@ def test_reward_settings_are_checked_before_any_worker_starts(tmp_path, caplog):
         check_reward_config(load_config(DEMO, list(overrides)), list(prompts), "train.jsonl")
 
     check()  # the demo's exact_match resolves
-    with pytest.raises(ConfigError, match=r"reward.functions: unknown reward function 'exact_mach': built-ins are"):
-        check("reward.functions=[exact_mach]")
+    with pytest.raises(ConfigError, match=r"reward.functions\[0\].name: unknown reward function 'exact_mach': built-ins"):
+        check("reward.functions=[exact_mach]")  # refused as the config loads
     with pytest.raises(ConfigError, match=r"reward.functions: .*'no_such_module_x:score'.*cannot import"):
         check("reward.functions=[no_such_module_x:score]")
     with pytest.raises(ConfigError, match=r"reward.model.path '.*rm' is not a model directory \(no config.json\)"):
@@ -304,3 +305,15 @@ def test_a_run_name_that_is_not_one_path_component_is_refused(name):
     # It became the run directory runs/<name>: '' wrote into runs/ itself, '../x' outside it.
     with pytest.raises(ConfigError, match="run.name .* must be one non-empty path component"):
         load_config(DEMO, [f"run.name='{name}'"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward.functions=[{name: exact_mach}]", "reward.functions[0].name: unknown reward function 'exact_mach'"),
+    ("trainer.eval_function=nope", "trainer.eval_function: unknown reward function 'nope'"),
+    ("reward.functions=[{name: 'mod:'}]", "'mod:' must look like 'module:function'"),
+])
+def test_a_misspelt_reward_function_is_refused_with_the_config(override, message):
+    # It passed `rlrelay config` and `submit`, and failed when the job started on the cluster.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+    load_config(None, ["reward.functions=[{name: numeric_match}, {name: 'my_rewards:length'}]"])  # the module is checked where it runs

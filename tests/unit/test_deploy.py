@@ -410,12 +410,28 @@ def test_gsm8k_converter_writes_prompts_the_trainer_reads(tmp_path):
     assert numeric_match("", "1,250 * 2 = 2,500", prompts[1].answer) == 1.0
 
 
-def test_gsm8k_converter_refuses_a_solution_without_a_final_answer(tmp_path):
+@pytest.mark.parametrize("second, message", [
+    (json.dumps({"question": "q", "answer": "no marker"}), "row 2: no '#### <number>'"),
+    ("{not json", "line 2: not JSON"),
+])
+def test_gsm8k_converter_names_a_bad_row_and_leaves_no_partial_output(tmp_path, second, message):
+    # It stopped with a traceback naming no row, and left the rows before it as the output.
     source = tmp_path / "bad.jsonl"
-    source.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
-    result = subprocess.run([sys.executable, str(DEPLOY / "data" / "gsm8k_to_jsonl.py"), str(source),
-                             str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0 and "####" in result.stderr
+    source.write_text(json.dumps({"question": "q", "answer": "x\n#### 3"}) + "\n" + second + "\n")
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run([sys.executable, str(DEPLOY / "data" / "gsm8k_to_jsonl.py"), str(source), str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_gsm8k_converter_refuses_to_write_over_its_input(tmp_path):
+    source = tmp_path / "train.jsonl"
+    source.write_text(json.dumps({"question": "q", "answer": "x\n#### 3"}) + "\n")
+    result = subprocess.run([sys.executable, str(DEPLOY / "data" / "gsm8k_to_jsonl.py"), str(source), str(source)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "is the input" in result.stderr
+    assert "#### 3" in source.read_text()  # it used to be emptied
 
 
 # -- docs -------------------------------------------------------------------------------------
