@@ -134,8 +134,14 @@ def bench_command(args) -> int:
     module = importlib.import_module(args.bench_module)
     # vLLM and Ray's forwarded worker logs write to stdout; keep it for the result alone.
     load_before = os.getloadavg()[0]
+    from cluster.config import ConfigError
+
     with stdout_to_stderr() as out:
-        result = module.run(args)
+        try:
+            result = module.run(args)
+        except ConfigError as e:  # e.g. --samples 1 where the job needs groups: before anything starts
+            print(f"rlrelay: bench {args.bench}: {e}", file=sys.stderr)
+            return 2
     # Other tenants of a shared machine show up here: a figure taken under load is low.
     result["load_average_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2),
                                    "cpus": os.cpu_count()}

@@ -82,7 +82,7 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)  # YAML keys may be numbers or booleans (`1:`, `on:`)
     if unknown:
         key = f"{prefix}{unknown[0]}"
         raise ConfigError(f"unknown config key {key!r} (known keys here: {', '.join(sorted(names))})")

@@ -135,6 +135,8 @@ class MemoryOptions:
             raise PlanError(f"sharding {self.sharding!r} is not one of {', '.join(SHARDING_MODES)}")
         if self.gpus_per_node < 1 or self.gpu_memory_gib <= 0:
             raise PlanError("gpus_per_node must be >= 1 and gpu_memory_gib > 0")
+        if not math.isfinite(self.gpu_memory_gib * GIB):  # 1e300 GiB: no byte count to compare with
+            raise PlanError(f"gpu_memory_gib {self.gpu_memory_gib:g} is too large to count in bytes")
 
 
 def memory_options(learner: "LearnerConfig", **flags) -> MemoryOptions:

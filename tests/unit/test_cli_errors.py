@@ -398,3 +398,9 @@ def test_eval_accuracy_is_judged_by_the_jobs_reward_not_always_exact_match(tmp_p
         main(["train", DEMO, *run_overrides(tmp_path, "trainer.eval_function=nope")])
     assert exit_.value.code == 2
     assert "trainer.eval_function: unknown reward function 'nope'" in capsys.readouterr().err
+
+
+def test_a_bench_whose_job_config_is_invalid_says_so_in_one_line(capsys):
+    # bench scale builds a job config from its flags; one a job refuses was a ConfigError traceback.
+    assert main(["bench", "scale", "--samples", "1"]) == 2
+    assert "rlrelay: bench scale: rollout.samples_per_prompt must be >= 2" in capsys.readouterr().err

@@ -317,3 +317,11 @@ def test_a_misspelt_reward_function_is_refused_with_the_config(override, message
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
     load_config(None, ["reward.functions=[{name: numeric_match}, {name: 'my_rewards:length'}]"])  # the module is checked where it runs
+
+
+def test_unknown_keys_of_mixed_types_are_named_not_a_sort_error(tmp_path):
+    # YAML reads `1:` as an int and `on:` as a bool; sorting them beside strings raised TypeError.
+    path = tmp_path / "job.yaml"
+    path.write_text("1: a\nfoo: b\n")
+    with pytest.raises(ConfigError, match="unknown config key '1'"):
+        load_config(path)

@@ -424,3 +424,9 @@ def test_offloading_saves_nothing_on_a_cpu_learner_and_is_not_advised():
     tight = MemoryOptions(gpu_memory_gib=plain.total_bytes / GIB / 2)
     assert not {"cpu_offload", "reference_offload"} & {k for remedy, _ in advise(qwen_05b(), shape, tight)
                                                          for k in remedy.change}
+
+
+def test_a_gpu_too_large_to_count_in_bytes_is_named(capsys):
+    # 1e300 GiB overflowed to inf bytes: an OverflowError traceback.
+    assert main(["plan", str(REPO / "deploy/jobs/demo.yaml"), "--gpu-memory-gib", "1e300"]) == 2
+    assert "too large to count in bytes" in capsys.readouterr().err
