@@ -174,7 +174,8 @@ def jobs_command(args) -> int:
 
 
 def logs_command(args) -> int:
-    client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure)
+    client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure,
+                      timeout_s=args.timeout if args.follow else None)
     if args.follow:
         return follow(client, args.job, timeout=args.timeout)
     try:
@@ -185,7 +186,8 @@ def logs_command(args) -> int:
 
 
 def stop_command(args) -> int:
-    client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure)
+    client = _connect(resolve_address(args.address, os.environ), allow_insecure=args.allow_insecure,
+                      timeout_s=args.timeout)
     deadline = time.monotonic() + args.timeout
     try:
         # Asked again on no answer or a server error: a request that timed out may have been
@@ -298,9 +300,10 @@ def resolve_address(flag: str | None, env: Mapping[str, str]) -> str:
     return flag or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
-def _connect(address: str, *, allow_insecure: bool):
+def _connect(address: str, *, allow_insecure: bool, timeout_s: float | None = None):
     """A JobSubmissionClient for ``address`` after the security checks; exits (2: refused,
-    1: unreachable) with a message otherwise."""
+    1: unreachable) with a message otherwise. A command with a ``--timeout`` passes it: the
+    connection is then bounded by it too, and running out is ``TIMED_OUT`` (status unknown)."""
     if "://" not in address and address.rstrip("/").endswith(":8265"):
         # Ray's client reads a scheme-less HOST:PORT as the cluster's own (GCS) address, which
         # works for HOST:6379 (as RAY_ADDRESS holds it) but not for the dashboard's port.
@@ -317,7 +320,11 @@ def _connect(address: str, *, allow_insecure: bool):
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return bounded(JobSubmissionClient, address)
+        return bounded(JobSubmissionClient, address,
+                       timeout_s=API_TIMEOUT_S if timeout_s is None else min(API_TIMEOUT_S, timeout_s))
+    except TimeoutError as e:
+        raise SystemExit(_fail(f"cannot use the Ray job API at {address}: {e}",
+                               1 if timeout_s is None else TIMED_OUT)) from None
     except Exception as e:  # unreachable, refused, wrong version: Ray words each differently
         raise SystemExit(_fail(f"cannot use the Ray job API at {address}: {e}", 1)) from None
 

@@ -55,3 +55,20 @@ def test_waiting_past_the_deadline_raises_the_last_error(monkeypatch):
     client.answers = [ConnectionError("connection refused")] * 1000
     with pytest.raises(ConnectionError, match="refused"):
         jobs.wait_until_done(client, "job-1", deadline=time.monotonic() + 0.2)
+
+
+def test_stop_keeps_to_its_timeout_while_connecting_to_a_job_api_that_never_answers(monkeypatch, capsys):
+    # Connecting took the fixed 60 s whatever --timeout said, and ended as unreachable (1),
+    # not as the timeout's "status unknown" (124).
+    from cluster.cli import main
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        address = f"http://127.0.0.1:{server.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(SystemExit) as exit_:
+            main(["stop", "raysubmit_x", "--timeout", "2", "--address", address, "--allow-insecure"])
+        assert exit_.value.code == jobs.TIMED_OUT and time.monotonic() - started < 30
+    assert "did not answer JobSubmissionClient within 2 s" in capsys.readouterr().err

@@ -77,12 +77,12 @@ def test_an_unknown_job_is_refused_at_once_not_retried():
 
 def test_stop_names_a_job_api_that_failed_until_the_deadline(monkeypatch, capsys):
     monkeypatch.setattr(jobs, "POLL_S", 0.01)
-    monkeypatch.setattr(jobs, "_connect", lambda address, *, allow_insecure: Client(ray_http_error(503, "down")))
+    monkeypatch.setattr(jobs, "_connect", lambda address, *, allow_insecure, timeout_s=None: Client(ray_http_error(503, "down")))
     assert main(["stop", "job-1", "--timeout", "0.2", "--address", "http://127.0.0.1:1"]) == jobs.TIMED_OUT
     err = capsys.readouterr().err
     assert "job job-1 was asked to stop, but the job API still failed after 0.2 s" in err
     assert "status code 503" in err and "whether it has stopped is unknown" in err
-    monkeypatch.setattr(jobs, "_connect", lambda address, *, allow_insecure: Client(ray_http_error(404, "no job")))
+    monkeypatch.setattr(jobs, "_connect", lambda address, *, allow_insecure, timeout_s=None: Client(ray_http_error(404, "no job")))
     assert main(["stop", "job-1", "--timeout", "0.2", "--address", "http://127.0.0.1:1"]) == 1
     assert "job job-1: Request failed with status code 404: no job" in capsys.readouterr().err
 
@@ -108,7 +108,7 @@ def test_stop_asks_again_when_its_request_meets_a_restarting_dashboard(monkeypat
     monkeypatch.setattr(jobs, "POLL_S", 0.01)
     client = Client("STOPPED")
     client.stop_errors = [ray_http_error(503, "Service Unavailable"), TimeoutError("no answer")]
-    monkeypatch.setattr(jobs, "_connect", lambda address, *, allow_insecure: client)
+    monkeypatch.setattr(jobs, "_connect", lambda address, *, allow_insecure, timeout_s=None: client)
     assert main(["stop", "job-1", "--timeout", "30", "--address", "http://127.0.0.1:1"]) == 0
     assert client.stops == 3
     assert "job job-1: STOPPED" in capsys.readouterr().out
@@ -119,7 +119,7 @@ def test_listing_jobs_names_a_job_api_that_fails(monkeypatch, capsys):
     monkeypatch.setattr(jobs, "POLL_S", 0.01)
     client = Client("RUNNING")
     client.list_jobs = answering(ray_http_error(503, "Service Unavailable"), [SimpleNamespace(submission_id=None)])
-    monkeypatch.setattr(jobs, "_connect", lambda address, *, allow_insecure: client)
+    monkeypatch.setattr(jobs, "_connect", lambda address, *, allow_insecure, timeout_s=None: client)
     assert main(["jobs", "--address", "http://127.0.0.1:1"]) == 0
     assert "SUBMISSION ID" in capsys.readouterr().out
     client.list_jobs = answering(ray_http_error(403, "Forbidden"))
