@@ -56,7 +56,7 @@ def load(args) -> "object":
 
     overrides = list(args.overrides)
     if getattr(args, "address", None) is not None:  # an empty one is refused by name, not dropped
-        overrides.append(f"ray.address={args.address!r}" if not args.address.strip() else f"ray.address={args.address}")
+        overrides.append(f"ray.address={json.dumps(args.address)}")  # a JSON string is YAML, quoted
     try:
         return load_config(args.config, overrides)
     except ConfigError as e:

@@ -88,6 +88,12 @@ class DataConfig:
     ``error`` stops before anything starts, naming the first such prompt; ``skip`` drops each
     one, counts them, and logs the count (``data/skipped_too_long`` in the W&B config)."""
 
+    def validate(self) -> None:
+        if not self.eval_limit >= 0:
+            raise ConfigError(f"data.eval_limit must be >= 0 (got {self.eval_limit})")
+        if self.too_long not in ("error", "skip"):
+            raise ConfigError(f"data.too_long must be 'error' or 'skip' (got {self.too_long!r})")
+
 
 @dataclass(kw_only=True)
 class TrainerConfig:
@@ -122,6 +128,8 @@ class TrainerConfig:
     def validate(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"trainer.steps must be >= 1 (got {self.steps})")
+        if self.eval_function is not None:
+            check_function_spec("trainer.eval_function", self.eval_function)
         if self.async_staleness not in (0, 1):
             # The pipeline is one batch deep: a k above 1 would run exactly as 1.
             raise ConfigError(f"trainer.async_staleness must be 0 (synchronous) or 1 (generation overlaps the "
@@ -154,6 +162,8 @@ class RayConfig:
     def validate(self) -> None:
         if self.address is not None and (problem := ray_address_problem(self.address)):
             raise ConfigError(f"ray.address {problem}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"ray.num_cpus must be >= 1 (got {self.num_cpus})")
 
     def target(self, env: Mapping[str, str]) -> str:
         """``local`` (start a fresh instance) unless ``address`` or RAY_ADDRESS names a cluster."""
@@ -196,22 +206,15 @@ class Config:
     def validate(self) -> None:
         """Range checks of each section, then of what spans sections (types were checked
         while loading)."""
-        for section in (self.learner, self.algorithm, self.rollout, self.reward, self.run, self.trainer, self.ray):
+        for section in (self.learner, self.algorithm, self.data, self.rollout, self.reward, self.run, self.trainer,
+                        self.ray):
             section.validate()
         r = self.rollout
-        if not self.data.eval_limit >= 0:
-            raise ConfigError(f"data.eval_limit must be >= 0 (got {self.data.eval_limit})")
         lc = self.learner
         if not (lc.num_cpus > 0 or lc.num_gpus > 0):
             # Ray refuses a placement-group bundle that reserves nothing, after it has started.
             raise ConfigError("learner.num_cpus and learner.num_gpus are both 0: each learner rank's placement "
                               "bundle must reserve some CPU or GPU (set learner.num_cpus > 0)")
-        if not (1 if self.ray.num_cpus is None else self.ray.num_cpus) >= 1:
-            raise ConfigError(f"ray.num_cpus must be >= 1 (got {self.ray.num_cpus})")
-        if self.trainer.eval_function is not None:
-            check_function_spec("trainer.eval_function", self.trainer.eval_function)
-        if self.data.too_long not in ("error", "skip"):
-            raise ConfigError(f"data.too_long must be 'error' or 'skip' (got {self.data.too_long!r})")
         if self.algorithm.uses_critic and self.algorithm.critic_warmup_steps >= self.trainer.steps:
             raise ConfigError(f"algorithm.critic_warmup_steps ({self.algorithm.critic_warmup_steps}) must be below "
                               f"trainer.steps ({self.trainer.steps}): the policy trains only after the critic's "
