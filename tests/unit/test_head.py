@@ -111,6 +111,29 @@ def test_extreme_logits_match_float64():
     torch.testing.assert_close(gh.double(), ref_gh, rtol=0, atol=1e-3 * float(ref_gh.abs().max()))
 
 
+
+def test_bfloat16_weight_gradient_over_many_chunks_stays_near_one_matmul():
+    """Each chunk's bf16 weight-gradient product is rounded to bf16 before it is summed in
+    float32. Against a float64 reference that costs about 1.2x the error of the model's own
+    bf16 ``lm_head`` backward (one matmul over all rows) whatever the number of chunks; summing
+    in bf16 instead measured 3.5x with 128 chunks."""
+    hidden, weight, _, labels = inputs(dtype=torch.bfloat16, bias=False, rows=(2048,), hidden_size=128,
+                                       vocab=2048)
+    weight = (weight.detach() * 0.1).requires_grad_()
+    upstream = torch.randn(2048, generator=torch.Generator().manual_seed(1))
+
+    def error(grad):
+        exact_w = weight.detach().double().requires_grad_()
+        exact, _ = naive(hidden.detach().double(), exact_w, None, labels, 1.0)
+        (want,) = torch.autograd.grad((exact * upstream.double()).sum(), [exact_w])
+        return float((grad.double() - want).norm() / want.norm())
+
+    one_matmul, _ = naive(hidden, weight, None, labels, 1.0)
+    (plain,) = torch.autograd.grad((one_matmul * upstream).sum(), [weight])
+    chunked, _ = linear_logprobs(hidden, weight, labels, chunk_tokens=16)
+    (got,) = torch.autograd.grad((chunked * upstream).sum(), [weight])
+    assert error(got) < 1.5 * error(plain)
+
 def test_bad_arguments_are_named():
     hidden, weight, _, labels = inputs(bias=False)
     with pytest.raises(ValueError, match="temperature"):
