@@ -85,12 +85,20 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     unknown = sorted(set(raw) - names, key=str)  # YAML keys may be numbers or booleans (`1:`, `on:`)
     if unknown:
         key = f"{prefix}{unknown[0]}"
-        raise ConfigError(f"unknown config key {key!r} (known keys here: {', '.join(sorted(names))})")
+        hint = ""
+        if isinstance(unknown[0], str) and unknown[0].split(".")[0] in names:
+            # `run.name: x` in a file is one key with a dot in it, not a nested one.
+            head, _, rest = unknown[0].partition(".")
+            hint = f"; dotted keys work on the command line only: in YAML nest it, {head}: then {rest}: on the next line"
+        raise ConfigError(f"unknown config key {key!r} (known keys here: {', '.join(sorted(names))}){hint}")
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required in {prefix.rstrip('.') or 'the config'}, and not given")
     kwargs = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
     except ValueError as e:  # the section's own checks (__post_init__), which name the key
         raise ConfigError(str(e)) from None
 

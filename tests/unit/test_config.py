@@ -325,3 +325,20 @@ def test_unknown_keys_of_mixed_types_are_named_not_a_sort_error(tmp_path):
     path.write_text("1: a\nfoo: b\n")
     with pytest.raises(ConfigError, match="unknown config key '1'"):
         load_config(path)
+
+
+def test_a_dotted_key_in_yaml_is_told_to_nest(tmp_path):
+    # `run.name: x` is one key with a dot in YAML; the fix is not obvious from "unknown key".
+    path = tmp_path / "job.yaml"
+    path.write_text("run.name: x\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'run.name'.*in YAML nest it, run: then name:"):
+        load_config(path)
+    path.write_text("trainer:\n  eval.every: 2\n")  # a dot under a section with no such field: no hint
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.eval.every' \(known keys here: [^)]*\)$"):
+        load_config(path)
+
+
+def test_a_section_given_without_its_required_key_names_the_key():
+    # It was Python's "__init__() missing 1 required keyword-only argument".
+    with pytest.raises(ConfigError, match=r"^reward.model.path: required in reward.model, and not given$"):
+        load_config(None, ["reward.model.weight=2"])
