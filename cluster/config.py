@@ -49,7 +49,7 @@ class RunConfig:
 
     @property
     def path(self) -> Path:
-        return Path(self.dir) if self.dir else Path("runs") / self.name
+        return Path(self.dir).expanduser() if self.dir else Path("runs") / self.name
 
     def validate(self) -> None:
         name = self.name

@@ -32,6 +32,8 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     ``Prompt.line`` the 1-based line it was read from.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"dataset file {str(path)!r} is a directory: give the JSONL file in it")
     if not path.is_file():
         raise DataError(f"dataset file {str(path)!r} does not exist")
     prompts: list[Prompt] = []

@@ -56,7 +56,7 @@ def check_reward_model(path: str, max_length: int | None = None) -> int | None:
     """A local sequence-classification model with one label, by its config.json. A causal LM
     loads as one with a freshly initialised (random) score head, and with a one-label config
     such a run went to the end scoring noise. Returns its positions (None when unstated)."""
-    config_path = Path(path) / "config.json"
+    config_path = Path(path).expanduser() / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"reward.model.path {path!r} is not a model directory (no config.json): give a local "
                           f"Hugging Face sequence-classification model")

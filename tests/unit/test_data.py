@@ -56,6 +56,23 @@ def test_missing_and_empty_files(tmp_path):
         load_prompts(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match="holds no prompts"):
         load_prompts(write(tmp_path / "e.jsonl", [""]))
+    with pytest.raises(DataError, match="is a directory: give the JSONL file in it"):  # was "does not exist"
+        load_prompts(tmp_path)
+
+
+def test_configured_paths_expand_the_home_directory(tmp_path, monkeypatch):
+    """``~`` in model.path, data.*_path and run.dir is the job's home directory; left as it was,
+    ``~/model`` passed the pre-check and then went to the model hub as a repository id."""
+    from cluster.config import load_config
+    from cluster.launch import resolve_paths
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["model.path=~/model", "data.train_path=~/train.jsonl", "data.eval_path=~/eval.jsonl",
+                             "run.dir=~/runs/a"])
+    paths = resolve_paths(cfg)
+    assert (paths.model_path, paths.train_path, paths.eval_path) == (
+        str(tmp_path / "model"), str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl"))
+    assert cfg.run.path == tmp_path / "runs" / "a"
 
 
 def test_sampler_covers_each_epoch_once_and_is_reproducible(tmp_path):
