@@ -42,9 +42,15 @@ class Critic(nn.Module):
         bounds under ``learner.pack_sequences``)."""
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                             **inputs).last_hidden_state
+        # The head runs in float32: in bf16 every value is rounded to 2^-9 of its size, noise of
+        # that order in each advantage r + gamma V' - V. One dot product per token, so cheap; the
+        # weights are read directly, which FSDP allows because the head belongs to the root
+        # module, gathered for the whole forward (learner/fsdp.py).
+        head, dtype = self.value_head, torch.promote_types(hidden.dtype, torch.float32)
+        values = nn.functional.linear(hidden.to(dtype), head.weight.to(dtype), head.bias.to(dtype))
         # A fresh tensor, not a view of the head's output: FSDP2 hooks the module's output for
         # backward and warns that a view could lose that hook to an in-place op.
-        return self.value_head(hidden).squeeze(-1).clone()  # [B, L]
+        return values.squeeze(-1).clone()  # [B, L], float32 (or float64)
 
 
 def check_model_dir(path: str) -> None:
