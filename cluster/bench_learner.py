@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import resource
 import tempfile
 import time
@@ -113,6 +114,9 @@ def register_args(p) -> None:
                         "arranged by length); default: arranged as the driver deals them to a rank")
     p.add_argument("--micro-tokens", type=count, default=0, metavar="N",
                    help="learner.micro_batch_tokens for every option (micro-batches cut by a token budget)")
+    p.add_argument("--threads", type=count, default=0, metavar="N",
+                   help="learner.num_threads: torch CPU threads of the one rank (default 0: every core of the "
+                        "machine, for CPU AdamW under full+offload and for a CPU learner)")
     p.add_argument("--profile", type=count, default=0, metavar="ROWS",
                    help="also profile one forward + update per option (torch.profiler) and report its top ROWS ops")
 
@@ -141,6 +145,9 @@ def run(args, progress: Callable[[dict], None] | None = None) -> dict:
         result["peak_bf16_tflops"] = peak
         bounds = in_fresh_process(measure_bounds, {}, args.timeout)
         result |= {"bounds_error": bounds["error"]} if "error" in bounds else bounds
+    # One rank has the machine to itself: the config's default of 2 threads would leave the
+    # offloaded optimizer step on 2 of a GPU host's cores.
+    result["threads"] = args.threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="rlrelay-bench-learner-") as tmp:
         model_dir = Path(tmp) / "model"
         result["model"] = build_model(model_dir, PRESETS[args.preset], seed=args.seed)
@@ -150,7 +157,8 @@ def run(args, progress: Callable[[dict], None] | None = None) -> dict:
             spec = dict(model_dir=str(model_dir), overrides=POLICY_ONLY + OPTIONS[name] + budget, gpu=gpu,
                         ragged=args.ragged, unsorted=args.unsorted,
                         seq_len=args.seq_len, prompt_len=args.prompt_len, micro_batch=args.micro_batch,
-                        micro_steps=args.micro_steps, steps=args.steps, profile=args.profile, seed=args.seed)
+                        micro_steps=args.micro_steps, steps=args.steps, threads=result["threads"], profile=args.profile,
+                        seed=args.seed)
             figures = in_fresh_process(measure_option, spec, args.timeout)
             if "error" not in figures and gpu and result.get("peak_bf16_tflops"):
                 figures["mfu"] = spread([f / (result["peak_bf16_tflops"] * 1e12) for f in figures.pop("flops_per_s")])
@@ -215,8 +223,8 @@ def bench_batch(rows: int, prompt_len: int, response: int, vocab: int, ragged: b
 
 
 def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: int, prompt_len: int,
-                   micro_batch: int, micro_steps: int, steps: int, profile: int = 0, ragged: bool = False,
-                   unsorted: bool = False, seed: int = 0) -> dict:
+                   micro_batch: int, micro_steps: int, steps: int, threads: int = 2, profile: int = 0,
+                   ragged: bool = False, unsorted: bool = False, seed: int = 0) -> dict:
     """Set up one learner rank with ``overrides`` and time its forward and update passes."""
     import torch
 
@@ -228,7 +236,8 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
     response = seq_len - prompt_len
     cfg = bench_config([*overrides, f"model.path={model_dir}", f"model.max_model_len={seq_len}",
                         f"rollout.max_new_tokens={response}", f"learner.micro_batch_size={micro_batch}",
-                        f"learner.num_gpus={1 if gpu else 0}", "learner.world_size=1", "learner.max_grad_norm=1.0"])
+                        f"learner.num_gpus={1 if gpu else 0}", "learner.world_size=1", "learner.max_grad_norm=1.0",
+                        f"learner.num_threads={threads}"])
     shape = json.loads((Path(model_dir) / "config.json").read_text())
     arch = architecture(shape)
     plan = plan_memory(arch, LearnerShape.from_config(cfg), memory_options(cfg.learner))
@@ -289,7 +298,7 @@ def measure_option(*, model_dir: str, overrides: list[str], gpu: bool, seq_len: 
     figures = {"overrides": overrides[len(POLICY_ONLY):], "models": ["policy"] + ["critic"] * critic
                + ["reference"] * (rank.reference is not None),
                "setup_s": round(setup_s, 2), "forward_s": spread(forward_s), "update_s": spread(update_s),
-               "tokens": tokens, "micro_sizes": sizes,
+               "tokens": tokens, "micro_sizes": sizes, "threads": torch.get_num_threads(),
                "train_tokens_per_s": spread([tokens / s for s in update_s]),
                "flops_per_s": [flops / s for s in update_s],
                "planned_tensors_gib": round((plan.total_bytes - plan.overhead_bytes) / GIB, 2),
@@ -337,7 +346,8 @@ def brief(result: dict) -> str:
     """One line per option: the figures the README's GPU table takes (medians)."""
     lines = [f"{result['device']}, torch {result['torch']}, preset {result['preset']}, "
              f"micro-batch {result['batch']['micro_batch']} x {result['batch']['micro_steps']}, "
-             f"seq {result['batch']['seq_len']}" + (", ragged" if result["batch"]["ragged"] else "")]
+             f"seq {result['batch']['seq_len']}, CPU threads {result['threads']}"
+             + (", ragged" if result["batch"]["ragged"] else "")]
     for name, f in result["options"].items():
         if "error" in f:
             lines.append(f"  {name}: ERROR {f['error']}")

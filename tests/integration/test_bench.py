@@ -218,7 +218,8 @@ def test_bench_reward_times_both_isolations_on_the_same_samples():
 def test_bench_learner_runs_without_the_cli_as_on_a_lent_gpu_machine(tmp_path):
     """`python -m cluster.bench_learner` (the GPU machine has no Ray, so no `rlrelay`): one line
     per option by default, each printed (and --out rewritten) as its option ends, so a run a time
-    limit cuts short keeps what it finished; the JSON object with --json."""
+    limit cuts short keeps what it finished; the JSON object with --json. ``--threads`` reaches the
+    learner rank in each option's process."""
     import subprocess
     import sys
     from pathlib import Path
@@ -226,15 +227,17 @@ def test_bench_learner_runs_without_the_cli_as_on_a_lent_gpu_machine(tmp_path):
     out = tmp_path / "figures.json"
     args = [sys.executable, "-m", "cluster.bench_learner", "--preset", "tiny", "--cpu", "--seq-len", "32",
             "--prompt-len", "16", "--micro-batch", "2", "--micro-steps", "1", "--steps", "1", "--options", "full,grad_op",
-            "--out", str(out)]
+            "--threads", "1", "--out", str(out)]
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     written = json.loads(out.read_text())
     assert list(written["options"]) == ["full", "grad_op"]
     assert all("error" not in f for f in written["options"].values()), written["options"]
+    assert written["threads"] == 1 and [f["threads"] for f in written["options"].values()] == [1, 1]
     printed = done.stdout.splitlines()
-    assert len(printed) == 3 and printed[0].startswith("cpu, torch ")  # the header once, then an option a line
+    # The header once, then an option a line.
+    assert len(printed) == 3 and printed[0].startswith("cpu, torch ") and "CPU threads 1" in printed[0]
     assert printed[1].startswith("  full: ") and printed[2].startswith("  grad_op: ") and "tok/s" in printed[2]
     done = subprocess.run(args + ["--json"], cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
