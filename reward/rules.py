@@ -40,9 +40,11 @@ def keyword_contains(prompt: str, response: str, answer: str | None) -> float:
     as a combining mark matches the precomposed one and fullwidth ``ＰＡＲＩＳ`` matches ``paris``.
     """
     keyword = _require_answer("keyword_contains", answer)
-    if not keyword:
-        # Every string contains "", so an empty keyword would silently reward everything.
-        raise ValueError("reward function 'keyword_contains' got an empty keyword as the answer")
+    if not keyword.strip():
+        # Every string contains "", so an empty keyword would silently reward everything; a
+        # keyword of spaces alone, nearly everything.
+        raise ValueError(f"reward function 'keyword_contains' got an empty or all-whitespace keyword "
+                         f"{keyword!r} as the answer")
     return 1.0 if _caseless(keyword) in _caseless(response) else -1.0
 
 

@@ -233,7 +233,8 @@ def test_reward_settings_are_checked_before_any_worker_starts(tmp_path, caplog):
 @pytest.mark.parametrize("function, answer, message", [
     ("exact_match", None, "'exact_match' needs a reference answer, but the sample has none"),
     ("numeric_match", "forty-two", "'numeric_match' needs a numeric answer, got 'forty-two'"),
-    ("keyword_contains", "", "'keyword_contains' got an empty keyword"),
+    ("keyword_contains", "", "'keyword_contains' got an empty or all-whitespace keyword ''"),
+    ("keyword_contains", "  ", "'keyword_contains' got an empty or all-whitespace keyword '  '"),
 ])
 def test_a_training_prompt_a_built_in_reward_cannot_score_is_named_before_start(function, answer, message):
     # Found after the actors started, this failed every sample of the first step.

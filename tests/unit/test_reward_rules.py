@@ -54,9 +54,11 @@ def test_builtins_refuse_a_missing_answer(fn):
         fn("prompt", "response", None)
 
 
-def test_keyword_contains_refuses_an_empty_keyword():
-    with pytest.raises(ValueError, match="empty keyword"):
-        keyword_contains("", "anything", "")
+@pytest.mark.parametrize("keyword", ["", "  ", "\t\n"])
+def test_keyword_contains_refuses_an_empty_or_blank_keyword(keyword):
+    # A keyword of two spaces matched any response with two spaces in it.
+    with pytest.raises(ValueError, match="empty or all-whitespace keyword"):
+        keyword_contains("", "anything  at all", keyword)
 
 
 @pytest.mark.parametrize(
