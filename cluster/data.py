@@ -186,4 +186,10 @@ def drop_too_long(prompts: list[Prompt], encode, limit: int, policy: str, source
     if unknown:
         log.warning("%s: %d prompt(s) hold characters the tokenizer does not know (encoded as its unknown token), "
                     "e.g. %s", source, len(unknown), unknown[0])
+    if prompts and not kept:
+        # Skipping all of them would run eval-less (or fail later on an empty train set) with
+        # only a logged count to show why.
+        raise DataError(f"{source}: every one of its {len(prompts)} prompts has more than the {limit} tokens that "
+                        f"model.max_model_len - rollout.max_new_tokens leaves, so data.too_long=skip would drop "
+                        f"them all")
     return kept, len(prompts) - len(kept)
