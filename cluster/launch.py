@@ -30,6 +30,7 @@ from cluster.job_spec import job_env_vars
 from cluster.jobs import join_cluster
 from cluster.preflight import check_eval_judge, check_model_dir, check_reward_config, check_writable
 from cluster.security import check_cluster_auth, require_token_auth
+from learner.schedule import run_schedules, warmup_warning
 
 log = logging.getLogger("rlrelay")
 
@@ -325,6 +326,12 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
                     "contents): its data position (pass %d, prompt %d) now indexes another order, so prompts may be "
                     "repeated or skipped", len(train_prompts), saved["prompts"], resumed.sampler_epoch,
                     resumed.sampler_position)
+    updates_per_step = cfg.algorithm.ppo_epochs * cfg.algorithm.minibatches
+    schedules = run_schedules(cfg.learner, cfg.algorithm, cfg.trainer.steps * updates_per_step)
+    for name, peak_key in (("policy", "learner.lr"), ("critic", "learner.critic_lr"))[:1 + cfg.algorithm.uses_critic]:
+        # A warning, not an error: a short smoke test of a long job's config is a fair use.
+        if (warning := warmup_warning(schedules[name], name, peak_key)) is not None:
+            log.warning("%s", warning)
     own = resume_from is not None and is_own_checkpoint(Path(resume_from), checkpoints)
     if not own:
         # Continuing none of this run's own checkpoints (a fresh start, `--resume auto` that found
@@ -347,7 +354,6 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
         init_ray(cfg)
         control = start_control(cfg)
         registered = register_job(cfg.run.name, ray.get_runtime_context().gcs_address, cfg.ray.namespace)
-        updates_per_step = cfg.algorithm.ppo_epochs * cfg.algorithm.minibatches
         # All actors start at once (vLLM engines, learner ranks and reward workers load in
         # parallel); then each pool waits for its own.
         learner = LearnerGroup(cfg, paths.model_path, total_updates=cfg.trainer.steps * updates_per_step)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from learner.config import AlgorithmConfig, LearnerConfig
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LRSchedule:
@@ -35,6 +37,27 @@ class LRSchedule:
         if self.kind != "cosine":
             return 1.0
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+
+
+def run_schedules(learner: LearnerConfig, algorithm: AlgorithmConfig, total_updates: int) -> dict[str, LRSchedule]:
+    """The policy's and the critic's schedules over a run of ``total_updates`` optimizer steps.
+    The policy sits out the critic's warm-up, so its schedule is that much shorter: sized for
+    every step, its cosine would end far above min_lr_ratio."""
+    warmup_updates = algorithm.critic_warmup_steps * algorithm.ppo_epochs * algorithm.minibatches
+    return {name: LRSchedule(kind=learner.lr_schedule, warmup_steps=learner.warmup_steps,
+                             min_lr_ratio=learner.min_lr_ratio, total_updates=max(1, total))
+            for name, total in (("policy", total_updates - warmup_updates), ("critic", total_updates))}
+
+
+def warmup_warning(schedule: LRSchedule, name: str, peak_key: str) -> str | None:
+    """What to tell the user when the warm-up outlasts the run: the learning rate never reaches
+    its peak. Example: ``warmup_steps=20`` over 8 updates peaks at 8/21 of it."""
+    if schedule.warmup_steps <= schedule.total_updates:
+        return None
+    top = schedule.factor(schedule.total_updates - 1)
+    return (f"learner.warmup_steps={schedule.warmup_steps} is longer than the {name}'s {schedule.total_updates} "
+            f"optimizer steps in this run (trainer.steps x algorithm.ppo_epochs x algorithm.minibatches): its "
+            f"learning rate ends the run at {100 * top:.0f} % of {peak_key}, never reaching it")
 
 
 def settings_changed(saved_peaks: dict[str, float], peaks: dict[str, float], old: LRSchedule | None,

@@ -32,7 +32,7 @@ from learner.fsdp import (ShardingPlan, applied_options, cat_rows, micro_batches
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import (critic_skeleton, load_critic, load_policy, policy_skeleton, sequence_logprobs,
                             sequence_values)
-from learner.schedule import LRSchedule, settings_changed
+from learner.schedule import LRSchedule, run_schedules, settings_changed
 from learner.shared_weights import SharedWeights, SharedWeightWriter
 from learner.weight_bucket import WeightUpdate, drop_aliases, share_state_dict
 
@@ -48,12 +48,7 @@ class LearnerRank:
         self.cfg = learner
         self.algo = algorithm
         self.temperature = temperature
-        # The policy sits out the critic's warm-up, so its schedule is that much shorter: sized
-        # for every step, its cosine would end far above min_lr_ratio.
-        warmup_updates = algorithm.critic_warmup_steps * algorithm.ppo_epochs * algorithm.minibatches
-        self.schedules = {name: LRSchedule(kind=learner.lr_schedule, warmup_steps=learner.warmup_steps,
-                                           min_lr_ratio=learner.min_lr_ratio, total_updates=max(1, total))
-                          for name, total in (("policy", total_updates - warmup_updates), ("critic", total_updates))}
+        self.schedules = run_schedules(learner, algorithm, total_updates)
         self.device = torch.device("cuda" if learner.num_gpus > 0 else "cpu")
         torch.set_num_threads(learner.num_threads)
         self._head_checked = False
