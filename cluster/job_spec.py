@@ -8,6 +8,7 @@ and the tests use them without a cluster.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shlex
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ STOP_GRACE_S = 300
 """How long a stopped job's driver has from SIGTERM to SIGKILL, given to Ray's job supervisor
 as RAY_JOB_STOP_WAIT_TIME_S (Ray's own default is 3 s): the driver finishes the step in progress
 and writes its checkpoint, as on any SIGTERM."""
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def new_submission_id(run_name: str) -> str:
@@ -90,8 +92,9 @@ def job_env(specs: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
     for spec in specs:
         name, sep, value = spec.partition("=")
         name = name.strip()
-        if not name:
-            raise ValueError(f"--env {spec!r}: expected NAME or NAME=VALUE")
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"--env {spec!r}: expected NAME or NAME=VALUE, NAME of letters, digits and _ "
+                             f"(not starting with a digit)")
         if is_secret_name(name):
             raise ValueError(f"--env {name}: secrets are not sent with a job (a job's environment is readable "
                              f"by anyone with access to the job API); set {name} in the cluster's environment "
@@ -100,5 +103,8 @@ def job_env(specs: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
             if name not in env:
                 raise ValueError(f"--env {name}: not set here; use --env {name}=VALUE")
             value = env[name]
+        if name == "RAY_JOB_STOP_WAIT_TIME_S" and not (value.isdigit() and int(value) > 0):
+            # Ray reads it when the job is stopped: a bad value would fail the stop itself.
+            raise ValueError(f"--env RAY_JOB_STOP_WAIT_TIME_S={value!r}: expected a whole number of seconds > 0")
         out[name] = value
     return out

@@ -84,7 +84,8 @@ def register(sub) -> None:
     p = sub.add_parser("stop", help="stop a Ray job and wait until it has stopped",
                        description="Stop a Ray job. A training job submitted by `rlrelay submit` finishes the "
                                    f"step in progress and writes a checkpoint first (up to {STOP_GRACE_S} s, "
-                                   "RAY_JOB_STOP_WAIT_TIME_S, before Ray kills it); `--resume auto` continues it.")
+                                   "RAY_JOB_STOP_WAIT_TIME_S, before Ray kills it); `--resume auto` continues it. "
+                                   "A job submitted with a longer RAY_JOB_STOP_WAIT_TIME_S needs a --timeout to match.")
     p.add_argument("job", help="submission id")
     _add_connection_args(p)
     p.add_argument("--timeout", type=positive_number, default=STOP_GRACE_S + 30.0,

@@ -181,6 +181,12 @@ def test_job_env_forwards_w_and_b_settings_and_refuses_secrets():
             job_env([spec], env)
     with pytest.raises(ValueError, match="not set here"):
         job_env(["UNSET_VARIABLE"], env)
+    for spec in ("MY VAR=1", "1ST=x", "=x", "A-B=1"):  # "MY VAR" was sent on as a variable name
+        with pytest.raises(ValueError, match=r"expected NAME or NAME=VALUE, NAME of letters, digits and _"):
+            job_env([spec], env)
+    for wait in ("soon", "-5", "0", "1.5", ""):  # Ray reads it only when the job is stopped
+        with pytest.raises(ValueError, match="RAY_JOB_STOP_WAIT_TIME_S=.*expected a whole number of seconds > 0"):
+            job_env([f"RAY_JOB_STOP_WAIT_TIME_S={wait}"], env)
 
 
 def test_entrypoint_quotes_overrides_for_the_shell():
