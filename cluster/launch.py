@@ -203,11 +203,39 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         sys.path.insert(0, os.getcwd())
     run_dir = cfg.run.path
     checkpoint_root = Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints").expanduser()
+    made = _missing_dirs(checkpoint_root) + _missing_dirs(run_dir)
     # Found at the end of training, an unwritable directory lost the whole run.
     check_writable(run_dir, "run.dir")
     check_writable(checkpoint_root, "trainer.checkpoint_dir")
-    with exclusive(run_dir):
-        return _train(cfg, resume, run_dir, CheckpointManager(checkpoint_root, keep_last=cfg.trainer.keep_last))
+    try:
+        with exclusive(run_dir):
+            return _train(cfg, resume, run_dir, CheckpointManager(checkpoint_root, keep_last=cfg.trainer.keep_last))
+    except BaseException:
+        _remove_if_unused(made, run_dir)
+        raise
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_unused(made: list[Path], run_dir: Path) -> None:
+    """Undo the directories this job made when it failed before writing anything into them (a
+    pre-check refused the config, the model or the data): a run directory holding only the
+    lock, an empty checkpoints directory. Anything else in them stays."""
+    for path in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
+        lock = run_dir / ".rlrelay.lock"
+        if path == run_dir and path.is_dir() and [p.name for p in path.iterdir()] == [lock.name]:
+            lock.unlink()
+        try:
+            path.rmdir()
+        except OSError:  # not empty: the job wrote something there
+            pass
 
 
 def completed_run(run_dir: Path, steps: int) -> RunSummary | None:
