@@ -346,7 +346,8 @@ def brief(result: dict) -> str:
     """One line per option: the figures the README's GPU table takes (medians)."""
     lines = [f"{result['device']}, torch {result['torch']}, preset {result['preset']}, "
              f"micro-batch {result['batch']['micro_batch']} x {result['batch']['micro_steps']}, "
-             f"seq {result['batch']['seq_len']}, CPU threads {result['threads']}"
+             f"seq {result['batch']['seq_len']}"
+             + (f", CPU threads {result['threads']}" if "threads" in result else "")  # figures of older runs lack it
              + (", ragged" if result["batch"]["ragged"] else "")]
     for name, f in result["options"].items():
         if "error" in f:
