@@ -140,7 +140,9 @@ class LearnerConfig:
     num_gpus: float = 0.0
     """Ray GPUs per rank: 1 trains on CUDA over NCCL in bf16, 0 on CPU over gloo in fp32."""
     num_threads: int = 2
-    """torch CPU threads per rank (set explicitly: Ray sets OMP_NUM_THREADS from num_cpus)."""
+    """torch CPU threads per rank (set explicitly: Ray sets OMP_NUM_THREADS from num_cpus). Under
+    ``cpu_offload`` the optimizer step runs on them: give each rank its share of the host's cores
+    (and ``num_cpus`` to match)."""
     lr: float = 1e-5
     """Peak policy learning rate."""
     critic_lr: float = 1e-5
