@@ -5,13 +5,9 @@ Everything the controller uses is built here and passed in; nothing is global.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -29,6 +25,8 @@ from cluster.data import PromptSampler, data_fingerprint, drop_too_long, load_pr
 from cluster.job_spec import job_env_vars
 from cluster.jobs import join_cluster
 from cluster.preflight import check_eval_judge, check_model_dir, check_reward_config, check_writable
+from cluster.run_dir import (clear_earlier_run, completed_run, exclusive, is_own_checkpoint, missing_dirs,
+                             remove_if_unused)
 from cluster.security import check_cluster_auth, require_token_auth
 from learner.schedule import run_schedules, warmup_warning
 
@@ -160,34 +158,6 @@ def start_control(cfg: Config):
                       f"set run.name to another name")
 
 
-def clear_earlier_run(run_dir: Path, checkpoints: CheckpointManager, overwrite: bool) -> None:
-    """Refuse a run that continues none of its own checkpoints where an earlier run left
-    checkpoints or metrics (rotation would delete the new run's checkpoints in favour of the
-    old, higher-numbered ones, a later ``--resume auto`` would pick one of those, and the old
-    metrics would be emptied), or remove them with ``run.overwrite``."""
-    earlier = checkpoints.checkpoints()
-    metrics = run_dir / "metrics.jsonl"
-    found = bool(earlier) or (metrics.is_file() and metrics.stat().st_size > 0)
-    what = f"{len(earlier)} checkpoint(s), the latest {earlier[-1]}" if earlier else f"{metrics}"
-    if found and not overwrite:
-        # Without a checkpoint (one that ended early with trainer.save_every=0) there is nothing to continue.
-        how = "--resume auto continues it" if earlier else "it left no checkpoint to continue from"
-        raise ConfigError(f"run directory {run_dir} holds an earlier run ({what}): {how}, another run.name or "
-                          f"run.dir starts a new one beside it, run.overwrite=true replaces it")
-    if not overwrite:
-        return
-    if found:
-        log.warning("run.overwrite=true: removing the earlier run in %s (%s)", run_dir, what)
-    for path in earlier:
-        shutil.rmtree(path)
-    # Also its offline W&B runs (`wandb sync runs/<name>/wandb/offline-run-*` would upload them
-    # beside the new one), and what a run that failed before its first step left.
-    for name in ("final_model", "wandb"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "summary.json", "curves.png"):
-        (run_dir / name).unlink(missing_ok=True)
-
-
 def train(cfg: Config, resume: str | None = None) -> RunSummary:
     """Run one training job to completion and write its summary.
 
@@ -203,7 +173,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         sys.path.insert(0, os.getcwd())
     run_dir = cfg.run.path
     checkpoint_root = Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints").expanduser()
-    made = _missing_dirs(checkpoint_root) + _missing_dirs(run_dir)
+    made = missing_dirs(checkpoint_root) + missing_dirs(run_dir)
     # Found at the end of training, an unwritable directory lost the whole run.
     check_writable(run_dir, "run.dir")
     check_writable(checkpoint_root, "trainer.checkpoint_dir")
@@ -211,74 +181,8 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         with exclusive(run_dir):
             return _train(cfg, resume, run_dir, CheckpointManager(checkpoint_root, keep_last=cfg.trainer.keep_last))
     except BaseException:
-        _remove_if_unused(made, run_dir)
+        remove_if_unused(made, run_dir)
         raise
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    """``path`` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def _remove_if_unused(made: list[Path], run_dir: Path) -> None:
-    """Undo the directories this job made when it failed before writing anything into them (a
-    pre-check refused the config, the model or the data): a run directory holding only the
-    lock, an empty checkpoints directory. Anything else in them stays."""
-    for path in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
-        lock = run_dir / ".rlrelay.lock"
-        if path == run_dir and path.is_dir() and [p.name for p in path.iterdir()] == [lock.name]:
-            lock.unlink()
-        try:
-            path.rmdir()
-        except OSError:  # not empty: the job wrote something there
-            pass
-
-
-def completed_run(run_dir: Path, steps: int) -> RunSummary | None:
-    """The summary of the run in ``run_dir`` if it ran to its end at ``steps`` steps (final
-    checkpoint, model and evaluation, then summary.json, written last); None otherwise,
-    e.g. after a crash between its last checkpoint and its summary, whose end a resume redoes."""
-    try:
-        saved = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(saved, dict) or saved.get("steps_completed") != steps or saved.get("stopped_early"):
-        return None
-    return RunSummary(steps_completed=steps, eval_before=saved.get("eval_before"), eval_after=saved.get("eval_after"))
-
-
-def is_own_checkpoint(checkpoint: Path, checkpoints: CheckpointManager) -> bool:
-    """Whether ``checkpoint`` is one of this run's own. Only then does its W&B run continue:
-    resuming another run's checkpoint (a fork of it, a fine-tune) must not write into that
-    run's W&B history."""
-    return checkpoint.resolve().parent == checkpoints.root.resolve()
-
-
-@contextmanager
-def exclusive(run_dir: Path) -> Iterator[None]:
-    """Hold the run directory for this driver: a second job with the same run directory (the
-    same run.name, started from another shell) would interleave its metrics and replace this
-    one's checkpoints. An advisory lock (flock), released when the process ends however it ends."""
-    with open(run_dir / ".rlrelay.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            raise ConfigError(f"run directory {run_dir} is in use by a running job ({owner}): set another run.name "
-                              f"or run.dir, or wait for it to end") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: CheckpointManager) -> RunSummary:

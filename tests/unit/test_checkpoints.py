@@ -84,7 +84,7 @@ def test_missing_metadata_is_a_clear_error(tmp_path):
 
 def test_a_fresh_run_never_mixes_with_an_earlier_one_in_its_directory(tmp_path):
     from cluster.config import ConfigError
-    from cluster.launch import clear_earlier_run
+    from cluster.run_dir import clear_earlier_run
 
     run = tmp_path / "run"
     run.mkdir()
@@ -121,7 +121,7 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one_in_its_directory(tmp_path):
 
 
 def test_only_a_runs_own_checkpoint_continues_its_wandb_run(tmp_path):
-    from cluster.launch import is_own_checkpoint
+    from cluster.run_dir import is_own_checkpoint
 
     manager = CheckpointManager(tmp_path / "runs" / "b" / "checkpoints", keep_last=2)
     assert is_own_checkpoint(tmp_path / "runs" / "b" / "checkpoints" / "step-000010", manager)

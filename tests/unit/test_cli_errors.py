@@ -152,7 +152,7 @@ def test_a_run_or_checkpoint_directory_that_cannot_be_written_is_named_before_st
 def test_a_second_job_in_the_same_run_directory_is_refused(tmp_path, capsys):
     # Two jobs with one run.name interleaved their metrics and replaced each other's checkpoints.
     from cluster.config import load_config
-    from cluster.launch import exclusive
+    from cluster.run_dir import exclusive
 
     overrides = run_overrides(tmp_path)
     run_dir = load_config(DEMO, overrides).run.path
