@@ -9,6 +9,7 @@ turning YAML and overrides into these dataclasses is ``cluster/config_parse.py``
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,8 @@ class RunConfig:
 
     @property
     def path(self) -> Path:
-        return Path(self.dir).expanduser() if self.dir else Path("runs") / self.name
+        # os.path's expanduser leaves ~user of a user unknown here as it is (Path's raises).
+        return Path(os.path.expanduser(self.dir)) if self.dir else Path("runs") / self.name
 
     def validate(self) -> None:
         name = self.name

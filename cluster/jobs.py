@@ -125,7 +125,7 @@ def submit_command(args) -> int:
         # set (whatever run.dir is), else to run.dir.
         key, checkpoints = (("trainer.checkpoint_dir", cfg.trainer.checkpoint_dir) if cfg.trainer.checkpoint_dir
                             else ("run.dir", str(cfg.run.path)))
-        if args.resume and not Path(checkpoints).expanduser().is_absolute():
+        if args.resume and not (checkpoints.startswith("~") or Path(checkpoints).is_absolute()):  # ~: the job's home
             raise ConfigError(f"--resume needs the checkpoints on storage the cluster keeps (an absolute {key}); "
                               f"{key} {checkpoints} is relative to the job's copy of the working directory")
     except ConfigError as e:

@@ -55,7 +55,7 @@ def resolve_paths(cfg: Config) -> ResolvedPaths:
     if model is None or train is None:
         from cluster.demo import prepare_demo_assets
 
-        assets = prepare_demo_assets(cfg.demo, Path(cfg.run.cache_dir).expanduser(), log=log.info)
+        assets = prepare_demo_assets(cfg.demo, Path(os.path.expanduser(cfg.run.cache_dir)), log=log.info)
         model = model or str(assets.model_dir)
         if train is None:
             train = str(assets.train_path)
@@ -172,17 +172,17 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     run_dir = cfg.run.path
-    checkpoint_root = Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints").expanduser()
+    checkpoint_root = Path(os.path.expanduser(cfg.trainer.checkpoint_dir or run_dir / "checkpoints"))
     made = missing_dirs(checkpoint_root) + missing_dirs(run_dir)
-    # Found at the end of training, an unwritable directory lost the whole run.
-    check_writable(run_dir, "run.dir")
-    check_writable(checkpoint_root, "trainer.checkpoint_dir")
     try:
-        with exclusive(run_dir):
-            return _train(cfg, resume, run_dir, CheckpointManager(checkpoint_root, keep_last=cfg.trainer.keep_last))
-    except BaseException:
-        remove_if_unused(made, run_dir)
+        # Found at the end of training, an unwritable directory lost the whole run.
+        check_writable(run_dir, "run.dir")
+        check_writable(checkpoint_root, "trainer.checkpoint_dir")
+    except ConfigError:
+        remove_if_unused(made, run_dir, locked=False)
         raise
+    with exclusive(run_dir, made):
+        return _train(cfg, resume, run_dir, CheckpointManager(checkpoint_root, keep_last=cfg.trainer.keep_last))
 
 
 def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: CheckpointManager) -> RunSummary:

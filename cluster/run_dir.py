@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,26 +48,32 @@ def clear_earlier_run(run_dir: Path, checkpoints: CheckpointManager, overwrite: 
         (run_dir / name).unlink(missing_ok=True)
 
 
+LOCK_NAME = ".rlrelay.lock"
+
+
 def missing_dirs(path: Path) -> list[Path]:
     """``path`` and those of its parents that do not exist yet, deepest first."""
     missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
+    try:
+        while not path.exists() and path != path.parent:
+            missing.append(path)
+            path = path.parent
+    except OSError:  # a parent this user may not enter: check_writable names it; nothing to undo
+        return []
     return missing
 
 
-def remove_if_unused(made: list[Path], run_dir: Path) -> None:
+def remove_if_unused(made: list[Path], run_dir: Path, locked: bool) -> None:
     """Undo the directories this job made when it failed before writing anything into them (a
-    pre-check refused the config, the model or the data): a run directory holding only the
-    lock, an empty checkpoints directory. Anything else in them stays."""
+    pre-check refused the config, the model or the data): empty ones, and a run directory
+    holding only this job's lock when ``locked`` (the lock still held, so no other job can
+    have taken it). Anything else stays, another job's lock included."""
     for path in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
-        lock = run_dir / ".rlrelay.lock"
-        if path == run_dir and path.is_dir() and [p.name for p in path.iterdir()] == [lock.name]:
-            lock.unlink()
         try:
+            if locked and path == run_dir and [p.name for p in path.iterdir()] == [LOCK_NAME]:
+                (path / LOCK_NAME).unlink()
             path.rmdir()
-        except OSError:  # not empty: the job wrote something there
+        except OSError:  # not empty (the job wrote something there), or already gone
             pass
 
 
@@ -92,11 +98,13 @@ def is_own_checkpoint(checkpoint: Path, checkpoints: CheckpointManager) -> bool:
 
 
 @contextmanager
-def exclusive(run_dir: Path) -> Iterator[None]:
+def exclusive(run_dir: Path, made: Sequence[Path] = ()) -> Iterator[None]:
     """Hold the run directory for this driver: a second job with the same run directory (the
     same run.name, started from another shell) would interleave its metrics and replace this
-    one's checkpoints. An advisory lock (flock), released when the process ends however it ends."""
-    with open(run_dir / ".rlrelay.lock", "a+") as f:
+    one's checkpoints. An advisory lock (flock), released when the process ends however it ends.
+    ``made``: the directories this job created for itself, removed again (``remove_if_unused``)
+    if the job fails while they hold nothing; a job refused here removes nothing."""
+    with open(run_dir / LOCK_NAME, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -110,5 +118,8 @@ def exclusive(run_dir: Path) -> Iterator[None]:
         f.flush()
         try:
             yield
+        except BaseException:
+            remove_if_unused(list(made), run_dir, locked=True)
+            raise
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)

@@ -98,7 +98,7 @@ def token_source(env: Mapping[str, str], home: Path | None = None) -> str | None
         return TOKEN_VAR
     path = env.get(TOKEN_PATH_VAR, "").strip()
     if path:
-        return path if Path(path).expanduser().is_file() else None
+        return path if Path(os.path.expanduser(path)).is_file() else None
     default = (home or Path.home()) / ".ray" / "auth_token"
     return str(default) if default.is_file() else None
 
@@ -110,7 +110,7 @@ def warn_if_token_readable_by_others(env: Mapping[str, str], home: Path | None =
     source = token_source(env, home)
     if source is None or source == TOKEN_VAR:
         return
-    path = Path(source).expanduser()
+    path = Path(os.path.expanduser(source))
     if path.stat().st_mode & 0o077:
         log.warning("the Ray auth token file %s is readable by other users of this machine, who could use it "
                     "to run code in the cluster: chmod 600 %s", path, path)

@@ -171,27 +171,3 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
     assert sorted(p.name for p in aside.iterdir()) == ["step-000004", "step-000006"]
     write(m, 3, model_dir)
     assert resolve_resume("auto", m).name == "step-000003"
-
-
-def test_a_job_refused_by_its_pre_checks_leaves_no_empty_run_directory(tmp_path):
-    """The run and checkpoint directories are made (and locked) before the model and data are
-    checked; a refused job left them behind, empty but for the lock."""
-    from pathlib import Path
-
-    from cluster.config import load_config
-    from cluster.launch import train
-
-    demo = Path(__file__).resolve().parents[2] / "deploy" / "jobs" / "demo.yaml"
-    gone = f"model.path={tmp_path / 'gone'}"
-    cfg = load_config(demo, [f"run.dir={tmp_path / 'runs' / 'a'}", f"trainer.checkpoint_dir={tmp_path / 'ck' / 'a'}",
-                             gone])
-    with pytest.raises(ConfigError, match="model.path .* is not a directory"):
-        train(cfg)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
-    # What was there before, or written by the job, stays.
-    kept = tmp_path / "kept"
-    (kept / "notes").mkdir(parents=True)
-    cfg = load_config(demo, [f"run.dir={kept}", gone])
-    with pytest.raises(ConfigError, match="model.path .* is not a directory"):
-        train(cfg)
-    assert sorted(p.name for p in kept.iterdir()) == [".rlrelay.lock", "notes"]

@@ -13,7 +13,7 @@ import pytest
 from cluster.cli import main
 from cluster.config import load_config
 from cluster.memory_model import GIB, LearnerShape, memory_options
-from cluster.plan import build_report, resolve_architecture
+from cluster.plan import KNOWN_CONFIGS, build_report, resolve_architecture
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_CONFIGS = sorted((REPO / "deploy" / "jobs").glob("*.yaml"))
@@ -75,6 +75,16 @@ def test_plan_names_the_missing_model(capsys):
     config = str(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml")
     assert main(["plan", config, "model.path=/models/unknown-model"]) == 2
     assert "--model-config" in capsys.readouterr().err
+
+
+def test_plan_reads_a_model_under_the_home_directory(tmp_path, monkeypatch, capsys):
+    # `~/mymodel` was looked up as is, then by its name in the built-in table.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mymodel").mkdir()
+    (tmp_path / "mymodel" / "config.json").write_text(json.dumps(KNOWN_CONFIGS["Qwen2.5-0.5B-Instruct"]))
+    config = str(REPO / "deploy/jobs/gsm8k-0.5b-verifier-1node.yaml")
+    assert main(["plan", config, "model.path=~/mymodel", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["source"] == str(tmp_path / "mymodel" / "config.json")
 
 
 def test_plan_module_does_not_import_torch():

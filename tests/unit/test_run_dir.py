@@ -1,0 +1,81 @@
+"""The run directory: one job holds it at a time, and a job refused before it wrote anything
+removes the directories it made for itself, and nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config
+from cluster.launch import train
+from cluster.run_dir import LOCK_NAME, exclusive, missing_dirs, remove_if_unused
+
+DEMO = Path(__file__).resolve().parents[2] / "deploy" / "jobs" / "demo.yaml"
+
+
+def test_a_job_refused_by_its_pre_checks_leaves_no_empty_run_directory(tmp_path):
+    """The run and checkpoint directories are made (and locked) before the model and data are
+    checked; a refused job left them behind, empty but for the lock."""
+    gone = f"model.path={tmp_path / 'gone'}"
+    cfg = load_config(DEMO, [f"run.dir={tmp_path / 'runs' / 'a'}", f"trainer.checkpoint_dir={tmp_path / 'ck' / 'a'}",
+                             gone])
+    with pytest.raises(ConfigError, match="model.path .* is not a directory"):
+        train(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # What was there before, or written by the job, stays.
+    kept = tmp_path / "kept"
+    (kept / "notes").mkdir(parents=True)
+    cfg = load_config(DEMO, [f"run.dir={kept}", gone])
+    with pytest.raises(ConfigError, match="model.path .* is not a directory"):
+        train(cfg)
+    assert sorted(p.name for p in kept.iterdir()) == [".rlrelay.lock", "notes"]
+
+
+def test_a_checkpoint_dir_that_cannot_be_made_leaves_no_run_directory(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    cfg = load_config(DEMO, [f"run.dir={tmp_path / 'runs' / 'a'}", f"trainer.checkpoint_dir={tmp_path / 'a-file' / 'ck'}"])
+    with pytest.raises(ConfigError, match="trainer.checkpoint_dir: .* is not a writable directory"):
+        train(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_job_refused_because_another_holds_the_directory_removes_nothing(tmp_path):
+    # Two jobs starting at once on a new directory both see it missing; the one refused used to
+    # delete the other's lock and directory, so a third job could take it too.
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with exclusive(run_dir):
+        with pytest.raises(ConfigError, match="is in use by a running job"):
+            with exclusive(run_dir, made=[run_dir / "checkpoints", run_dir]):
+                pass
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME, "checkpoints"]
+
+
+def test_made_directories_with_anything_in_them_stay(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    (run_dir / LOCK_NAME).write_text("")
+    remove_if_unused([run_dir / "checkpoints", run_dir], run_dir, locked=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME, "metrics.jsonl"]
+    # Not holding the lock, a lock file is another job's: the directory stays with it.
+    (run_dir / "metrics.jsonl").unlink()
+    remove_if_unused([run_dir], run_dir, locked=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]
+
+
+def test_a_parent_that_cannot_be_entered_makes_nothing_to_undo(tmp_path, monkeypatch):
+    # Path.exists raises PermissionError under a directory this user may not enter (checked
+    # here by standing in for it: these tests run as root, who may enter any).
+    def refused(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", refused)
+    assert missing_dirs(tmp_path / "private" / "run") == []
+
+
+def test_a_home_directory_of_a_user_unknown_here_is_left_to_the_cluster():
+    # Path.expanduser raises for ~user of an unknown user; submit sends the path on as it is.
+    cfg = load_config(DEMO, ["run.dir=~no-such-user-here/runs/a"])
+    assert cfg.run.path == Path("~no-such-user-here/runs/a")
