@@ -71,7 +71,8 @@ follows what the learner does (``learner/worker.py``, ``learner/fsdp.py``, ``lea
       logits = c B L V + c B T V + 12 B T V + k N V
 
   (for a 150k vocabulary this term, not the model, then often decides the micro-batch.) The
-  critic's value head has no vocabulary term.
+  critic's value head has no vocabulary term; it runs in fp32, so under bf16 it keeps an fp32
+  copy of the final hidden states for backward: 4 B L h.
 - **Overhead**: 1.5 GiB fixed on a GPU (CUDA context, NCCL communicators, cuBLAS workspaces) plus 5 %
   of the tensors for caching-allocator fragmentation. **Fits** means the total is within
   90 % of the GPU's memory (a 10 % safety margin for what this model does not see).
@@ -253,6 +254,12 @@ def logits_bytes(arch: Architecture, batch: int, seq: int, response: int, c: int
     return c * batch * seq * v + c * bt * v + 12 * bt * v + LOGITS_CHUNK_TEMPORARIES[c] * chunk
 
 
+def value_head_bytes(arch: Architecture, batch: int, seq: int, c: int) -> int:
+    """The critic's fp32 copy of its final hidden states, kept for the value head's backward
+    (none in fp32, where the head reads them as they are)."""
+    return 0 if c == 4 else 4 * batch * seq * arch.hidden_size
+
+
 def forward_logits_bytes(arch: Architecture, batch: int, seq: int, response: int, c: int,
                          chunked: bool = True) -> int:
     """The same without gradients or entropy (old/ref log-probs). Chunked: one chunk's
@@ -354,7 +361,8 @@ def plan_memory(arch: Architecture, shape: LearnerShape, options: MemoryOptions)
         # With checkpointing the loss sees only the block inputs; a block is recomputed later.
         # The root stays gathered from forward to backward (learner/fsdp.py).
         loss = Footprint(parameters=0 if keeps_gathered else c * root, activations=saved - (one_layer if ckpt else 0),
-                         logits=logits_bytes(arch, b_logits, seq, resp, c, chunked) if name == "policy" else 0)
+                         logits=(logits_bytes(arch, b_logits, seq, resp, c, chunked) if name == "policy"
+                                 else value_head_bytes(arch, b, seq, c) if name == "critic" else 0))
         active[name] = max(loss, blocks, key=lambda fp: fp.total)
 
     peak_model = max(active, key=lambda n: active[n].total)

@@ -19,7 +19,7 @@ from cluster.memory_advice import advise, largest_micro_batch
 from cluster.architecture import Architecture, PlanError
 from cluster.memory_model import (GIB, LOSS_CHUNK_TOKENS, LearnerShape, MemoryOptions, activation_bytes,
                                   forward_logits_bytes, layer_activation_bytes, logits_bytes, memory_options,
-                                  plan_memory, trained_state)
+                                  plan_memory, trained_state, value_head_bytes)
 from cluster.plan import KNOWN_CONFIGS, resolve_architecture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,6 +189,14 @@ def test_peak_is_the_policy_step_with_critic_and_reference_resident():
         + result.resident["reference"]
     assert result.peak == expected
     assert result.total_bytes == result.peak.total + result.overhead_bytes
+
+
+def test_the_critics_float32_value_head_keeps_a_copy_of_the_hidden_states_under_bf16():
+    # Part of the critic's loss phase; its blocks' backward (which follows the head's, once the
+    # copy is freed) is the larger phase on this model.
+    arch = qwen_05b()
+    assert value_head_bytes(arch, 8, 1024, c=2) == 4 * 8 * 1024 * 896
+    assert value_head_bytes(arch, 8, 1024, c=4) == 0
 
 
 def test_fits_against_the_margin():
