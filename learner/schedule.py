@@ -50,14 +50,14 @@ def run_schedules(learner: LearnerConfig, algorithm: AlgorithmConfig, total_upda
 
 
 def warmup_warning(schedule: LRSchedule, name: str, peak_key: str) -> str | None:
-    """What to tell the user when the warm-up outlasts the run: the learning rate never reaches
-    its peak. Example: ``warmup_steps=20`` over 8 updates peaks at 8/21 of it."""
-    if schedule.warmup_steps <= schedule.total_updates:
+    """What to tell the user when the warm-up lasts the whole run: the learning rate never
+    reaches its peak. Example: ``warmup_steps=20`` over 8 updates ends at 8/21 of it."""
+    if schedule.warmup_steps < schedule.total_updates:
         return None
     top = schedule.factor(schedule.total_updates - 1)
-    return (f"learner.warmup_steps={schedule.warmup_steps} is longer than the {name}'s {schedule.total_updates} "
-            f"optimizer steps in this run (trainer.steps x algorithm.ppo_epochs x algorithm.minibatches): its "
-            f"learning rate ends the run at {100 * top:.0f} % of {peak_key}, never reaching it")
+    return (f"learner.warmup_steps={schedule.warmup_steps} spans all of the {name}'s {schedule.total_updates} "
+            f"optimizer steps in this run (algorithm.ppo_epochs x algorithm.minibatches per step): its learning rate "
+            f"ends the run at {100 * top:.0f} % of {peak_key}, never reaching it")
 
 
 def settings_changed(saved_peaks: dict[str, float], peaks: dict[str, float], old: LRSchedule | None,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from cluster.config import load_config
 from learner.schedule import LRSchedule, run_schedules, warmup_warning
 
@@ -18,12 +16,14 @@ def test_the_policy_schedule_is_shorter_by_the_critics_warm_up():
 
 
 def test_a_warm_up_longer_than_the_run_is_named_with_the_share_of_the_peak_reached():
-    fits = LRSchedule(kind="constant", warmup_steps=8, min_lr_ratio=0.0, total_updates=8)
+    fits = LRSchedule(kind="constant", warmup_steps=7, min_lr_ratio=0.0, total_updates=8)
     assert warmup_warning(fits, "policy", "learner.lr") is None
-    assert fits.factor(7) == pytest.approx(8 / 9)  # the last step is still warming up, but the peak is near
+    assert fits.factor(7) == 1.0  # the last step runs at the peak
+    whole = LRSchedule(kind="constant", warmup_steps=1, min_lr_ratio=0.0, total_updates=1)
+    assert "ends the run at 50 % of learner.critic_lr" in warmup_warning(whole, "critic", "learner.critic_lr")
     long = LRSchedule(kind="cosine", warmup_steps=20, min_lr_ratio=0.0, total_updates=8)
     message = warmup_warning(long, "policy", "learner.lr")
     # The last of the 8 steps runs at (7 + 1) / (20 + 1) of the peak.
-    assert message == ("learner.warmup_steps=20 is longer than the policy's 8 optimizer steps in this run "
-                       "(trainer.steps x algorithm.ppo_epochs x algorithm.minibatches): its learning rate ends "
+    assert message == ("learner.warmup_steps=20 spans all of the policy's 8 optimizer steps in this run "
+                       "(algorithm.ppo_epochs x algorithm.minibatches per step): its learning rate ends "
                        "the run at 38 % of learner.lr, never reaching it")
