@@ -115,8 +115,8 @@ def register_args(p) -> None:
     p.add_argument("--micro-tokens", type=count, default=0, metavar="N",
                    help="learner.micro_batch_tokens for every option (micro-batches cut by a token budget)")
     p.add_argument("--threads", type=count, default=0, metavar="N",
-                   help="learner.num_threads: torch CPU threads of the one rank (default 0: every core of the "
-                        "machine, for CPU AdamW under full+offload and for a CPU learner)")
+                   help="learner.num_threads: torch CPU threads of the one rank (default 0: every core this "
+                        "process may run on, for CPU AdamW under full+offload and for a CPU learner)")
     p.add_argument("--profile", type=count, default=0, metavar="ROWS",
                    help="also profile one forward + update per option (torch.profiler) and report its top ROWS ops")
 
@@ -147,7 +147,7 @@ def run(args, progress: Callable[[dict], None] | None = None) -> dict:
         result |= {"bounds_error": bounds["error"]} if "error" in bounds else bounds
     # One rank has the machine to itself: the config's default of 2 threads would leave the
     # offloaded optimizer step on 2 of a GPU host's cores.
-    result["threads"] = args.threads or os.cpu_count() or 1
+    result["threads"] = args.threads or len(os.sched_getaffinity(0))  # the cores this process may use
     with tempfile.TemporaryDirectory(prefix="rlrelay-bench-learner-") as tmp:
         model_dir = Path(tmp) / "model"
         result["model"] = build_model(model_dir, PRESETS[args.preset], seed=args.seed)

@@ -189,7 +189,7 @@ def drop_too_long(prompts: list[Prompt], encode, limit: int, policy: str, source
     if prompts and not kept:
         # Skipping all of them would run eval-less (or fail later on an empty train set) with
         # only a logged count to show why.
-        raise DataError(f"{source}: every one of its {len(prompts)} prompts has more than the {limit} tokens that "
-                        f"model.max_model_len - rollout.max_new_tokens leaves, so data.too_long=skip would drop "
-                        f"them all")
+        raise DataError(f"{source}: every one of the {len(prompts)} prompts taken from it has more than the {limit} "
+                        f"tokens that model.max_model_len - rollout.max_new_tokens leaves, so data.too_long=skip "
+                        f"would drop them all")
     return kept, len(prompts) - len(kept)

@@ -103,7 +103,7 @@ def job_env(specs: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
             if name not in env:
                 raise ValueError(f"--env {name}: not set here; use --env {name}=VALUE")
             value = env[name]
-        if name == "RAY_JOB_STOP_WAIT_TIME_S" and not (value.isdigit() and int(value) > 0):
+        if name == "RAY_JOB_STOP_WAIT_TIME_S" and not (value.isascii() and value.isdigit() and int(value) > 0):
             # Ray reads it when the job is stopped: a bad value would fail the stop itself.
             raise ValueError(f"--env RAY_JOB_STOP_WAIT_TIME_S={value!r}: expected a whole number of seconds > 0")
         out[name] = value

@@ -104,8 +104,8 @@ def test_too_long_prompts_error_by_default_or_are_dropped_and_counted(tmp_path):
     assert [p.index for p in kept] == [0, 2] and dropped == 2
     assert drop_too_long(prompts, encode, limit=12, policy="error", source="x") == (prompts, 0)
     # Skipping every prompt is refused: an eval set emptied so ran without eval, only logging it.
-    with pytest.raises(DataError, match=r"^data.eval_path d.jsonl: every one of its 4 prompts has more than the 2 "
-                                        r"tokens .* would drop them all$"):
+    with pytest.raises(DataError, match=r"^data.eval_path d.jsonl: every one of the 4 prompts taken from it has more "
+                                        r"than the 2 tokens .* would drop them all$"):
         drop_too_long(prompts, encode, limit=2, policy="skip", source="data.eval_path d.jsonl")
     assert drop_too_long([], encode, limit=2, policy="skip", source="x") == ([], 0)
 

@@ -111,7 +111,6 @@ def test_extreme_logits_match_float64():
     torch.testing.assert_close(gh.double(), ref_gh, rtol=0, atol=1e-3 * float(ref_gh.abs().max()))
 
 
-
 def test_bfloat16_weight_gradient_over_many_chunks_stays_near_one_matmul():
     """Each chunk's bf16 weight-gradient product is rounded to bf16 before it is summed in
     float32. Against a float64 reference that costs about 1.2x the error of the model's own
@@ -133,6 +132,7 @@ def test_bfloat16_weight_gradient_over_many_chunks_stays_near_one_matmul():
     chunked, _ = linear_logprobs(hidden, weight, labels, chunk_tokens=16)
     (got,) = torch.autograd.grad((chunked * upstream).sum(), [weight])
     assert error(got) < 1.5 * error(plain)
+
 
 def test_bad_arguments_are_named():
     hidden, weight, _, labels = inputs(bias=False)

@@ -184,7 +184,7 @@ def test_job_env_forwards_w_and_b_settings_and_refuses_secrets():
     for spec in ("MY VAR=1", "1ST=x", "=x", "A-B=1"):  # "MY VAR" was sent on as a variable name
         with pytest.raises(ValueError, match=r"expected NAME or NAME=VALUE, NAME of letters, digits and _"):
             job_env([spec], env)
-    for wait in ("soon", "-5", "0", "1.5", ""):  # Ray reads it only when the job is stopped
+    for wait in ("soon", "-5", "0", "1.5", "", "\u00b2"):  # Ray reads it only when the job is stopped
         with pytest.raises(ValueError, match="RAY_JOB_STOP_WAIT_TIME_S=.*expected a whole number of seconds > 0"):
             job_env([f"RAY_JOB_STOP_WAIT_TIME_S={wait}"], env)
 
