@@ -50,8 +50,7 @@ class RunConfig:
 
     @property
     def path(self) -> Path:
-        # os.path's expanduser leaves ~user of a user unknown here as it is (Path's raises).
-        return Path(os.path.expanduser(self.dir)) if self.dir else Path("runs") / self.name
+        return Path(self.dir) if self.dir else Path("runs") / self.name
 
     def validate(self) -> None:
         name = self.name
@@ -247,6 +246,23 @@ class Config:
 
 # -- loading ---------------------------------------------------------------------------------
 
+PATH_KEYS = ("run.dir", "run.cache_dir", "model.path", "data.train_path", "data.eval_path", "trainer.checkpoint_dir",
+             "reward.model.path")
+"""Keys whose leading ``~`` is expanded as the config loads: on the machine that runs the job,
+which loads the config itself (``submit`` sends the file and the overrides, not their values).
+``~user`` of a user unknown there stays as it is."""
+
+
+def _expand_home(raw: dict) -> None:
+    for key in PATH_KEYS:
+        *sections, name = key.split(".")
+        node: Any = raw
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(name), str):
+            node[name] = os.path.expanduser(node[name])
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file, apply ``key=value`` overrides (values parsed as YAML), validate."""
     raw: dict[str, Any] = {}
@@ -272,6 +288,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not value.strip():  # most often an unset shell variable: `data.train_path=$TRAIN`
             raise ConfigError(f"override {item!r} has no value (write {key}=null to unset it)")
         set_path(raw, key.split("."), parse_yaml(value, f"override {item!r}"), key)
+    _expand_home(raw)
     cfg = build(Config, raw)
     try:
         cfg.validate()

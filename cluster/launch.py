@@ -48,14 +48,12 @@ class ResolvedPaths:
 
 
 def resolve_paths(cfg: Config) -> ResolvedPaths:
-    """Use the configured paths (``~`` is the home directory of the process that runs the job);
-    build (or reuse) the demo's assets for whatever is unset."""
-    model, train, evals = (None if p is None else os.path.expanduser(p)
-                           for p in (cfg.model.path, cfg.data.train_path, cfg.data.eval_path))
+    """Use the configured paths; build (or reuse) the demo's assets for whatever is unset."""
+    model, train, evals = cfg.model.path, cfg.data.train_path, cfg.data.eval_path
     if model is None or train is None:
         from cluster.demo import prepare_demo_assets
 
-        assets = prepare_demo_assets(cfg.demo, Path(os.path.expanduser(cfg.run.cache_dir)), log=log.info)
+        assets = prepare_demo_assets(cfg.demo, Path(cfg.run.cache_dir), log=log.info)
         model = model or str(assets.model_dir)
         if train is None:
             train = str(assets.train_path)
@@ -172,7 +170,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     run_dir = cfg.run.path
-    checkpoint_root = Path(os.path.expanduser(cfg.trainer.checkpoint_dir or run_dir / "checkpoints"))
+    checkpoint_root = Path(cfg.trainer.checkpoint_dir or run_dir / "checkpoints")
     made = missing_dirs(checkpoint_root) + missing_dirs(run_dir)
     try:
         # Found at the end of training, an unwritable directory lost the whole run.
@@ -292,7 +290,7 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
         pools.append(learner)
         rollout = RolloutPool(cfg, paths.model_path)
         pools.append(rollout)
-        reward = RewardPool(cfg, os.path.expanduser(cfg.reward.model.path) if cfg.reward.model else None)
+        reward = RewardPool(cfg, cfg.reward.model.path if cfg.reward.model else None)
         pools.append(reward)
         started = time.perf_counter()
         for pool in pools:

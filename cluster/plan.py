@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,7 +79,7 @@ def resolve_architecture(cfg: "Config", model_config: str | None) -> tuple[Archi
         return read(file), f"{file} (--model-config)"
     if cfg.model.path is None:
         return demo_architecture(cfg.demo), "the demo's own model (model.path is null), from the demo: settings"
-    path = Path(os.path.expanduser(cfg.model.path))
+    path = Path(cfg.model.path)
     if path.exists():
         if not (path / "config.json").is_file():
             raise PlanError(f"model.path {path} has no config.json")

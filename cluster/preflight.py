@@ -56,7 +56,7 @@ def check_reward_model(path: str, max_length: int | None = None) -> int | None:
     """A local sequence-classification model with one label, by its config.json. A causal LM
     loads as one with a freshly initialised (random) score head, and with a one-label config
     such a run went to the end scoring noise. Returns its positions (None when unstated)."""
-    config_path = Path(os.path.expanduser(path)) / "config.json"
+    config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"reward.model.path {path!r} is not a model directory (no config.json): give a local "
                           f"Hugging Face sequence-classification model")
@@ -104,9 +104,9 @@ def check_eval_judge(cfg: Config, eval_prompts: list, eval_path: str | None) -> 
 def check_model_dir(path: str) -> None:
     """A local directory only: a name that is not one would be looked up on the model hub (by
     every actor), and a typo would wait for the network before failing."""
-    if not Path(os.path.expanduser(path)).is_dir():
+    if not Path(path).is_dir():
         raise ConfigError(f"model.path {path!r} is not a directory (a local Hugging Face model directory)")
-    if not (Path(os.path.expanduser(path)) / "config.json").is_file():
+    if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model.path {path!r} has no config.json: not a Hugging Face model directory")
 
 

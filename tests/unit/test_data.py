@@ -61,18 +61,24 @@ def test_missing_and_empty_files(tmp_path):
 
 
 def test_configured_paths_expand_the_home_directory(tmp_path, monkeypatch):
-    """``~`` in model.path, data.*_path and run.dir is the job's home directory; left as it was,
-    ``~/model`` passed the pre-check and then went to the model hub as a repository id."""
-    from cluster.config import load_config
+    """``~`` in every path key is the home directory of the process that loads the config (the
+    job's); left as it was, ``~/model`` passed the pre-check and then went to the model hub as a
+    repository id."""
+    from cluster.config import PATH_KEYS, load_config
     from cluster.launch import resolve_paths
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = load_config(None, ["model.path=~/model", "data.train_path=~/train.jsonl", "data.eval_path=~/eval.jsonl",
-                             "run.dir=~/runs/a"])
+    cfg = load_config(None, [f"{key}=~/{key}" for key in PATH_KEYS])
+    for key in PATH_KEYS:
+        section, *rest = key.split(".")
+        value = getattr(cfg, section)
+        for name in rest:
+            value = getattr(value, name)
+        assert value == str(tmp_path / key), key
     paths = resolve_paths(cfg)
-    assert (paths.model_path, paths.train_path, paths.eval_path) == (
-        str(tmp_path / "model"), str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl"))
-    assert cfg.run.path == tmp_path / "runs" / "a"
+    assert paths.model_path == str(tmp_path / "model.path") and cfg.run.path == tmp_path / "run.dir"
+    # ~user of a user unknown here is left for the machine that runs the job.
+    assert load_config(None, ["model.path=~no-such-user-here/m"]).model.path == "~no-such-user-here/m"
 
 
 def test_sampler_covers_each_epoch_once_and_is_reproducible(tmp_path):
