@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 from collections.abc import Iterator, Sequence
+from typing import IO
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -104,14 +105,8 @@ def exclusive(run_dir: Path, made: Sequence[Path] = ()) -> Iterator[None]:
     one's checkpoints. An advisory lock (flock), released when the process ends however it ends.
     ``made``: the directories this job created for itself, removed again (``remove_if_unused``)
     if the job fails while they hold nothing; a job refused here removes nothing."""
-    with open(run_dir / LOCK_NAME, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            raise ConfigError(f"run directory {run_dir} is in use by a running job ({owner}): set another run.name "
-                              f"or run.dir, or wait for it to end") from None
+    f = _lock(run_dir)
+    with f:
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -123,3 +118,29 @@ def exclusive(run_dir: Path, made: Sequence[Path] = ()) -> Iterator[None]:
             raise
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _lock(run_dir: Path) -> IO[str]:
+    """The run directory's lock file, open and locked by this process. A job that fails while
+    starting removes the lock file (and the directory) before it lets go of the lock, so one
+    that opened the file just before that gets the lock of a file no longer there, which a
+    third job would not see: it takes the lock again, on whatever the path names now."""
+    while True:
+        run_dir.mkdir(parents=True, exist_ok=True)  # removed by the job that gave it up
+        f = open(run_dir / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(f"run directory {run_dir} is in use by a running job ({owner}): set another run.name "
+                              f"or run.dir, or wait for it to end") from None
+        try:
+            current = os.stat(run_dir / LOCK_NAME)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(f.fileno())
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return f
+        f.close()

@@ -3,6 +3,7 @@ removes the directories it made for itself, and nothing else."""
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,29 @@ def test_a_job_refused_because_another_holds_the_directory_removes_nothing(tmp_p
             with exclusive(run_dir, made=[run_dir / "checkpoints", run_dir]):
                 pass
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME, "checkpoints"]
+
+
+def test_a_lock_taken_on_a_file_its_failed_holder_removed_is_taken_again(tmp_path, monkeypatch):
+    # A job that fails while starting removes its lock file and directory, then lets go of the
+    # lock. One that opened the file just before gets the lock of a file no longer there; a third
+    # job would then create a new lock file and take that too: two jobs on one directory.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    flock = fcntl.flock
+    raced = []
+
+    def after_the_failed_job_gave_up(f, op):
+        if not raced:  # between this job's open and its flock, the other's clean-up
+            raced.append(op)
+            remove_if_unused([run_dir], run_dir, locked=True)
+        return flock(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", after_the_failed_job_gave_up)
+    with exclusive(run_dir):
+        assert raced and (run_dir / LOCK_NAME).read_text().startswith("pid ")
+        with pytest.raises(ConfigError, match="is in use by a running job"):
+            with exclusive(run_dir):
+                pass
 
 
 def test_made_directories_with_anything_in_them_stay(tmp_path):
