@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from learner.batch import TrainBatch
+from learner.weight_bucket import drop_aliases
 
 
 def init_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -169,6 +170,36 @@ def _find_block_names(model: nn.Module) -> list[str]:
         if isinstance(module, PreTrainedModel) and module._no_split_modules:
             return list(module._no_split_modules)
     return []
+
+
+def gather_full_state(model: nn.Module, rank: int, world_size: int, device: torch.device,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """``model``'s full weights in ``dtype`` as contiguous CPU tensors under their checkpoint
+    names (collective); rank 0 gets them, the other ranks None. A tied head is left out
+    (``drop_aliases``)."""
+    weights = drop_aliases(model.state_dict(keep_vars=True))
+    if world_size == 1 and device.type == "cpu":
+        # One CPU rank holds every parameter whole: its local tensors are the full weights,
+        # and gathering them would be a full copy for nothing (half a copy bound, measured).
+        # The module's own state_dict has the same names (FSDP2 keeps them; checked for
+        # tied and untied models) at a fifth of get_model_state_dict's cost (2.5 against
+        # 12 ms for 75 tensors, measured: a quarter of the copy bound).
+        return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().to(dtype).contiguous()
+                for k, v in weights.items()}
+    # Tensor by tensor, each cast to the sent dtype before its all-gather: half the bytes of
+    # gathering the fp32 masters (as get_model_state_dict does) over NVLink/the network and
+    # across PCIe to the host, and no cast of the whole model on rank 0's CPU afterwards
+    # (single-threaded seconds at 7B). Rank 0 keeps each full tensor, the others drop it.
+    state = {} if rank == 0 else None
+    for name, value in weights.items():
+        if isinstance(value, DTensor):  # a shard (or a replica) of the weight
+            # On the compute device even when offloaded: the gather then runs over NCCL.
+            local = value.to_local().to(device=device, dtype=dtype)
+            value = DTensor.from_local(local, value.device_mesh, value.placements, shape=value.shape,
+                                       stride=value.stride()).full_tensor()
+        if state is not None:
+            state[name] = value.detach().to(device="cpu", dtype=dtype).contiguous()
+    return state
 
 
 def micro_batches(batch, sizes: list[int]):

@@ -27,14 +27,14 @@ from transformers import AutoTokenizer
 from learner.batch import ForwardResult, Minibatch, RolloutBatch, TrainBatch, UpdateResult, merge_extreme
 from learner.checkpoint import RankState, decode_rng, encode_rng, load_trained, save_trained
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.fsdp import (ShardingPlan, applied_options, cat_rows, micro_batches, release_root, shard_from_rank0,
-                          to_device)
+from learner.fsdp import (ShardingPlan, applied_options, cat_rows, gather_full_state, micro_batches, release_root,
+                          shard_from_rank0, to_device)
 from learner.losses import aggregate, kl_penalty, policy_loss, value_loss
 from learner.models import (critic_skeleton, load_critic, load_policy, policy_skeleton, sequence_logprobs,
                             sequence_values)
 from learner.schedule import LRSchedule, run_schedules, settings_changed
 from learner.shared_weights import SharedWeights, SharedWeightWriter
-from learner.weight_bucket import WeightUpdate, drop_aliases, share_state_dict
+from learner.weight_bucket import WeightUpdate, share_state_dict
 
 
 class LearnerRank:
@@ -235,29 +235,7 @@ class LearnerRank:
         (collective); rank 0 gets them, the other ranks None. Sent in bf16 from a GPU; a tied
         head is left out (``drop_aliases``)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        weights = drop_aliases(self.policy.state_dict(keep_vars=True))
-        if self.world_size == 1 and self.device.type == "cpu":
-            # One CPU rank holds every parameter whole: its local tensors are the full weights,
-            # and gathering them would be a full copy for nothing (half a copy bound, measured).
-            # The module's own state_dict has the same names (FSDP2 keeps them; checked for
-            # tied and untied models) at a fifth of get_model_state_dict's cost (2.5 against
-            # 12 ms for 75 tensors, measured: a quarter of the copy bound).
-            return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().to(dtype).contiguous()
-                    for k, v in weights.items()}
-        # Tensor by tensor, each cast to the sent dtype before its all-gather: half the bytes of
-        # gathering the fp32 masters (as get_model_state_dict does) over NVLink/the network and
-        # across PCIe to the host, and no cast of the whole model on rank 0's CPU afterwards
-        # (single-threaded seconds at 7B). Rank 0 keeps each full tensor, the others drop it.
-        state = {} if self.rank == 0 else None
-        for name, value in weights.items():
-            if isinstance(value, DTensor):  # a shard (or a replica) of the weight
-                # On the compute device even when offloaded: the gather then runs over NCCL.
-                local = value.to_local().to(device=self.device, dtype=dtype)
-                value = DTensor.from_local(local, value.device_mesh, value.placements, shape=value.shape,
-                                           stride=value.stride()).full_tensor()
-            if state is not None:
-                state[name] = value.detach().to(device="cpu", dtype=dtype).contiguous()
-        return state
+        return gather_full_state(self.policy, self.rank, self.world_size, self.device, dtype)
 
     def save_checkpoint(self, path: str) -> RankState:
         """Write this rank's shards of every model and optimizer into the DCP directory
