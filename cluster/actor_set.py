@@ -47,6 +47,10 @@ class WorkerFailure(RuntimeError):
     """A remote worker failed in a way that cannot be recovered; the message names it."""
 
 
+class Abandoned(RuntimeError):
+    """The set's work was abandoned (``ActorSet.abandon``): the job is ending on another error."""
+
+
 def init_error(e: RayActorError) -> str:
     """The exception line of an actor's failed constructor, out of Ray's traceback text."""
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
@@ -96,6 +100,7 @@ class ActorSet:
         self._next_id = 0
         self.state = 0  # bumped by broadcast: a member prepared with older state prepares again
         self.target = size
+        self._abandoned = False
         for _ in range(size):
             self._start()
 
@@ -134,6 +139,16 @@ class ActorSet:
         new = self._start()
         log.warning("%s %s: its work is re-dispatched; replacement %s is starting", self.label(mid), why,
                     self.label(new))
+
+    def abandon(self) -> None:
+        """Make the ``run`` or ``broadcast`` in progress (on another thread) and any later one
+        raise ``Abandoned`` within a second, instead of finishing work nobody will take: the
+        batch an asynchronous driver generates while it fails on another error."""
+        self._abandoned = True
+
+    def _check_abandoned(self) -> None:
+        if self._abandoned:
+            raise Abandoned(f"the {self.name}s' work was abandoned: the job is ending")
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until every member is prepared (start-up of the job, or after a resize)."""
@@ -242,6 +257,7 @@ class ActorSet:
         inflight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (member, chunk)
         stalled_since = None  # since when no member could take work
         while len(results) < len(chunks):
+            self._check_abandoned()
             self._poll_joins(timeout=0)
             for member in self.members.values():
                 if queue and member.ready and not member.draining and member.busy_since is None:
@@ -346,6 +362,7 @@ class ActorSet:
                 member.busy_since = member.last_probe = time.monotonic()
         results = []
         while inflight:
+            self._check_abandoned()
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             for ref in ready:
                 mid, _ = inflight.pop(ref)

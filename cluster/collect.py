@@ -122,6 +122,12 @@ class Collector:
         self.messages = {p.index: p.messages for p in sampler.prompts if p.messages is not None}
         """Chat turns by prompt index, for a reward model that renders them with its own template."""
 
+    def abandon(self) -> None:
+        """End a ``collect`` in progress on another thread within a second or so (it raises
+        ``actor_set.Abandoned``), and any later one: the driver is failing on another error."""
+        for pool in (self.rollout, self.reward):
+            pool.actors.abandon()
+
     def collect(self, step: int) -> Batch:
         """Generate and score a step's batch; with dynamic sampling, keep only prompt groups
         whose rewards differ and refill with new prompts, for a bounded number of rounds."""

@@ -141,7 +141,7 @@ class Controller:
                 # asynchronous mode, once it has finished the batch it is generating)
                 if upcoming is not None:
                     with self.phase("wait_rollout"):
-                        upcoming.exception()
+                        upcoming.result()  # its error first: pushing into a failed pool would hide it
                 if trained:
                     with self.phase("weight_sync"):
                         metrics.update(self.push_weights(version=self.version + 1))
@@ -167,6 +167,12 @@ class Controller:
                 if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0 \
                         and step + 1 < cfg.trainer.steps:
                     self.save(step + 1)
+        except BaseException:
+            if upcoming is not None and not upcoming.done():
+                # Failing (a learner rank died, a second Ctrl-C): the batch in flight would be
+                # generated to its end, minutes, before the error could reach the user.
+                self.collector.abandon()
+            raise
         finally:
             self.background.shutdown(wait=True, cancel_futures=True)
         # 8. the end: a last checkpoint, the final policy as a Hugging Face model, evaluation
