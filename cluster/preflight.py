@@ -39,10 +39,11 @@ def check_reward_config(cfg: Config, train_prompts: list, train_path: str) -> No
                 if cfg.reward.on_failure == "error":
                     raise DataError(f"data.train_path {train_path}: {prompt.label}: {e}") from None
                 unscorable.append(prompt.label)
-        if unscorable:  # reward.on_failure=zero: their samples score 0 and are counted in reward/failures
-            log.warning("data.train_path %s: %s cannot score %d prompt(s) (e.g. %s); with "
-                        "reward.on_failure=zero their samples score 0", train_path, spec.name, len(unscorable),
-                        unscorable[0])
+        if unscorable:  # reward.on_failure=drop or zero: counted in reward/failures
+            fate = ("their prompt groups leave the batch (reward/dropped_groups)" if cfg.reward.on_failure == "drop"
+                    else "their samples score 0")
+            log.warning("data.train_path %s: %s cannot score %d prompt(s) (e.g. %s); with reward.on_failure=%s %s",
+                        train_path, spec.name, len(unscorable), unscorable[0], cfg.reward.on_failure, fate)
     if cfg.reward.model is not None:
         positions = check_reward_model(cfg.reward.model.path, cfg.reward.model.max_length)
         limit = cfg.reward.model.max_length or positions

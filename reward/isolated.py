@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import logging
 import numbers
 import os
 import queue
@@ -40,12 +41,15 @@ Outcome = tuple
 ``("raised", type_name, message)``, ``("timed_out",)``, ``("crashed", exit_code)`` (negative:
 killed by that signal) or ``("not_started", message)`` (a replacement child failed to start)."""
 
+log = logging.getLogger("rlrelay")
+
 START_TIMEOUT_S = 120.0
 """Limit on the first start of the child (interpreter, then the user modules' imports)."""
 RESTART_TIMEOUT_S = 30.0
 """Limit on starting a replacement after a timeout or a crash; the driver's wait on a batch
 allows it once per call."""
-
+REAP_TIMEOUT_S = 10.0
+"""How long a killed child is waited for (a process in uninterruptible sleep outlives SIGKILL)."""
 SHOWN_LINES = 20
 """Lines of reward-function output a worker passes on; the rest are only counted."""
 NOTE_EVERY_S = 60.0
@@ -136,18 +140,26 @@ def _relay(pipe, limit: OutputLimit) -> None:
     """Copy a child's output to this process's stderr (the worker's Ray log) through ``limit``,
     until every writer of the pipe is gone. Holds no reference to the `FunctionProcess`, so a
     dropped handle is still collected (and its child killed)."""
+    writable = True
     with pipe:
+        # Drained to the end even when stderr takes no more: a relay that stopped would close
+        # the pipe, and the child's next print would fail the call it is in.
         while line := pipe.readline(_MAX_LINE):
             for text in limit.feed(line, time.monotonic()):
-                _write_stderr(text)
+                writable = writable and _write_stderr(text)
     for text in limit.flush():
-        _write_stderr(text)
+        writable = writable and _write_stderr(text)
 
 
-def _write_stderr(data: bytes) -> None:
-    # To the file descriptor, where the child's output went when it inherited it.
-    while data:
-        data = data[os.write(2, data):]
+def _write_stderr(data: bytes) -> bool:
+    """Write to the file descriptor, where the child's output went when it inherited it;
+    False when stderr takes no more (its reader is gone, a full disk), and the output is dropped."""
+    try:
+        while data:
+            data = data[os.write(2, data):]
+    except OSError:
+        return False
+    return True
 
 
 class FunctionProcess:
@@ -268,7 +280,11 @@ def _stop_child(proc: subprocess.Popen, *connections: Connection) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.kill()
-    proc.wait()
+    try:
+        proc.wait(timeout=REAP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # in uninterruptible I/O (a hung network mount): it dies when that ends
+        log.warning("reward function process %d still runs %.0f s after SIGKILL; left behind", proc.pid,
+                    REAP_TIMEOUT_S)
     for conn in connections:
         conn.close()
 

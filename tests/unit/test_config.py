@@ -255,7 +255,11 @@ def test_with_failures_scored_zero_unscorable_prompts_are_counted_not_refused(ca
 
     prompts = [Prompt(index=0, text="1+1=", answer="2"), Prompt(index=3, line=5, text="hi", answer=None)]
     check_reward_config(load_config(DEMO, ["reward.on_failure=zero"]), prompts, "train.jsonl")
-    assert "exact_match cannot score 1 prompt(s) (e.g. prompt 3 (line 5))" in caplog.text
+    assert ("exact_match cannot score 1 prompt(s) (e.g. prompt 3 (line 5)); with reward.on_failure=zero their "
+            "samples score 0") in caplog.text
+    caplog.clear()  # under drop they are not scored at all: the warning said 0 whatever the mode
+    check_reward_config(load_config(DEMO, ["reward.on_failure=drop"]), prompts, "train.jsonl")
+    assert "with reward.on_failure=drop their prompt groups leave the batch (reward/dropped_groups)" in caplog.text
 
 
 def test_the_cli_and_the_config_do_not_import_torch():

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import reward.isolated as isolated
 from reward.isolated import SHOWN_LINES, FunctionProcess, OutputLimit, run_call
 from reward.types import ScoreRequest
 from reward.worker import RewardFunctionSpec, RewardWorker
@@ -87,6 +88,45 @@ def test_output_limit_passes_the_first_lines_then_counts_at_most_once_per_interv
     assert limit.feed(b"f\n", now=62.0) == []
     assert limit.flush() == [b"rlrelay: reward functions printed 1 more line(s), not shown\n"]
     assert limit.flush() == []
+
+
+def test_the_output_relay_drains_the_child_when_stderr_takes_no_more(monkeypatch):
+    # A relay that raised on a closed stderr closed the child's pipe: every later print of the
+    # child failed its call with BrokenPipeError (a printing eval judge then judged nothing).
+    tries = []
+
+    def closed_stderr(fd, data):
+        if fd != 2:
+            return os.write(fd, data)
+        tries.append(data)
+        raise BrokenPipeError(32, "Broken pipe")
+
+    read, write = os.pipe()
+    os.write(write, b"".join(f"line {i}\n".encode() for i in range(5)))
+    os.close(write)
+    monkeypatch.setattr(isolated.os, "write", closed_stderr)
+    isolated._relay(os.fdopen(read, "rb"), OutputLimit(shown=10, note_every_s=60.0))
+    assert tries == [b"line 0\n"]  # tried once, then dropped, and the pipe read to its end
+
+
+def test_a_child_that_outlives_sigkill_is_left_behind_not_waited_for(caplog):
+    # A process in uninterruptible sleep (a hung network mount) ignores SIGKILL until its I/O
+    # ends; waiting for it without a bound held the worker (or the driver's eval judge) as long.
+    class Unkillable:
+        pid = 2 ** 22 + 1  # no such process group: killpg finds nothing
+
+        def kill(self):
+            pass
+
+        def wait(self, timeout=None):
+            assert timeout is not None, "waited without a bound"
+            raise subprocess.TimeoutExpired("child", timeout)
+
+    closed = []
+    connection = type("Conn", (), {"close": lambda self: closed.append(True)})()
+    isolated._stop_child(Unkillable(), connection)
+    assert closed == [True]
+    assert f"reward function process {Unkillable.pid} still runs 10 s after SIGKILL; left behind" in caplog.text
 
 
 def test_function_errors_are_those_of_the_thread_path(user_rewards):
