@@ -104,11 +104,24 @@ class CheckpointManager:
                 shutil.copy2(Path(model_path) / name, model_dir / name)
         _fsync_tree(tmp)
         final = self.root / f"step-{step:06d}"
+        replaced = None
         if final.exists():  # a re-run of the same step after a resume replaces it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        for old in self.checkpoints()[:-self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed out of the way first, deleted last: a crash meanwhile leaves both copies whole.
+            replaced = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.replaced-", dir=self.root))
+            os.rename(final, replaced / final.name)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if replaced is not None:  # the new one is not in place: the old one goes back
+                os.rename(replaced / final.name, final)
+                replaced.rmdir()
+            raise
+        for old in [*self.checkpoints()[:-self.keep_last], *([replaced] if replaced else [])]:
+            try:
+                shutil.rmtree(old)
+            except OSError as e:  # rotation goes on; what it could not remove is said, not hidden
+                log.warning("checkpoint rotation could not remove all of %s (%s): what is left stays", old, e)
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
     def set_aside_after(self, step: int) -> Path | None:

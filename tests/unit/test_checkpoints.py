@@ -52,6 +52,44 @@ def test_commit_rotates_and_latest_ignores_unfinished(tmp_path):
     assert (m.latest() / "model" / "config.json").is_file()
 
 
+def test_a_step_written_again_replaces_the_old_one_only_once_the_new_one_is_in_place(tmp_path, monkeypatch, caplog):
+    import cluster.checkpoints as checkpoints
+
+    model_dir = bare_model_dir(tmp_path)
+    m = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    write(m, 4, model_dir)
+    (m.latest() / "marker").write_text("old")
+    write(m, 4, model_dir)  # a resume that redoes the run's end
+    assert [p.name for p in m.root.iterdir()] == ["step-000004"] and not (m.latest() / "marker").exists()
+    (m.latest() / "marker").write_text("old")
+    rename = checkpoints.os.rename
+
+    def fails_to_place_the_new_one(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        rename(src, dst)
+
+    monkeypatch.setattr(checkpoints.os, "rename", fails_to_place_the_new_one)
+    with pytest.raises(OSError, match="No space left"):
+        write(m, 4, model_dir)
+    monkeypatch.setattr(checkpoints.os, "rename", rename)
+    # The old one is whole and in place (it used to be deleted first); no copy is left aside.
+    assert (m.latest() / "marker").read_text() == "old"
+    assert not [p for p in m.root.iterdir() if ".replaced-" in p.name]
+    # A checkpoint rotation cannot remove is said, not hidden.
+    rmtree = checkpoints.shutil.rmtree
+
+    def cannot_remove(path, ignore_errors=False, **kw):
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path))
+        rmtree(path, ignore_errors=True)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", cannot_remove)
+    for step in (6, 8):
+        write(m, step, model_dir)
+    assert "checkpoint rotation could not remove all of" in caplog.text and "step-000004" in caplog.text
+
+
 def test_resume_resolution_errors(tmp_path):
     m = CheckpointManager(tmp_path / "none", keep_last=1)
     assert resolve_resume("auto", m) is None and resolve_resume(None, m) is None
