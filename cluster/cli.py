@@ -103,6 +103,7 @@ def train_command(args) -> int:
     from cluster.data import DataError
     from cluster.jobs import ClusterUnreachable
     from cluster.security import InsecureClusterError
+    from learner.checkpoint import CheckpointError
 
     try:
         summary = train(cfg, resume=args.resume)
@@ -118,7 +119,7 @@ def train_command(args) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the run's own handler is in place
         print("rlrelay: interrupted (`--resume auto` continues from the latest checkpoint, if any)", file=sys.stderr)
         return 130
-    except (WorkerFailure, RewardFailure, TrainingDiverged, RayTaskError, OSError) as e:
+    except (WorkerFailure, RewardFailure, TrainingDiverged, CheckpointError, RayTaskError, OSError) as e:
         # The run started and failed for a reason its message names; the traceback (the driver's,
         # and a worker's own inside a RayTaskError) goes to the run directory, not the terminal.
         where = cfg.run.path / "error.txt"

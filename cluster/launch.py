@@ -298,6 +298,9 @@ def _train(cfg: Config, resume: str | None, run_dir: Path, checkpoints: Checkpoi
         log.info("actors ready in %.1f s: %d learner rank(s), %d rollout worker(s), %d reward worker(s)",
                  time.perf_counter() - started, len(learner.ranks), len(rollout.actors.members),
                  len(reward.actors.members))
+        learner.check_shared(checkpoints.root, "trainer.checkpoint_dir")
+        if cfg.trainer.export_final:
+            learner.check_shared(run_dir, "run.dir", ranks=1)  # rank 0 writes final_model/
         collector = Collector(cfg, PromptSampler(train_prompts, seed=cfg.run.seed), rollout, reward)
         controller = Controller(cfg, control=control, collector=collector, eval_prompts=eval_prompts,
                                 learner=learner, tracker=tracker, checkpoints=checkpoints,

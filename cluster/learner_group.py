@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
@@ -20,7 +22,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, placement_
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actor_set import DEATHS, WorkerFailure, init_error
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 from learner.batch import (ForwardResult, Minibatch, RolloutBatch, TrainBatch, UpdateResult, arrange_by_length,
                            merge_extreme, micro_batch_sizes)
 from learner.checkpoint import RankState
@@ -28,11 +30,13 @@ from learner.worker import LearnerRank
 
 log = logging.getLogger(__name__)
 
+LIMIT = "learner.timeout_s"
+"""The config key of the learner's per-call timeout, named when it runs out."""
 DEATH_GRACE_S = 10.0
 """How long a failed call waits for its peers' results before it is reported as it is."""
 
 
-def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
+def wait(refs: list, timeout_s: float, what: Sequence[str], limit: str | None = None) -> list:
     """``ray.get`` of every ref with one deadline, turning Ray's errors into one that names the
     worker. Results are checked as they arrive, so a dead worker is named at once, not after
     its peers time out waiting for it in a collective."""
@@ -42,7 +46,8 @@ def wait(refs: list, timeout_s: float, what: Sequence[str]) -> list:
         ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
             slow = [what[refs.index(r)] for r in pending]
-            raise WorkerFailure(f"no answer within {timeout_s:.0f} s from {', '.join(slow)}")
+            raise WorkerFailure(f"no answer within {timeout_s:.0f} s from {', '.join(slow)}" + (
+                f" ({limit}): hung, or slower than that; a longer step needs a larger {limit}" if limit else ""))
         try:
             _get_naming_death(ready[0], refs, what)
         except RayTaskError as e:
@@ -132,13 +137,33 @@ class LearnerGroup:
         address = wait([self.ranks[0].__ray_call__.remote(lambda _: ray.util.get_node_ip_address())],
                        120, names[:1])[0]
         port = wait([self.ranks[0].free_port.remote()], 120, names[:1])[0]
-        wait([r.setup.remote(address, port) for r in self.ranks], self.timeout_s, names)
+        wait([r.setup.remote(address, port) for r in self.ranks], self.timeout_s, names, LIMIT)
         # Read back from the modules, so the log shows what the options did, not what was asked.
         a = self.applied = wait([self.ranks[0].applied_options.remote()], 120, names[:1])[0]
         log.info("learner policy as built: %d blocks, parameters %s (S(0) sharded, R replicated per mesh "
                  "dimension), activation checkpointing %s, %d compiled blocks", a["blocks"],
                  "/".join(a["placements"]) or "not sharded", "on" if a["activation_checkpointing"] else "off",
                  a["compiled_blocks"])
+
+    def check_shared(self, directory: Path, key: str, ranks: int | None = None) -> None:
+        """Refuse ``directory`` (config key ``key``) unless the first ``ranks`` ranks (all by
+        default) see a file the driver writes there. Each rank writes its checkpoint shards, rank
+        0 the final model, where it sees the path; on a disk of its own node they would be lost to
+        the driver, found only when a resume reads the checkpoint."""
+        token = uuid.uuid4().hex
+        probe = directory.resolve() / f".rlrelay-shared-{token}"
+        probe.write_text(token, encoding="utf-8")
+        try:
+            asked = self.ranks[:ranks]
+            seen = wait([r.sees.remote(str(probe), token) for r in asked], 120, self._names()[:len(asked)])
+        finally:
+            probe.unlink(missing_ok=True)
+        blind = [name for name, ok in zip(self._names(), seen) if not ok]
+        if blind:
+            raise ConfigError(f"{key}: {', '.join(blind)} cannot read what the driver writes in {directory.resolve()} "
+                              f"(another node's disk): the learner writes there and the driver reads it back, so "
+                              f"it must be storage that the driver and every learner node share (NFS, a mounted "
+                              f"bucket)")
 
     def _names(self) -> list[str]:
         return [f"learner rank {i}" for i in range(len(self.ranks))]
@@ -156,7 +181,7 @@ class LearnerGroup:
     def forward(self, batch: RolloutBatch) -> ForwardResult:
         shards, sizes = self._shards(batch)
         parts = wait([rank.forward.remote(batch.select(rows), micro)
-                      for rank, rows, micro in zip(self.ranks, shards, sizes)], self.timeout_s, self._names())
+                      for rank, rows, micro in zip(self.ranks, shards, sizes)], self.timeout_s, self._names(), LIMIT)
         width = batch.response_mask.shape[1]
 
         def merge(name: str) -> torch.Tensor | None:
@@ -185,7 +210,7 @@ class LearnerGroup:
                                              num_tokens=tokens, num_seqs=len(rows), kl_coef=kl_coef))
         results: list[UpdateResult] = wait(
             [rank.update.remote(mbs, train_policy) for rank, mbs in zip(self.ranks, per_rank)],
-            self.timeout_s, self._names())
+            self.timeout_s, self._names(), LIMIT)
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         extremes: dict[str, float] = {}
@@ -207,22 +232,22 @@ class LearnerGroup:
         # Every rank's small first value, rank 0's included, so that a failed export (rank 0 out of
         # memory holding the full weights, say) names its learner rank here, within the learner's
         # timeout, instead of surfacing in the first rollout worker to read the update.
-        sizes = wait([size for size, _ in calls], self.timeout_s, self._names())
+        sizes = wait([size for size, _ in calls], self.timeout_s, self._names(), LIMIT)
         return sizes[0], calls[0][1]
 
     def save_checkpoint(self, path: str) -> list[RankState]:
         """Every rank writes its shards into the DCP directory ``path``."""
-        return wait([r.save_checkpoint.remote(path) for r in self.ranks], self.timeout_s, self._names())
+        return wait([r.save_checkpoint.remote(path) for r in self.ranks], self.timeout_s, self._names(), LIMIT)
 
     def load_checkpoint(self, path: str, states: list[RankState]) -> str | None:
         """Every rank loads its shards; returns rank 0's warning about changed learning-rate
         settings, if any. A checkpoint from a different world size reshards; plain state is
         rank-agnostic apart from the RNG, which is reused cyclically."""
         return wait([r.load_checkpoint.remote(path, states[i % len(states)]) for i, r in enumerate(self.ranks)],
-                    self.timeout_s, self._names())[0]
+                    self.timeout_s, self._names(), LIMIT)[0]
 
     def save_pretrained(self, out_dir: str) -> None:
-        wait([r.save_pretrained.remote(out_dir) for r in self.ranks], self.timeout_s, self._names())
+        wait([r.save_pretrained.remote(out_dir) for r in self.ranks], self.timeout_s, self._names(), LIMIT)
 
     def shutdown(self) -> None:
         for r in self.ranks:

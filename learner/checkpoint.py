@@ -176,6 +176,29 @@ Trained = tuple[str, nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.
 """One model a rank trains: its name (``policy``, ``critic``), module, optimizer and LR scheduler."""
 
 
+def missing_shards(path: str | Path) -> list[str]:
+    """What a DCP directory written by ``JsonMetadataWriter`` lacks, as seen from this process:
+    its metadata file, or shard files (or bytes of them) the metadata names. Each rank writes its
+    shards where *it* sees ``path``: on a directory not shared between nodes they land on the
+    ranks' own disks, and the checkpoint only fails when a resume reads it."""
+    try:
+        doc = json.loads((Path(path) / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [METADATA_FILE]
+    need: dict[str, int] = {}
+    for s in doc.get("storage_data", []):
+        need[s["relative_path"]] = max(need.get(s["relative_path"], 0), s["file_offset"] + s["length"])
+    missing = []
+    for name, size in sorted(need.items()):
+        try:
+            short = (Path(path) / name).stat().st_size < size
+        except OSError:
+            short = True
+        if short:
+            missing.append(name)
+    return missing
+
+
 def save_trained(path: str, trained: list[Trained]) -> tuple[dict[str, list[dict]], dict[str, dict], list[str]]:
     """Write this rank's shards of every trained model and its optimizer into the DCP directory
     ``path`` (collective). Returns the plain part for ``RankState``: param groups and scheduler

@@ -14,6 +14,7 @@ import math
 import socket
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -114,6 +115,14 @@ class LearnerRank:
             self.reference = build(policy_skeleton, load_policy, frozen, checkpoint=False)
             self.reference.requires_grad_(False).eval()
         dist.barrier()  # every rank is set up and the group carries a collective end to end
+
+    def sees(self, path: str, token: str) -> bool:
+        """Whether the file ``path`` holds ``token`` as this rank sees it: the driver's probe of a
+        directory it and the ranks must share (checkpoint shards, the final model)."""
+        try:
+            return Path(path).read_text(encoding="utf-8") == token
+        except OSError:
+            return False
 
     def applied_options(self) -> dict[str, object]:
         """What the options did to the policy, read from its modules (``fsdp.applied_options``)."""
