@@ -43,6 +43,10 @@ its node (``OutOfMemoryError``, not a ``RayActorError``), its node or process di
 and a worker that itself called a dead actor is not dead."""
 
 
+OVERRUNS_PER_CHUNK = 2
+"""Overruns of one chunk of work (on different members in turn) that fail the run."""
+
+
 class WorkerFailure(RuntimeError):
     """A remote worker failed in a way that cannot be recovered; the message names it."""
 
@@ -83,11 +87,13 @@ class ActorSet:
     def __init__(self, name: str, spawn: Callable[[int], Any], prepare: Callable[[Any], ray.ObjectRef],
                  size: int, *, timeout_s: float, health_timeout_s: float = 30.0, health_interval_s: float = 10.0,
                  start_timeout_s: float = 600.0, max_restarts: int = 8,
-                 awaiting_resources: Callable[[], bool] = lambda: False) -> None:
+                 awaiting_resources: Callable[[], bool] = lambda: False, timeout_key: str = "timeout_s") -> None:
         self.name = name
         self.spawn = spawn
         self.prepare = prepare
         self.timeout_s = timeout_s
+        self.timeout_key = timeout_key
+        """The config key of ``timeout_s``, named when work keeps overrunning it."""
         self.health_timeout_s = health_timeout_s
         self.health_interval_s = health_interval_s
         self.start_timeout_s = start_timeout_s
@@ -253,6 +259,20 @@ class ActorSet:
         ``timeout_s`` overrides the set's per-chunk timeout for this run."""
         timeout_s = timeout_s or self.timeout_s
         queue = deque(range(len(chunks)))
+        overruns: dict[int, int] = {}
+
+        def requeue(chunk: int, overran: bool) -> None:
+            if overran:
+                overruns[chunk] = overruns.get(chunk, 0) + 1
+                if overruns[chunk] >= OVERRUNS_PER_CHUNK:
+                    # Not the workers: this work takes longer than the timeout (or hangs any
+                    # worker); retrying it would only spend the job's restarts.
+                    raise WorkerFailure(
+                        f"the same share of the work ({self.name} call {chunk + 1} of {len(chunks)}) overran its "
+                        f"{timeout_s:.0f} s timeout on {overruns[chunk]} {self.name}s in turn: it needs longer "
+                        f"({self.timeout_key} sets it), or it hangs every worker it goes to")
+            queue.appendleft(chunk)
+
         results: dict[int, Any] = {}
         inflight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (member, chunk)
         stalled_since = None  # since when no member could take work
@@ -286,7 +306,7 @@ class ActorSet:
                         results[chunk] = value
                     else:
                         queue.appendleft(chunk)
-            self._check_health(inflight, requeue=queue.appendleft, timeout_s=timeout_s)
+            self._check_health(inflight, requeue=requeue, timeout_s=timeout_s)
         self._poll_joins(timeout=0)
         return [results[i] for i in range(len(chunks))]
 
@@ -310,7 +330,7 @@ class ActorSet:
                 self._retire(member)
         return True, value
 
-    def _check_health(self, inflight: dict, requeue: Callable[[int], None] | None, timeout_s: float) -> None:
+    def _check_health(self, inflight: dict, requeue: Callable[[int, bool], None] | None, timeout_s: float) -> None:
         """Members busy for long get a ping (they serve pings concurrently with work); one that
         overruns its chunk, whose ping goes unanswered for ``health_timeout_s``, or whose ping
         finds it dead is lost. Pings are sent and judged without blocking: every due member is
@@ -323,7 +343,8 @@ class ActorSet:
             if member is None:
                 continue
             why = None
-            if now - member.busy_since > timeout_s:
+            overran = now - member.busy_since > timeout_s
+            if overran:
                 why = f"overran its {timeout_s:.0f} s timeout"
             elif member.probe in answered:
                 why = self._probe_answer(member, now)
@@ -335,7 +356,7 @@ class ActorSet:
             if why is not None:
                 inflight.pop(ref)
                 if requeue is not None:
-                    requeue(chunk)
+                    requeue(chunk, overran)
                 self._lost(mid, why)
 
     def _probe_answer(self, member: Member, now: float) -> str | None:

@@ -46,7 +46,8 @@ class RolloutConfig:
     ``num_gpus`` - 0.05 when engines share a GPU (``num_gpus`` < 1)."""
     timeout_s: float = 300.0
     """Longest one worker may take for its share of a step before it is treated as hung,
-    killed, replaced, and its prompts re-dispatched."""
+    killed, replaced, and its prompts re-dispatched; a share that overruns it on two workers in
+    turn stops the run (it needs a longer timeout)."""
     max_restarts: int = 8
     """Replacements of dead or hung rollout workers allowed over the whole job."""
     start_timeout_s: float = 600.0

@@ -83,7 +83,8 @@ class RolloutPool:
                                prepare=self._prepare, size=r.num_workers, timeout_s=r.timeout_s,
                                max_restarts=r.max_restarts, health_interval_s=r.health_interval_s,
                                health_timeout_s=r.health_timeout_s, start_timeout_s=r.start_timeout_s,
-                               awaiting_resources=lambda: not fits(ray.available_resources(), self.bundle))
+                               awaiting_resources=lambda: not fits(ray.available_resources(), self.bundle),
+                               timeout_key="rollout.timeout_s")
 
     def _prepare(self, handle) -> ray.ObjectRef:
         if self.update_ref is None:
@@ -200,7 +201,7 @@ class RewardPool:
         self.actors = ActorSet(
             "reward worker", size=rc.num_workers, timeout_s=rc.timeout_s, max_restarts=rc.max_restarts,
             start_timeout_s=rc.start_timeout_s, health_interval_s=rc.health_interval_s,
-            health_timeout_s=rc.health_timeout_s,
+            health_timeout_s=rc.health_timeout_s, timeout_key="reward.timeout_s",
             spawn=lambda _: actor.remote(functions, model, timeout_s=rc.timeout_s, num_threads=rc.num_threads,
                                          stop_after_failure=rc.on_failure == "error",
                                          device=device, isolation=rc.isolation),

@@ -45,6 +45,31 @@ def test_an_abandoned_set_stops_its_run_within_a_wait(monkeypatch):
         pool[0].broadcast(lambda handle: "generate")
 
 
+def test_work_that_overruns_its_timeout_on_two_workers_in_turn_fails_naming_the_key(monkeypatch):
+    # A share of the work that needs longer than rollout.timeout_s (long reasoning outputs)
+    # went from worker to worker, each killed and replaced, until max_restarts ran out.
+    def wait(refs, num_returns=1, timeout=None, **_):
+        refs = list(refs)
+        if "generate" in refs:  # never finishes; time passes
+            time.sleep(0.02)
+            return [], refs
+        return refs[:num_returns], refs[num_returns:]
+
+    monkeypatch.setattr(actor_set, "ray", types.SimpleNamespace(
+        wait=wait, get=lambda ref, timeout=None: None, kill=lambda handle, no_restart=True: None))
+    spawned = []
+    worker = types.SimpleNamespace(ping=types.SimpleNamespace(remote=lambda: "ping"))
+    pool = actor_set.ActorSet("rollout worker", spawn=lambda i: spawned.append(i) or worker,
+                              prepare=lambda h: "prepared", size=1, timeout_s=0.01, max_restarts=8,
+                              timeout_key="rollout.timeout_s")
+    pool.wait_ready()
+    with pytest.raises(actor_set.WorkerFailure, match=r"the same share of the work \(rollout worker call 1 of 1\) "
+                                                      r"overran its 0 s timeout on 2 rollout workers in turn: it "
+                                                      r"needs longer \(rollout.timeout_s sets it\)"):
+        pool.run(["chunk"], lambda handle, chunk: "generate")
+    assert spawned == [0, 1] and pool.restarts == 1  # one replacement tried, not all eight
+
+
 class Collector:
     """Step 0's batch at once; step 1's (in the background) from ``second``."""
 
