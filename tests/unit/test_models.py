@@ -1,7 +1,8 @@
 """The critic is the policy checkpoint's trunk under a zero value head, loaded quietly but
 checked: the causal LM's head is expected to be left over, a missing trunk weight is not.
 The chunked head gives the logits path's log-probs, entropy and gradients on real models, and
-so do packed rows (``learner.pack_sequences``), for the policy and the critic."""
+so do packed rows (``learner.pack_sequences``), for the policy and the critic; each path's
+log-probs are those of the sampled tokens, checked by hand. Models load without dropout."""
 
 from __future__ import annotations
 
@@ -147,3 +148,64 @@ def test_a_bfloat16_critic_gives_its_values_in_float32(tiny_model_dir):
     torch.testing.assert_close(values.double(), exact.squeeze(-1), rtol=1e-6, atol=1e-6)
     values.sum().backward()
     assert head.weight.grad.dtype == torch.bfloat16 and head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(chunked_head=True), dict(chunked_head=False),
+                                    dict(chunked_head=True, packed=True)])
+def test_log_probs_are_those_of_the_sampled_tokens_by_hand(tiny_model_dir, kwargs):
+    # The paths above are compared with each other and share their labels: a label off by one
+    # position (the token before the sampled one) passed them all. Here each log-prob is taken
+    # by hand from the model's full logits: log_softmax(logits[b, prompt_b - 1 + t] / T)[token].
+    model = load_policy(str(tiny_model_dir), torch.float64, packed=kwargs.get("packed", False))
+    batch = _rollouts(model.config.vocab_size)
+    lp, _ = sequence_logprobs(model, batch, 0.8, **kwargs)
+    with torch.no_grad():
+        logits = load_policy(str(tiny_model_dir), torch.float64)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    checked = 0
+    for b in range(3):
+        p = int(batch.prompt_lengths[b])
+        for t in range(batch.response_mask.shape[1]):
+            if batch.response_mask[b, t]:
+                token = int(batch.input_ids[b, p + t])
+                want = torch.log_softmax(logits[b, p - 1 + t] / 0.8, dim=-1)[token]
+                torch.testing.assert_close(lp[b, t], want, rtol=1e-9, atol=1e-9)
+                checked += 1
+    assert checked == int(batch.response_mask.sum()) == 24
+
+
+def test_the_hidden_states_hook_is_removed_after_each_forward(tiny_model_dir):
+    # A hook left on the decoder appends every later forward's states (and their graphs) to a
+    # list that stays alive: memory grows micro-batch by micro-batch.
+    model = load_policy(str(tiny_model_dir), torch.float32)
+    batch = _rollouts(model.config.vocab_size)
+    for _ in range(2):
+        sequence_logprobs(model, batch, 1.0, chunked_head=True)
+        assert not model.get_decoder()._forward_hooks
+
+
+def test_every_dropout_of_a_config_is_turned_off_nested_ones_and_pdrop_names_too():
+    from transformers import PretrainedConfig
+
+    from learner.models import without_dropout
+
+    # GPT-2 and Phi name theirs *_pdrop; multimodal configs nest the text model's config.
+    config = PretrainedConfig(resid_pdrop=0.1, attn_pdrop=0.2, embd_pdrop=0.3, layer_norm_epsilon=1e-5)
+    config.text_config = PretrainedConfig(attention_dropout=0.5, hidden_dropout_prob=0.1, rms_norm_eps=1e-6)
+    without_dropout(config)
+    assert (config.resid_pdrop, config.attn_pdrop, config.embd_pdrop) == (0.0, 0.0, 0.0)
+    assert (config.text_config.attention_dropout, config.text_config.hidden_dropout_prob) == (0.0, 0.0)
+    assert (config.layer_norm_epsilon, config.text_config.rms_norm_eps) == (1e-5, 1e-6)  # not dropouts
+
+
+def test_packed_models_are_checked_for_packable_attention_as_they_load(tiny_model_dir, monkeypatch):
+    # Only check_packable itself was tested; a loader that skipped it would let a model whose
+    # attention bypasses transformers' interface attend across packed rows.
+    import learner.models
+
+    checked = []
+    monkeypatch.setattr(learner.models, "check_packable", lambda model: checked.append(type(model).__name__))
+    load_policy(str(tiny_model_dir), torch.float32, packed=True)
+    load_critic(str(tiny_model_dir), torch.float32, packed=True)
+    load_policy(str(tiny_model_dir), torch.float32)  # unpacked: nothing to check
+    assert len(checked) == 2 and checked[0].endswith("ForCausalLM") and checked[1].endswith("Model")
