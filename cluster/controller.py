@@ -44,7 +44,6 @@ from cluster.learner_group import LearnerGroup
 from cluster.pools import alive_nodes, weight_transport
 from cluster.tracking import Tracker
 from learner.batch import TrainBatch, collate, minibatch_plan
-from learner.checkpoint import CheckpointError, missing_shards
 from learner.estimate import estimate_advantages
 from learner.kl_control import AdaptiveKLController, FixedKLController
 from learner.losses import explained_variance, truncated_importance_weights
@@ -301,12 +300,7 @@ class Controller:
         started = time.perf_counter()
         tmp = self.checkpoints.begin(step)
         try:
-            shards = tmp.resolve() / "learner"
-            ranks = self.learner.save_checkpoint(str(shards))
-            if missing := missing_shards(shards):  # checked at start too (LearnerGroup.check_shared)
-                raise CheckpointError(f"step {step}: the learner ranks wrote {', '.join(missing[:3])} where the driver "
-                                      f"cannot read it: trainer.checkpoint_dir must be storage that the driver and "
-                                      f"every learner node share")
+            ranks = self.learner.save_checkpoint(str(tmp.resolve() / "learner"))
             state = DriverState(
                 step=step, version=self.version, sampler_epoch=self.resume_sampler.epoch,
                 sampler_position=self.resume_sampler.position, kl_controller=self.kl_ctl.state_dict(),

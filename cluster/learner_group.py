@@ -25,13 +25,14 @@ from cluster.actor_set import DEATHS, WorkerFailure, init_error
 from cluster.config import Config, ConfigError
 from learner.batch import (ForwardResult, Minibatch, RolloutBatch, TrainBatch, UpdateResult, arrange_by_length,
                            merge_extreme, micro_batch_sizes)
-from learner.checkpoint import RankState
+from learner.checkpoint import CheckpointError, RankState, missing_shards
 from learner.worker import LearnerRank
 
 log = logging.getLogger(__name__)
 
 LIMIT = "learner.timeout_s"
 """The config key of the learner's per-call timeout, named when it runs out."""
+SHARED = "must be storage that the driver and every learner node share (NFS, a mounted bucket)"
 DEATH_GRACE_S = 10.0
 """How long a failed call waits for its peers' results before it is reported as it is."""
 
@@ -162,8 +163,7 @@ class LearnerGroup:
         if blind:
             raise ConfigError(f"{key}: {', '.join(blind)} cannot read what the driver writes in {directory.resolve()} "
                               f"(another node's disk): the learner writes there and the driver reads it back, so "
-                              f"it must be storage that the driver and every learner node share (NFS, a mounted "
-                              f"bucket)")
+                              f"it {SHARED}")
 
     def _names(self) -> list[str]:
         return [f"learner rank {i}" for i in range(len(self.ranks))]
@@ -236,8 +236,13 @@ class LearnerGroup:
         return sizes[0], calls[0][1]
 
     def save_checkpoint(self, path: str) -> list[RankState]:
-        """Every rank writes its shards into the DCP directory ``path``."""
-        return wait([r.save_checkpoint.remote(path) for r in self.ranks], self.timeout_s, self._names(), LIMIT)
+        """Every rank writes its shards into the DCP directory ``path``, checked to be where the
+        driver reads them (``check_shared`` refuses an unshared directory at start)."""
+        states = wait([r.save_checkpoint.remote(path) for r in self.ranks], self.timeout_s, self._names(), LIMIT)
+        if missing := missing_shards(path):
+            raise CheckpointError(f"{path}: the learner ranks wrote {', '.join(missing[:3])} where the driver cannot "
+                                  f"read it: trainer.checkpoint_dir {SHARED}")
+        return states
 
     def load_checkpoint(self, path: str, states: list[RankState]) -> str | None:
         """Every rank loads its shards; returns rank 0's warning about changed learning-rate

@@ -10,9 +10,9 @@ import os
 import shutil
 import socket
 from collections.abc import Iterator, Sequence
-from typing import IO
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from cluster.checkpoints import CheckpointManager
 from cluster.config import ConfigError
@@ -105,8 +105,7 @@ def exclusive(run_dir: Path, made: Sequence[Path] = ()) -> Iterator[None]:
     one's checkpoints. An advisory lock (flock), released when the process ends however it ends.
     ``made``: the directories this job created for itself, removed again (``remove_if_unused``)
     if the job fails while they hold nothing; a job refused here removes nothing."""
-    f = _lock(run_dir)
-    with f:
+    with _lock(run_dir) as f:
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -137,10 +136,8 @@ def _lock(run_dir: Path) -> IO[str]:
             raise ConfigError(f"run directory {run_dir} is in use by a running job ({owner}): set another run.name "
                               f"or run.dir, or wait for it to end") from None
         try:
-            current = os.stat(run_dir / LOCK_NAME)
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(run_dir / LOCK_NAME)):
+                return f
         except FileNotFoundError:
-            current = None
-        held = os.fstat(f.fileno())
-        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
-            return f
+            pass
         f.close()

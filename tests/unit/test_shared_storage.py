@@ -19,7 +19,7 @@ from cluster.checkpoints import CheckpointManager
 from cluster.config import ConfigError, load_config
 from cluster.controller import Controller
 from cluster.data import SamplerState
-from learner.checkpoint import METADATA_FILE, CheckpointError, JsonMetadataWriter, missing_shards
+from learner.checkpoint import METADATA_FILE, CheckpointError, JsonMetadataWriter, RankState, missing_shards
 from learner.worker import LearnerRank
 
 
@@ -45,16 +45,20 @@ class Rank:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.sees = types.SimpleNamespace(remote=self._sees)
+        self.sees = types.SimpleNamespace(remote=lambda path, token: LearnerRank.sees(None, self.local(path), token))
+        self.save_checkpoint = types.SimpleNamespace(remote=lambda path: write_shards(Path(self.local(path))) or
+                                                     RankState(param_groups={}, schedulers={}, rng=""))
 
-    def _sees(self, path: str, token: str) -> bool:
-        return LearnerRank.sees(None, str(self.root / path.lstrip("/")) if self.root != Path("/") else path, token)
+    def local(self, path: str) -> str:
+        """Where ``path`` is on this rank's node."""
+        return str(self.root / path.lstrip("/")) if self.root != Path("/") else path
 
 
 def group(monkeypatch, roots: list[Path]) -> learner_group.LearnerGroup:
-    monkeypatch.setattr(learner_group, "wait", lambda refs, timeout_s, what: list(refs))
+    monkeypatch.setattr(learner_group, "wait", lambda refs, timeout_s, what, limit=None: list(refs))
     g = learner_group.LearnerGroup.__new__(learner_group.LearnerGroup)
     g.ranks = [Rank(root) for root in roots]
+    g.timeout_s = 600
     return g
 
 
@@ -74,26 +78,21 @@ def test_a_checkpoint_directory_the_ranks_do_not_share_is_refused_at_start(tmp_p
 def test_a_checkpoint_whose_shards_the_driver_cannot_read_fails_the_save(tmp_path, monkeypatch):
     monkeypatch.setattr(controller_module, "alive_nodes", lambda: 1)
     cfg = load_config(None, [])
-    elsewhere = tmp_path / "rank-disk"
-
-    def save_checkpoint(path: str) -> list:
-        write_shards(elsewhere / path.lstrip("/"))  # where the rank's node has it
-        return []
-
     checkpoints = CheckpointManager(tmp_path / "ck", keep_last=2)
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "llama"}')
     collector = types.SimpleNamespace(rollout=None, reward=None, sampler=types.SimpleNamespace(prompts=[]),
                                       reward_norm=None)
-    ctl = Controller(cfg, collector=collector, eval_prompts=[], learner=types.SimpleNamespace(
-        save_checkpoint=save_checkpoint), tracker=types.SimpleNamespace(run_id=None), checkpoints=checkpoints,
-        model_path=str(model), pad_token_id=0)
+    ctl = Controller(cfg, collector=collector, eval_prompts=[], learner=group(monkeypatch, [tmp_path / "rank-disk"]),
+                     tracker=types.SimpleNamespace(run_id=None), checkpoints=checkpoints, model_path=str(model),
+                     pad_token_id=0)
     ctl.resume_sampler = SamplerState(epoch=0, position=0)
-    with pytest.raises(CheckpointError, match=rf"step 4: the learner ranks wrote {METADATA_FILE} where the driver "
-                                              r"cannot read it"):
+    with pytest.raises(CheckpointError, match=rf"/\.step-000004\.tmp-\w+/learner: the learner ranks wrote "
+                                              rf"{METADATA_FILE} where the driver cannot read it: "
+                                              r"trainer.checkpoint_dir must be storage"):
         ctl.save(4)
     assert checkpoints.checkpoints() == [] and list(checkpoints.root.iterdir()) == []
     # Where the driver sees the shards, the checkpoint is written.
-    ctl.learner.save_checkpoint = lambda path: write_shards(Path(path)) or []
+    ctl.learner = group(monkeypatch, [Path("/")])
     assert ctl.save(4) == checkpoints.root / "step-000004"
